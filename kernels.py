@@ -1,0 +1,658 @@
+"""
+kernels.py: the three GPU kernels nanoK2 cares about, each beside a readable torch reference.
+
+1. Causal flash attention for MLA training shapes (q, k: [B, H, T, 192], v: [B, H, T, 128]).
+   The T x T score matrix never exists in memory: each program owns a block of queries, streams the
+   keys past it and keeps a running max m and running sum l of exp(s - m) ("online softmax"). When a
+   new block raises the max, the old sum and output accumulator are rescaled by exp(m_old - m_new).
+   The forward saves only logsumexp per row; the backward recomputes the probabilities from it.
+   For QK-Clip the forward also returns, per head, the max pre-softmax logit over the batch. That
+   number is free: it is the final running max m of each query row, which online softmax tracks
+   anyway. K2's head dims are not powers of two (192 = 128 nope + 64 rope); Triton blocks are, so
+   head dims are padded up to the next power of two with masked loads (192 -> 256 lanes).
+2. Decode attention over a KV cache (flash-decoding). One query per sequence cannot fill a GPU, so
+   the keys are split into chunks, one program per (batch, head, chunk). Each writes a partial
+   (max, sum of exp, unnormalised output) and a second small kernel merges them with log-sum-exp.
+   A per-key additive bias carries KeepKV's ln(votes) and a per-sequence length hides empty slots.
+3. The symmetric product A = X X^T used by Newton-Schulz (muonclip.py). A is symmetric, so only the
+   tiles on or above the diagonal are computed; each is written twice (itself and its mirror),
+   about half the FLOPs of X @ X.mT. Newton-Schulz's A @ A is also X X^T with X = A (A symmetric).
+
+For each kernel the file gives (a) the torch reference, (b) the @triton.jit kernel(s), (c) a thin
+wrapper that checks inputs, allocates outputs and launches, and (d) a dispatcher for callers:
+    attention_with_max(q, k, v, scale)       -> (out, max_logits)
+    decode_attention_auto(q, k, v, bias, lengths, scale, return_logits=False)
+    sym_matmul_auto(X)
+Dispatchers pick Triton for CUDA tensors and torch elsewhere; the environment variable
+NANOK2_KERNELS = "triton" | "torch" | "auto" (default) forces one path, read at each call.
+On a CPU, Triton runs only under its interpreter: set TRITON_INTERPRET=1 before triton is first
+imported (triton chooses at @triton.jit time). tests/test_kernels.py does that.
+All kernels accumulate in fp32; inputs may be fp32 or bf16.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:
+    # Without triton the module still imports: the dispatchers use torch, and forcing triton (or
+    # calling a Triton wrapper) raises. These stand-ins only let the kernel definitions below parse.
+    HAS_TRITON = False
+    from types import SimpleNamespace
+    triton = SimpleNamespace(jit=lambda fn: fn, autotune=lambda **kw: (lambda fn: fn),
+                             Config=lambda *a, **kw: None)
+    tl = SimpleNamespace(constexpr=None)
+
+LOG2E = 1.4426950408889634  # kernels use exp2: exp(x) = exp2(x * log2(e)), one multiply folded in scale
+
+
+def _backend(x: torch.Tensor) -> str:
+    """'triton' or 'torch' for this call, from NANOK2_KERNELS (read now) and the tensor's device."""
+    choice = os.environ.get("NANOK2_KERNELS", "auto").lower()
+    if choice not in ("auto", "triton", "torch"):
+        raise ValueError(f"NANOK2_KERNELS must be 'auto', 'triton' or 'torch', got {choice!r}")
+    if choice == "auto":
+        return "triton" if (HAS_TRITON and x.is_cuda) else "torch"
+    return choice
+
+
+def _check_launchable(x: torch.Tensor):
+    if not HAS_TRITON:
+        raise RuntimeError("a Triton kernel was requested (NANOK2_KERNELS=triton or a direct call) "
+                           "but triton is not installed; use NANOK2_KERNELS=torch")
+    if not x.is_cuda and type(_sym_matmul_kernel).__name__ != "InterpretedFunction":
+        raise RuntimeError("Triton kernels need CUDA tensors; to run them on the CPU set "
+                           "TRITON_INTERPRET=1 before triton is first imported")
+
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise ValueError(msg)
+
+
+def _pow2(d: int) -> int:
+    """Block width for a dimension of size d: the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+@triton.jit
+def _dot(a, b, F32: tl.constexpr):
+    # F32 is set for fp32 inputs (exact "ieee" products, not tf32) and on the CPU interpreter,
+    # whose tl.dot multiplies bf16 operands as raw uint16 bits (Triton 3.9): upcasting there keeps
+    # the same numbers the GPU's bf16 tensor cores produce (exact products, fp32 sums).
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+# ======================================================================================
+# 1. Causal flash attention with the per-head max logit
+# ======================================================================================
+
+def attention_reference(q, k, v, scale):
+    """Explicit fp32 softmax attention. q, k: [B, H, T, Dqk], v: [B, H, T, Dv].
+    Returns out [B, H, T, Dv] (q's dtype) and max_logits [H] fp32 (no grad): the largest
+    q_i . k_j * scale over the batch, the queries i and the keys j <= i."""
+    T = q.shape[-2]
+    s = (q.float() @ k.float().mT) * scale                             # [B, H, T, T]
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    s = s.masked_fill(future, float("-inf"))
+    max_logits = s.detach().amax(dim=(0, 2, 3))                        # [H]
+    out = torch.softmax(s, dim=-1) @ v.float()
+    return out.to(q.dtype), max_logits
+
+
+@torch.no_grad()
+def causal_max_logits(q, k, scale, chunk=1024):
+    """Per-head max of the causal logits, a block of queries at a time (memory B*H*chunk*T)."""
+    B, H, T, _ = q.shape
+    best = torch.full((H,), float("-inf"), device=q.device)
+    kf = k.float()
+    for i0 in range(0, T, chunk):
+        i1 = min(i0 + chunk, T)
+        s = (q[:, :, i0:i1].float() @ kf[:, :, :i1].mT) * scale           # [B, H, i1-i0, i1]
+        rows = torch.arange(i0, i1, device=q.device)[:, None]
+        s.masked_fill_(torch.arange(i1, device=q.device) > rows, float("-inf"))
+        best = torch.maximum(best, s.amax(dim=(0, 2, 3)))
+    return best
+
+
+def _attn_configs():
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]]
+
+
+@triton.jit
+def _flash_fwd_kernel(Q, K, V, O, LSE, ROWMAX, T, DQK, DV, qk_scale,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK_P: tl.constexpr,
+                      DV_P: tl.constexpr, F32_DOT: tl.constexpr):
+    # One program: BLOCK_M queries of one (batch, head). Tensors are contiguous [B*H, T, D].
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    Q += bh * T * DQK
+    K += bh * T * DQK
+    V += bh * T * DV
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_dqk = tl.arange(0, DQK_P)
+    offs_dv = tl.arange(0, DV_P)
+    row_ok = offs_m < T
+    q = tl.load(Q + offs_m[:, None] * DQK + offs_dqk[None, :],
+                mask=row_ok[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the logits (log2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)                # running sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, DV_P], tl.float32)          # running sum of exp2(s - m_i) v
+    # Causal: keys after this block's last query are never needed. Key 0 is always visible, so no
+    # row is ever fully masked and m_i is finite after the first step.
+    for start_n in range(0, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < T
+        k = tl.load(K + offs_n[:, None] * DQK + offs_dqk[None, :],
+                    mask=key_ok[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
+        v = tl.load(V + offs_n[:, None] * DV + offs_dv[None, :],
+                    mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        s = _dot(q, tl.trans(k), F32_DOT) * qk_scale                     # [BLOCK_M, BLOCK_N]
+        s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)                                     # rescales the old state
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, F32_DOT)
+        m_i = m_new
+    O += bh * T * DV
+    tl.store(O + offs_m[:, None] * DV + offs_dv[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+    tl.store(ROWMAX + bh * T + offs_m, m_i * 0.6931471805599453, mask=row_ok)  # ln 2: back to natural
+
+
+@triton.jit
+def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, T, DQK, DV, qk_scale, scale,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK_P: tl.constexpr,
+                           DV_P: tl.constexpr, F32_DOT: tl.constexpr):
+    # One program: BLOCK_N keys; it walks the queries that can see them (i >= first key) and sums
+    #   dV_j = sum_i P_ij dO_i,   dK_j = scale * sum_i dS_ij q_i,   dS_ij = P_ij (dO_i . v_j - D_i).
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1).to(tl.int64)
+    Q += bh * T * DQK
+    K += bh * T * DQK
+    V += bh * T * DV
+    DO += bh * T * DV
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, DQK_P)
+    offs_dv = tl.arange(0, DV_P)
+    key_ok = offs_n < T
+    kmask = key_ok[:, None] & (offs_dqk[None, :] < DQK)
+    vmask = key_ok[:, None] & (offs_dv[None, :] < DV)
+    k = tl.load(K + offs_n[:, None] * DQK + offs_dqk[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * DV + offs_dv[None, :], mask=vmask, other=0.0)
+    dk = tl.zeros([BLOCK_N, DQK_P], tl.float32)
+    dv = tl.zeros([BLOCK_N, DV_P], tl.float32)
+    for start_m in range(start_n, T, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < T
+        q = tl.load(Q + offs_m[:, None] * DQK + offs_dqk[None, :],
+                    mask=row_ok[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
+        do = tl.load(DO + offs_m[:, None] * DV + offs_dv[None, :],
+                     mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
+        # Work transposed ([keys, queries]) so the sums over queries are plain dots.
+        pT = tl.exp2(_dot(k, tl.trans(q), F32_DOT) * qk_scale - lse[None, :])
+        pT = tl.where((offs_n[:, None] <= offs_m[None, :]) & row_ok[None, :], pT, 0.0)
+        dv += _dot(pT.to(do.dtype), do, F32_DOT)
+        dsT = pT * (_dot(v, tl.trans(do), F32_DOT) - delta[None, :])
+        dk += _dot(dsT.to(q.dtype), q, F32_DOT)
+    DK += bh * T * DQK
+    DV_OUT += bh * T * DV
+    tl.store(DK + offs_n[:, None] * DQK + offs_dqk[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV_OUT + offs_n[:, None] * DV + offs_dv[None, :], dv.to(DV_OUT.dtype.element_ty), mask=vmask)
+
+
+@triton.jit
+def _flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T, DQK, DV, qk_scale, scale,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DQK_P: tl.constexpr,
+                         DV_P: tl.constexpr, F32_DOT: tl.constexpr):
+    # One program: BLOCK_M queries; dQ_i = scale * sum_{j <= i} dS_ij k_j.
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    Q += bh * T * DQK
+    K += bh * T * DQK
+    V += bh * T * DV
+    DO += bh * T * DV
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_dqk = tl.arange(0, DQK_P)
+    offs_dv = tl.arange(0, DV_P)
+    row_ok = offs_m < T
+    qmask = row_ok[:, None] & (offs_dqk[None, :] < DQK)
+    q = tl.load(Q + offs_m[:, None] * DQK + offs_dqk[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * DV + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, DQK_P], tl.float32)
+    for start_n in range(0, tl.minimum(start_m + BLOCK_M, T), BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < T
+        k = tl.load(K + offs_n[:, None] * DQK + offs_dqk[None, :],
+                    mask=key_ok[:, None] & (offs_dqk[None, :] < DQK), other=0.0)
+        v = tl.load(V + offs_n[:, None] * DV + offs_dv[None, :],
+                    mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        p = tl.exp2(_dot(q, tl.trans(k), F32_DOT) * qk_scale - lse[:, None])
+        p = tl.where(offs_n[None, :] <= offs_m[:, None], p, 0.0)
+        ds = p * (_dot(do, tl.trans(v), F32_DOT) - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, F32_DOT)
+    DQ += bh * T * DQK
+    tl.store(DQ + offs_m[:, None] * DQK + offs_dqk[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+
+
+if HAS_TRITON:  # autotuned twins of the kernels, used on CUDA; the interpreter gets one small config
+    _flash_fwd_tuned = triton.autotune(configs=_attn_configs(), key=["T", "DQK", "DV"])(_flash_fwd_kernel)
+    _flash_dkdv_tuned = triton.autotune(configs=_attn_configs(), key=["T", "DQK", "DV"])(_flash_bwd_dkdv_kernel)
+    _flash_dq_tuned = triton.autotune(configs=_attn_configs(), key=["T", "DQK", "DV"])(_flash_bwd_dq_kernel)
+_SMALL_ATTN = dict(BLOCK_M=16, BLOCK_N=16)
+
+
+def _check_attn_inputs(q, k, v):
+    _check(q.dim() == 4 and k.shape == q.shape, f"q and k must be [B, H, T, Dqk] alike, got {tuple(q.shape)}, {tuple(k.shape)}")
+    _check(v.dim() == 4 and v.shape[:3] == q.shape[:3], f"v must be [B, H, T, Dv] with q's B, H, T, got {tuple(v.shape)}")
+    _check(q.dtype in (torch.float32, torch.bfloat16) and q.dtype == k.dtype == v.dtype,
+           f"q, k, v must share one dtype, fp32 or bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check(q.device == k.device == v.device, "q, k, v must be on one device")
+    _check(all(t.is_contiguous() for t in (q, k, v)), "q, k, v must be contiguous (call .contiguous())")
+
+
+def _launch_attn(tuned, kernel, grid_dim, args, q, v):
+    """Launch one attention kernel: autotuned on CUDA, one small fixed config on the interpreter."""
+    B, H, T, Dqk = q.shape
+    const = dict(DQK_P=_pow2(Dqk), DV_P=_pow2(v.shape[-1]), F32_DOT=q.dtype == torch.float32 or not q.is_cuda)
+    if q.is_cuda:
+        tuned[lambda META: (triton.cdiv(T, META[grid_dim]), B * H)](*args, **const)
+    else:
+        kernel[(triton.cdiv(T, _SMALL_ATTN[grid_dim]), B * H)](*args, **const, **_SMALL_ATTN)
+
+
+def _flash_fwd(q, k, v, scale):
+    _check_attn_inputs(q, k, v)
+    _check_launchable(q)
+    B, H, T, Dqk = q.shape
+    Dv = v.shape[-1]
+    o = torch.empty(B, H, T, Dv, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)     # log2 units
+    rowmax = torch.empty(B, H, T, device=q.device, dtype=torch.float32)  # per query row, natural units
+    _launch_attn(_flash_fwd_tuned, _flash_fwd_kernel, "BLOCK_M",
+                 (q, k, v, o, lse, rowmax, T, Dqk, Dv, scale * LOG2E), q, v)
+    return o, lse, rowmax.amax(dim=(0, 2))
+
+
+def _flash_bwd(do, q, k, v, o, lse, scale):
+    B, H, T, Dqk = q.shape
+    Dv = v.shape[-1]
+    delta = (do.float() * o.float()).sum(-1)  # D_i = dO_i . O_i = sum_j P_ij dP_ij: the softmax term
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common = (T, Dqk, Dv, scale * LOG2E, scale)
+    _launch_attn(_flash_dkdv_tuned, _flash_bwd_dkdv_kernel, "BLOCK_N",
+                 (q, k, v, do, lse, delta, dk, dv, *common), q, v)
+    _launch_attn(_flash_dq_tuned, _flash_bwd_dq_kernel, "BLOCK_M",
+                 (q, k, v, do, lse, delta, dq, *common), q, v)
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        o, lse, max_logits = _flash_fwd(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(max_logits)
+        return o, max_logits
+
+    @staticmethod
+    def backward(ctx, do, _dmax):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _flash_bwd(do.contiguous(), q, k, v, o, lse, ctx.scale)
+        return dq, dk, dv, None
+
+
+def flash_attention(q, k, v, scale):
+    """Causal Triton flash attention. Returns out [B, H, T, Dv] and max_logits [H] fp32 (no grad)."""
+    return _FlashAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), float(scale))
+
+
+def attention_with_max(q, k, v, scale):
+    """Dispatcher for model.py: causal attention plus the per-head max logit QK-Clip needs.
+    Torch path: SDPA for the output and a chunked no-grad pass for the max."""
+    if _backend(q) == "triton":
+        return flash_attention(q, k, v, scale)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return out, causal_max_logits(q, k, scale)
+
+
+# ======================================================================================
+# 2. Decode attention over a KV cache, with per-key bias and per-sequence length
+# ======================================================================================
+
+def decode_attention_reference(q, k, v, bias, lengths, scale, return_logits=False):
+    """q: [B, H, Dqk], k: [B, H, N, Dqk], v: [B, H, N, Dv], bias: [B, H, N] fp32, lengths: [B].
+    out = softmax(q.k * scale + bias) v over the slots n < lengths[b]; a sequence with no usable
+    slot (length 0, or every bias -inf) gets zeros. logits [B, H, N] fp32: q.k * scale without the
+    bias, -inf at the slots n >= lengths[b]. Slots past the length are never read (may hold NaN)."""
+    N = k.shape[2]
+    valid = (torch.arange(N, device=k.device) < lengths[:, None].to(k.device))[:, None, :]  # [B, 1, N]
+    logits = torch.einsum("bhd,bhnd->bhn", q.float(), k.float()) * scale
+    logits = logits.masked_fill(~valid, float("-inf"))
+    s = (logits + bias).masked_fill(~valid, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)              # all masked: avoid -inf - -inf
+    w = torch.exp(s - m)                                                 # [B, H, N]
+    denom = w.sum(-1, keepdim=True)
+    vf = v.float().masked_fill(~valid[..., None], 0.0)
+    out = (torch.einsum("bhn,bhnd->bhd", w, vf) / torch.where(denom > 0, denom, 1.0)).to(q.dtype)
+    return (out, logits) if return_logits else out
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, BIAS, LENGTHS, LOGITS, PART_M, PART_L, PART_ACC,
+                         H, N, DQK, DV, scale, CHUNK, N_SPLITS,
+                         BLOCK_N: tl.constexpr, DQK_P: tl.constexpr, DV_P: tl.constexpr,
+                         RETURN_LOGITS: tl.constexpr):
+    # One program: keys [split * CHUNK, split * CHUNK + CHUNK) of one (batch, head). One query, so
+    # the products are elementwise multiplies and sums, not tl.dot (memory bound anyway).
+    bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    length = tl.load(LENGTHS + bh // H)
+    lo = split * CHUNK
+    hi = tl.minimum(tl.minimum(lo + CHUNK, N), length)   # slots >= length are never loaded
+    offs_dqk = tl.arange(0, DQK_P)
+    offs_dv = tl.arange(0, DV_P)
+    q = tl.load(Q + bh * DQK + offs_dqk, mask=offs_dqk < DQK, other=0.0).to(tl.float32)
+    K += bh * N * DQK
+    V += bh * N * DV
+    m_i = tl.full([], float("-inf"), tl.float32)
+    l_i = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([DV_P], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        ok = offs_n < hi
+        k = tl.load(K + offs_n[:, None] * DQK + offs_dqk[None, :],
+                    mask=ok[:, None] & (offs_dqk[None, :] < DQK), other=0.0).to(tl.float32)
+        logit = tl.sum(k * q[None, :], 1) * scale                         # [BLOCK_N]
+        if RETURN_LOGITS:
+            tl.store(LOGITS + bh * N + offs_n, logit, mask=ok)
+        s = logit + tl.load(BIAS + bh * N + offs_n, mask=ok, other=0.0)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: keep exps at 0, not NaN
+        alpha = tl.exp(m_i - m_use)
+        p = tl.exp(s - m_use)
+        v = tl.load(V + offs_n[:, None] * DV + offs_dv[None, :],
+                    mask=ok[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        m_i = m_new
+    part = bh * N_SPLITS + split
+    tl.store(PART_M + part, m_i)
+    tl.store(PART_L + part, l_i)
+    tl.store(PART_ACC + part * DV + offs_dv, acc, mask=offs_dv < DV)
+
+
+@triton.jit
+def _decode_combine_kernel(PART_M, PART_L, PART_ACC, O, DV, N_SPLITS,
+                           SPLITS_P: tl.constexpr, DV_P: tl.constexpr):
+    # out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s,  M = max_s m_s
+    bh = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, SPLITS_P)
+    offs_dv = tl.arange(0, DV_P)
+    s_ok = offs_s < N_SPLITS
+    m = tl.load(PART_M + bh * N_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+    l = tl.load(PART_L + bh * N_SPLITS + offs_s, mask=s_ok, other=0.0)
+    acc = tl.load(PART_ACC + (bh * N_SPLITS + offs_s[:, None]) * DV + offs_dv[None, :],
+                  mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max))         # empty splits weigh 0
+    denom = tl.sum(w * l, 0)
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(denom > 0, denom, 1.0)  # nothing visible: zeros
+    tl.store(O + bh * DV + offs_dv, out.to(O.dtype.element_ty), mask=offs_dv < DV)
+
+
+def decode_attention(q, k, v, bias, lengths, scale, return_logits=False, chunk=None):
+    """Triton flash-decoding; same contract as decode_attention_reference. `chunk` = keys per
+    program (a multiple of the key block); by default enough programs to fill the GPU."""
+    _check(q.dim() == 3 and k.dim() == 4 and k.shape[:2] == q.shape[:2] and k.shape[3] == q.shape[2],
+           f"q must be [B, H, Dqk] and k [B, H, N, Dqk], got {tuple(q.shape)}, {tuple(k.shape)}")
+    B, H, N, Dqk = k.shape
+    _check(v.dim() == 4 and v.shape[:3] == k.shape[:3], f"v must be [B, H, N, Dv], got {tuple(v.shape)}")
+    _check(bias.shape == (B, H, N) and bias.dtype == torch.float32, f"bias must be [B, H, N] fp32, got {tuple(bias.shape)} {bias.dtype}")
+    _check(lengths.shape == (B,) and not lengths.is_floating_point(), f"lengths must be [B] integers, got {tuple(lengths.shape)} {lengths.dtype}")
+    _check(q.dtype in (torch.float32, torch.bfloat16) and q.dtype == k.dtype == v.dtype,
+           f"q, k, v must share one dtype, fp32 or bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check(all(t.device == q.device for t in (k, v, bias, lengths)), "all inputs must be on one device")
+    _check(all(t.is_contiguous() for t in (q, k, v, bias)), "q, k, v, bias must be contiguous (call .contiguous())")
+    _check_launchable(q)
+    Dv = v.shape[-1]
+    block_n = 64 if q.is_cuda else 16
+    if chunk is None:  # about four programs per SM, never fewer keys than one block per program
+        programs = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        splits = max(1, min(triton.cdiv(programs, B * H), triton.cdiv(N, block_n)))
+        chunk = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
+    _check(chunk % block_n == 0 and chunk > 0, f"chunk must be a positive multiple of {block_n}, got {chunk}")
+    n_splits = triton.cdiv(N, chunk)
+    part_m = torch.empty(B * H * n_splits, device=q.device, dtype=torch.float32)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty(B * H * n_splits, Dv, device=q.device, dtype=torch.float32)
+    logits = torch.full((B, H, N), float("-inf"), device=q.device) if return_logits else part_m  # dummy
+    _decode_split_kernel[(B * H, n_splits)](
+        q, k, v, bias, lengths.to(torch.int32), logits, part_m, part_l, part_acc,
+        H, N, Dqk, Dv, scale, chunk, n_splits,
+        BLOCK_N=block_n, DQK_P=_pow2(Dqk), DV_P=_pow2(Dv), RETURN_LOGITS=return_logits)
+    out = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
+    _decode_combine_kernel[(B * H,)](part_m, part_l, part_acc, out, Dv, n_splits,
+                                     SPLITS_P=_pow2(n_splits), DV_P=_pow2(Dv))
+    return (out, logits) if return_logits else out
+
+
+def decode_attention_auto(q, k, v, bias, lengths, scale, return_logits=False):
+    """Dispatcher for keepkv.py / generation: Triton on CUDA, the torch reference elsewhere."""
+    fn = decode_attention if _backend(q) == "triton" else decode_attention_reference
+    return fn(q, k, v, bias, lengths, scale, return_logits=return_logits)
+
+
+# ======================================================================================
+# 3. Symmetric product A = X X^T (upper-triangle tiles only)
+# ======================================================================================
+
+def sym_matmul_reference(X):
+    """X: [n, m] or [E, n, m] -> X @ X.mT ([n, n] or [E, n, n])."""
+    return X @ X.mT
+
+
+@triton.jit
+def _sym_matmul_kernel(X, C, n, m, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr):
+    # Program (i, j, e) computes tile (i, j) of C_e = X_e X_e^T; tiles below the diagonal are the
+    # mirrors of tiles above it, so those programs exit at once.
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    if pid_i > pid_j:
+        return
+    e = tl.program_id(2).to(tl.int64)
+    X += e * n * m
+    C += e * n * n
+    offs_i = pid_i * BLOCK + tl.arange(0, BLOCK)
+    offs_j = pid_j * BLOCK + tl.arange(0, BLOCK)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK, BLOCK], tl.float32)
+    for k0 in range(0, m, BLOCK_K):
+        k_ok = (k0 + offs_k) < m
+        a = tl.load(X + offs_i[:, None] * m + (k0 + offs_k)[None, :], mask=(offs_i[:, None] < n) & k_ok[None, :], other=0.0)
+        b = tl.load(X + offs_j[:, None] * m + (k0 + offs_k)[None, :], mask=(offs_j[:, None] < n) & k_ok[None, :], other=0.0)
+        acc += _dot(a, tl.trans(b), F32_DOT)
+    c = acc.to(C.dtype.element_ty)
+    mask = (offs_i[:, None] < n) & (offs_j[None, :] < n)
+    tl.store(C + offs_i[:, None] * n + offs_j[None, :], c, mask=mask)          # tile (i, j)
+    if pid_i < pid_j:
+        tl.store(C + offs_j[None, :] * n + offs_i[:, None], c, mask=mask)      # its mirror (j, i)
+
+
+def _sym_configs():
+    return [triton.Config({"BLOCK": b, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for b, bk, w, s in [(128, 64, 8, 3), (128, 64, 4, 4), (128, 32, 4, 4), (64, 64, 4, 4)]]
+
+
+if HAS_TRITON:
+    _sym_matmul_tuned = triton.autotune(configs=_sym_configs(), key=["n", "m"])(_sym_matmul_kernel)
+
+
+def sym_matmul(X):
+    """X @ X.mT for X [n, m] or [E, n, m] with the Triton kernel (half the tiles)."""
+    _check(X.dim() in (2, 3), f"X must be [n, m] or [E, n, m], got {tuple(X.shape)}")
+    _check(X.dtype in (torch.float32, torch.bfloat16), f"X must be fp32 or bf16, got {X.dtype}")
+    _check(X.is_contiguous(), "X must be contiguous (call .contiguous())")
+    _check_launchable(X)
+    X3 = X if X.dim() == 3 else X[None]
+    E, n, m = X3.shape
+    C = torch.empty(E, n, n, device=X.device, dtype=X.dtype)
+    f32 = X.dtype == torch.float32 or not X.is_cuda
+    if X.is_cuda:
+        grid = lambda META: (triton.cdiv(n, META["BLOCK"]), triton.cdiv(n, META["BLOCK"]), E)
+        _sym_matmul_tuned[grid](X3, C, n, m, F32_DOT=f32)
+    else:
+        _sym_matmul_kernel[(triton.cdiv(n, 16), triton.cdiv(n, 16), E)](X3, C, n, m, BLOCK=16, BLOCK_K=16, F32_DOT=f32)
+    return C if X.dim() == 3 else C[0]
+
+
+def sym_matmul_auto(X):
+    """Dispatcher for muonclip.py's Newton-Schulz: Triton on CUDA, X @ X.mT elsewhere."""
+    return sym_matmul(X.contiguous()) if _backend(X) == "triton" else sym_matmul_reference(X)
+
+
+# ======================================================================================
+# Benchmark (GPU) / interpreter correctness check (CPU)
+# ======================================================================================
+
+def _max_err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def interpreter_checks(dtype=torch.float32):
+    """Max abs error of each Triton kernel vs its reference at small ragged shapes (CPU: needs
+    TRITON_INTERPRET=1 set before import). Returns {check name: error}."""
+    g = torch.Generator().manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    rnd = lambda *s: torch.randn(*s, generator=g).to(dev, dtype)
+    B, H, T, Dqk, Dv, N = 2, 3, 37, 48, 32, 45
+    q, k, v, do = rnd(B, H, T, Dqk), rnd(B, H, T, Dqk), rnd(B, H, T, Dv), rnd(B, H, T, Dv)
+    errs = {}
+    res = []
+    for fn in (flash_attention, attention_reference):
+        qi, ki, vi = (t.detach().requires_grad_() for t in (q, k, v))
+        out, mx = fn(qi, ki, vi, Dqk ** -0.5)
+        out.backward(do)
+        res.append((out, mx, qi.grad, ki.grad, vi.grad))
+    for name, a, b in zip(("attn_out", "attn_max_logits", "attn_dq", "attn_dk", "attn_dv"), *res):
+        errs[name] = _max_err(a, b)
+    qd, kd, vd = rnd(B, H, Dqk), rnd(B, H, N, Dqk), rnd(B, H, N, Dv)
+    bias = torch.randn(B, H, N, generator=g).to(dev)
+    bias[:, :, ::7] = float("-inf")
+    lengths = torch.tensor([N, 13], device=dev)
+    (o1, l1), (o2, l2) = (f(qd, kd, vd, bias, lengths, Dqk ** -0.5, return_logits=True)
+                          for f in (decode_attention, decode_attention_reference))
+    errs["decode_out"] = _max_err(o1, o2)
+    errs["decode_logits"] = _max_err(l1.nan_to_num(neginf=0.0), l2.nan_to_num(neginf=0.0))
+    X = rnd(3, 20, 53)
+    errs["sym_matmul"] = _max_err(sym_matmul(X), X.float() @ X.float().mT)
+    return errs
+
+
+def bench_kernels(out_json="out/bench/kernels.json"):
+    """GPU: time each kernel vs its torch reference vs the usual alternative at K2-like shapes.
+    CPU: say so, and run interpreter_checks in a child process (TRITON_INTERPRET=1 must be set
+    before triton is imported, so this process cannot switch to it)."""
+    os.makedirs(os.path.dirname(out_json) or ".", exist_ok=True)
+    if not torch.cuda.is_available():
+        print("bench_kernels: no CUDA device; the timing table needs a GPU. Running the Triton kernels "
+              "under the CPU interpreter at small shapes instead (correctness only).")
+        report = {"device": "cpu (TRITON_INTERPRET=1)", "max_abs_error": {}}
+        if not HAS_TRITON:
+            report["error"] = "triton is not installed"
+        for dtype in (torch.float32, torch.bfloat16):
+            code = (f"import json, torch, kernels; print(json.dumps(kernels.interpreter_checks(torch.{str(dtype)[6:]})))")
+            env = dict(os.environ, TRITON_INTERPRET="1")
+            r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                               cwd=os.path.dirname(os.path.abspath(__file__))) if HAS_TRITON else None
+            if r is not None and r.returncode != 0:
+                raise RuntimeError(f"interpreter checks failed:\n{r.stderr}")
+            errs = json.loads(r.stdout.strip().splitlines()[-1]) if r is not None else {}
+            report["max_abs_error"][str(dtype)[6:]] = errs
+            for name, err in errs.items():
+                print(f"  {str(dtype)[6:]:9s} {name:18s} max abs error {err:.2e}")
+        with open(out_json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {out_json}")
+        return report
+
+    from triton.testing import do_bench
+    dev, bf = "cuda", torch.bfloat16
+    rows = []
+
+    def add(group, name, fn, flops, nbytes=None, base=None):
+        ms = do_bench(fn, warmup=25, rep=100)
+        rows.append(dict(group=group, name=name, ms=ms, tflops=flops / ms / 1e9,
+                         gbps=None if nbytes is None else nbytes / ms / 1e6,
+                         vs_alternative=None if base is None else base / ms))
+        return ms
+
+    B, H, T, Dqk, Dv = 1, 16, 4096, 192, 128
+    q, k = (torch.randn(B, H, T, Dqk, device=dev, dtype=bf, requires_grad=True) for _ in range(2))
+    v = torch.randn(B, H, T, Dv, device=dev, dtype=bf, requires_grad=True)
+    do = torch.randn(B, H, T, Dv, device=dev, dtype=bf)
+    sc = Dqk ** -0.5
+    pairs = B * H * T * T / 2                                    # causal (query, key) pairs
+    fwd_flops, fb_flops = pairs * 2 * (Dqk + Dv), pairs * 2 * (4 * Dqk + 3 * Dv)
+    sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sc)
+    base = add("attention fwd", "sdpa (no max logit)", sdpa, fwd_flops)
+    add("attention fwd", "sdpa + max-logit pass", lambda: (sdpa(), causal_max_logits(q, k, sc)), fwd_flops, base=base)
+    add("attention fwd", "reference (fp32 softmax)", lambda: attention_reference(q, k, v, sc), fwd_flops, base=base)
+    add("attention fwd", "triton flash_attention", lambda: flash_attention(q, k, v, sc), fwd_flops, base=base)
+    base = add("attention fwd+bwd", "sdpa", lambda: torch.autograd.grad(sdpa(), (q, k, v), do), fb_flops)
+    add("attention fwd+bwd", "reference (fp32 softmax)",
+        lambda: torch.autograd.grad(attention_reference(q, k, v, sc)[0], (q, k, v), do), fb_flops, base=base)
+    add("attention fwd+bwd", "triton flash_attention",
+        lambda: torch.autograd.grad(flash_attention(q, k, v, sc)[0], (q, k, v), do), fb_flops, base=base)
+
+    B, N = 8, 4096
+    qd = torch.randn(B, H, Dqk, device=dev, dtype=bf)
+    kd, vd = torch.randn(B, H, N, Dqk, device=dev, dtype=bf), torch.randn(B, H, N, Dv, device=dev, dtype=bf)
+    bias = torch.randn(B, H, N, device=dev)
+    lengths = torch.full((B,), N, device=dev)
+    flops, nbytes = 2 * B * H * N * (Dqk + Dv), B * H * N * ((Dqk + Dv) * 2 + 4)
+    mask = bias[:, :, None, :].to(bf)                             # SDPA: bias as a float mask
+    base = add("decode", "sdpa with bias mask", lambda: F.scaled_dot_product_attention(
+        qd[:, :, None], kd, vd, attn_mask=mask, scale=sc), flops, nbytes)
+    add("decode", "reference (fp32 einsum)", lambda: decode_attention_reference(qd, kd, vd, bias, lengths, sc), flops, nbytes, base)
+    add("decode", "triton decode_attention", lambda: decode_attention(qd, kd, vd, bias, lengths, sc), flops, nbytes, base)
+
+    X = torch.randn(2048, 7168, device=dev, dtype=bf)
+    flops = 2 * 2048 * 2048 * 7168                                # full X X^T, for both rows
+    base = add("sym_matmul", "torch.matmul (= reference)", lambda: X @ X.mT, flops)
+    add("sym_matmul", "triton sym_matmul (upper tiles)", lambda: sym_matmul(X), flops, base=base)
+
+    print(f"{'group':18s} {'kernel':32s} {'ms':>8s} {'TFLOP/s':>8s} {'GB/s':>7s} {'speedup':>8s}")
+    for r in rows:
+        gb = "" if r["gbps"] is None else f"{r['gbps']:.0f}"
+        sp = "" if r["vs_alternative"] is None else f"{r['vs_alternative']:.2f}x"
+        print(f"{r['group']:18s} {r['name']:32s} {r['ms']:8.3f} {r['tflops']:8.1f} {gb:>7s} {sp:>8s}")
+    print("speedup = time of the first row of the group / this row's time. sym_matmul TFLOP/s counts the "
+          "full X X^T FLOPs for both rows.")
+    report = {"device": torch.cuda.get_device_name(), "rows": rows, "max_abs_error": {
+        "bfloat16": interpreter_checks(torch.bfloat16), "float32": interpreter_checks(torch.float32)}}
+    with open(out_json, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {out_json}")
+    return report

@@ -1,0 +1,635 @@
+"""Kimi K2, the model: a DeepSeek-V3-layout Mixture-of-Experts transformer in one file.
+
+Read top to bottom:
+  1. ModelArgs + PRESETS: every number of the architecture (DeepSeek-V3 field names).
+  2. RMSNorm and RoPE (rotary embedding on a few dims only, with YaRN for long contexts).
+  3. MLA, Multi-head Latent Attention: keys and values are rebuilt from a small latent `c`, so
+     inference can cache 576 numbers per token instead of 20480 ("absorbed" form).
+  4. MoE: a sigmoid router whose bias picks experts but never weights them (aux-loss-free
+     balancing), top-k experts run as one grouped matmul, plus an always-on shared expert.
+  5. Block and Transformer, built on the meta device, then `to_empty()` + `init_weights()`.
+
+The model knows nothing about distribution or optimizers: train.py owns those.
+Shape legend used in names: B batch, T query length, S key length, H heads, D model dim,
+E experts, K experts per token, N = T*K routed rows, F expert hidden dim.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 8192
+    dim: int = 256                    # hidden size of the residual stream
+    inter_dim: int = 768              # SwiGLU width of the dense layer(s)
+    moe_inter_dim: int = 128          # SwiGLU width of one expert
+    n_layers: int = 4
+    n_dense_layers: int = 1           # first k layers use a dense MLP (first_k_dense_replace)
+    n_heads: int = 4
+    # MoE
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    n_activated_experts: int = 2      # top-k
+    n_expert_groups: int = 1          # group-limited routing (DeepSeek-V3: 8 groups, keep 4)
+    n_limited_groups: int = 1
+    route_scale: float = 1.0          # routed_scaling_factor, applied after renormalising top-k
+    bias_update_speed: float = 1e-3   # u in b_i += u * sign(mean_load - load_i)
+    aux_loss_alpha: float = 0.0       # sequence-wise balance loss; 0 = off (aux-loss-free only)
+    # MLA
+    q_lora_rank: int = 0              # 0 = no query compression (q = wq(x))
+    kv_lora_rank: int = 64            # latent size c
+    qk_nope_head_dim: int = 32        # per-head key/query dims without position
+    qk_rope_head_dim: int = 16        # per-head dims that get RoPE (one key shared by all heads)
+    v_head_dim: int = 32
+    # positions
+    max_seq_len: int = 256            # longest context the model is built for
+    original_seq_len: int = 4096      # YaRN switches on when max_seq_len exceeds this
+    rope_theta: float = 10000.0
+    rope_factor: float = 40.0         # YaRN scale factor
+    beta_fast: int = 32
+    beta_slow: int = 1
+    mscale: float = 1.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+PRESETS = {
+    # CPU default: trains in minutes on 2 cores. Small heads, 8 experts, top-2.
+    "tiny": dict(),
+    # A laptop/GPU-sized model with the K2 proportions shrunk (64 experts, top-6).
+    "small": dict(dim=768, inter_dim=2048, moe_inter_dim=256, n_layers=12, n_heads=12,
+                  n_routed_experts=64, n_activated_experts=6, route_scale=2.446,
+                  q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+                  v_head_dim=64, max_seq_len=1024, rope_theta=50000.0),
+    # The released Kimi-K2 config (1.03T total, 32.9B activated).
+    "kimi-k2": dict(vocab_size=163840, dim=7168, inter_dim=18432, moe_inter_dim=2048, n_layers=61,
+                    n_dense_layers=1, n_heads=64, n_routed_experts=384, n_shared_experts=1,
+                    n_activated_experts=8, route_scale=2.827, aux_loss_alpha=0.0,
+                    q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                    v_head_dim=128, max_seq_len=131072, original_seq_len=4096, rope_theta=50000.0,
+                    rope_factor=32.0, beta_fast=1, beta_slow=1, mscale=1.0),
+    # DeepSeek-V3 (671B total), for comparison: grouped routing, 3 dense layers, 128 heads.
+    "deepseek-v3": dict(vocab_size=129280, dim=7168, inter_dim=18432, moe_inter_dim=2048,
+                        n_layers=61, n_dense_layers=3, n_heads=128, n_routed_experts=256,
+                        n_shared_experts=1, n_activated_experts=8, n_expert_groups=8,
+                        n_limited_groups=4, route_scale=2.5, q_lora_rank=1536, kv_lora_rank=512,
+                        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                        max_seq_len=16384, original_seq_len=4096, rope_theta=10000.0,
+                        rope_factor=40.0, beta_fast=32, beta_slow=1, mscale=1.0),
+}
+
+
+def get_args(preset: str = "tiny", **overrides) -> ModelArgs:
+    """A preset with some fields overridden; unknown names are errors, not silently ignored."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    names = {f.name for f in fields(ModelArgs)}
+    bad = [k for k in overrides if k not in names]
+    if bad:
+        raise ValueError(f"unknown model field(s) {bad}; ModelArgs has {sorted(names)}")
+    args = ModelArgs(**{**PRESETS[preset], **overrides})
+    if args.n_routed_experts % args.n_expert_groups:
+        raise ValueError("n_routed_experts must be divisible by n_expert_groups")
+    return args
+
+
+# ----------------------------------------------------------------------------- norm + rope
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 whatever the activation dtype (bf16 on GPU)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+
+def yarn_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """RoPE inverse frequencies for the rope dims, YaRN-interpolated past original_seq_len.
+
+    YaRN keeps fast-rotating dims (many turns within the original context) as they are, divides
+    slow ones by `rope_factor` (interpolation), and ramps linearly in between. The ramp edges are
+    the dims that rotate beta_fast resp. beta_slow times over the original context.
+    """
+    dim, base = args.qk_rope_head_dim, args.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if args.max_seq_len <= args.original_seq_len:
+        return inv_freq.float()
+
+    def dim_of(turns):  # the (fractional) dim index that makes `turns` rotations in original_seq_len
+        return dim * math.log(args.original_seq_len / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(dim_of(args.beta_fast)), 0)
+    high = min(math.ceil(dim_of(args.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1 for fast dims (unchanged), 0 for slow dims (interpolated)
+    return (inv_freq / args.rope_factor * (1 - keep) + inv_freq * keep).float()
+
+
+def softmax_scale(args: ModelArgs) -> float:
+    scale = args.qk_head_dim ** -0.5
+    if args.max_seq_len > args.original_seq_len:  # YaRN's attention temperature
+        m = 0.1 * args.mscale * math.log(args.rope_factor) + 1.0
+        scale = scale * m * m
+    return scale
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... x: [B, T, (H,) R]; cos/sin: [T, R/2]."""
+    if x.dim() == 4:
+        cos, sin = cos[:, None, :], sin[:, None, :]
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+# ----------------------------------------------------------------------------- attention (MLA)
+
+@torch.no_grad()
+def causal_max_logits(q, k, scale: float, chunk: int = 256) -> torch.Tensor:
+    """Per-head max of q.k*scale over the batch, causal mask applied. q, k: [B, H, T, Dqk] -> [H].
+
+    MuonClip's QK-Clip needs this signed maximum. SDPA does not report it, so on the torch path we
+    take a second, chunked pass (memory O(chunk * T)); the Triton kernel returns it for free.
+    """
+    T = q.shape[2]
+    best = torch.full((q.shape[1],), float("-inf"), device=q.device)
+    for s in range(0, T, chunk):
+        e = min(s + chunk, T)
+        logits = (q[:, :, s:e].float() @ k[:, :, :e].float().mT) * scale  # [B, H, e-s, e]
+        causal = torch.arange(e, device=q.device)[None, :] <= torch.arange(s, e, device=q.device)[:, None]
+        logits = logits.masked_fill(~causal, float("-inf"))
+        best = torch.maximum(best, logits.amax(dim=(0, 2, 3)))
+    return best
+
+
+class KVCache(nn.Module):
+    """The "naive" MLA cache: per-head keys [.., H, 192] and values [.., H, 128] (K2 sizes).
+
+    Static buffers, written at `input_pos`; attention runs over the whole buffer with a mask, so a
+    compiled decode step sees the same shapes every token. keepkv.py implements the same
+    `attend()` for its compressed cache.
+    """
+    absorbed = False
+
+    def __init__(self, batch, max_len, n_heads, qk_dim, v_dim, dtype=torch.float32, device=None):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(batch, max_len, n_heads, qk_dim, dtype=dtype, device=device))
+        self.register_buffer("v", torch.zeros(batch, max_len, n_heads, v_dim, dtype=dtype, device=device))
+
+    def attend(self, q, k, v, input_pos, scale):
+        self.k.index_copy_(1, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(1, input_pos, v.to(self.v.dtype))
+        logits = torch.einsum("bthd,bshd->bhts", q.float(), self.k.float()) * scale  # [B, H, T, S]
+        visible = torch.arange(self.k.shape[1], device=q.device)[None, :] <= input_pos[:, None]
+        probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        return torch.einsum("bhts,bshd->bthd", probs, self.v.float()).type_as(q)
+
+
+class LatentKVCache(nn.Module):
+    """The absorbed MLA cache: the normalised latent c [.., 512] and the shared rotary key [.., 64]."""
+    absorbed = True
+
+    def __init__(self, batch, max_len, kv_lora_rank, rope_dim, dtype=torch.float32, device=None):
+        super().__init__()
+        self.register_buffer("c", torch.zeros(batch, max_len, kv_lora_rank, dtype=dtype, device=device))
+        self.register_buffer("k_rope", torch.zeros(batch, max_len, rope_dim, dtype=dtype, device=device))
+
+    def update(self, c, k_rope, input_pos):
+        self.c.index_copy_(1, input_pos, c.to(self.c.dtype))
+        self.k_rope.index_copy_(1, input_pos, k_rope.to(self.k_rope.dtype))
+        return self.c, self.k_rope
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention.
+
+    query:  q = wq_b(q_norm(wq_a(x)))  -> per head [q_nope (128) | q_rope (64)]
+    kv:     wkv_a(x) = [c (512) | k_rope (64)];  wkv_b(kv_norm(c)) -> per head [k_nope (128) | v (128)]
+    key:    per head [k_nope | k_rope], the rotary part shared by all heads.
+    Row layout matters to QK-Clip: wq_b.weight.view(H, 192, q_lora) has W_qc rows then W_qr rows;
+    wkv_b.weight.view(H, 256, kv_lora) has W_kc rows then W_v rows.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.nope, self.rope, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+        self.kv_lora_rank = args.kv_lora_rank
+        qk = args.qk_head_dim
+        if args.q_lora_rank == 0:
+            self.wq = nn.Linear(args.dim, args.n_heads * qk, bias=False)
+        else:
+            self.wq_a = nn.Linear(args.dim, args.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps)
+            self.wq_b = nn.Linear(args.q_lora_rank, args.n_heads * qk, bias=False)
+        self.wkv_a = nn.Linear(args.dim, args.kv_lora_rank + args.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(args.kv_lora_rank, args.norm_eps)
+        self.wkv_b = nn.Linear(args.kv_lora_rank, args.n_heads * (self.nope + self.v_dim), bias=False)
+        self.wo = nn.Linear(args.n_heads * self.v_dim, args.dim, bias=False)
+        self.softmax_scale = softmax_scale(args)
+        # QK-Clip reads the per-head max logit seen by training forwards (max over micro-batches)
+        self.record_max_logits = False
+        self.register_buffer("max_logits", torch.full((args.n_heads,), float("-inf")), persistent=False)
+
+    def query(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, T, self.n_heads, self.nope + self.rope)
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        return q_nope, apply_rope(q_rope, cos, sin)
+
+    def latent(self, x, cos, sin):
+        c, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        return self.kv_norm(c), apply_rope(k_rope, cos, sin)  # [B, T, C], [B, T, R]
+
+    def expand_kv(self, c, k_rope):
+        """Latent -> per-head keys [B, T, H, nope+rope] and values [B, T, H, v]."""
+        B, T, _ = c.shape
+        kv = self.wkv_b(c).view(B, T, self.n_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope[:, :, None, :].expand(B, T, self.n_heads, self.rope)], dim=-1)
+        return k, v
+
+    def forward(self, x, cos, sin, input_pos=None, cache=None):
+        B, T, _ = x.shape
+        q_nope, q_rope = self.query(x, cos, sin)
+        c, k_rope = self.latent(x, cos, sin)
+        if cache is not None and cache.absorbed:
+            out = self._absorbed(q_nope, q_rope, c, k_rope, input_pos, cache)
+        else:
+            q = torch.cat([q_nope, q_rope], dim=-1)  # [B, T, H, 192]
+            k, v = self.expand_kv(c, k_rope)
+            if cache is None:  # training / full forward: causal SDPA over the sequence itself
+                qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
+                out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.softmax_scale)
+                out = out.transpose(1, 2)
+                if self.record_max_logits and self.training:
+                    m = causal_max_logits(qh.detach(), kh.detach(), self.softmax_scale)
+                    self.max_logits.copy_(torch.maximum(self.max_logits, m))
+            else:
+                out = cache.attend(q, k, v, input_pos, self.softmax_scale)
+        return self.wo(out.reshape(B, T, self.n_heads * self.v_dim))
+
+    def _absorbed(self, q_nope, q_rope, c, k_rope, input_pos, cache):
+        """Fold W_kc into the query and W_v into the output: attention runs on the latent itself.
+
+        q_nope . (W_kc c) = (W_kc^T q_nope) . c, so each head's query moves into latent space
+        (512 dims) and every head attends over the same cached c: multi-query attention with one
+        576-dim key [c | k_rope] whose first 512 dims are also the value.
+        """
+        w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_kc, w_v = w[:, :self.nope], w[:, self.nope:]                       # [H, nope, C], [H, v, C]
+        c_all, kr_all = cache.update(c, k_rope, input_pos)                  # [B, S, C], [B, S, R]
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope.float(), w_kc.float())  # [B, T, H, C]
+        logits = (torch.einsum("bthc,bsc->bhts", q_lat, c_all.float())
+                  + torch.einsum("bthr,bsr->bhts", q_rope.float(), kr_all.float())) * self.softmax_scale
+        visible = torch.arange(c_all.shape[1], device=c.device)[None, :] <= input_pos[:, None]
+        probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        o_lat = torch.einsum("bhts,bsc->bthc", probs, c_all.float())           # [B, T, H, C]
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_v.float()).type_as(c)   # [B, T, H, v]
+
+
+# ----------------------------------------------------------------------------- MoE
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x). Dense layers and the shared expert."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+# torch._grouped_mm runs fp32 on the CPU in eager mode, but its compile-time shape check only
+# admits bf16. Wrapping it in a custom op (with its own shape function and backward) lets the
+# compiled MoE call it as an opaque node, in any dtype, with no graph break.
+@torch.library.custom_op("nanok2::grouped_mm", mutates_args=())
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by group; group e (rows offs[e-1]:offs[e]) is multiplied by w[e].
+    x [N, I], w [E, I, O], offs [E] int32 cumulative row ends -> [N, O]."""
+    return torch._grouped_mm(x, w, offs=offs)
+
+
+@grouped_mm.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("nanok2::grouped_mm_wgrad", mutates_args=())
+def grouped_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Per-group x_e^T @ grad_e: the weight gradient of grouped_mm. -> [E, I, O]."""
+    return torch._grouped_mm(x.t(), grad, offs=offs)
+
+
+@grouped_mm_wgrad.register_fake
+def _(x, grad, offs):
+    return x.new_empty(offs.shape[0], x.shape[1], grad.shape[1])
+
+
+def _grouped_mm_backward(ctx, grad):
+    x, w, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    gx = grouped_mm(grad, w.transpose(-2, -1).contiguous(), offs) if ctx.needs_input_grad[0] else None
+    gw = grouped_mm_wgrad(x, grad, offs) if ctx.needs_input_grad[1] else None
+    return gx, gw, None
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+class _AuxLoss(torch.autograd.Function):
+    """Identity on y whose backward also sends gradient 1 into `aux`: adds an auxiliary loss to
+    the training objective without threading it through every module's return value."""
+
+    @staticmethod
+    def forward(ctx, y, aux):
+        ctx.aux_shape = aux.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.ones(ctx.aux_shape, device=grad.device, dtype=grad.dtype)
+
+
+class Gate(nn.Module):
+    """The router. Sigmoid scores in fp32; `bias` (not trained by gradient) only picks experts."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.topk, self.route_scale = args.n_activated_experts, args.route_scale
+        self.n_groups, self.topk_groups = args.n_expert_groups, args.n_limited_groups
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
+        # a buffer, so no optimizer touches it; saved in checkpoints; counted as a parameter
+        self.register_buffer("bias", torch.zeros(args.n_routed_experts))
+
+    def forward(self, x_TD):
+        scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+        choice_TE = scores_TE + self.bias
+        if self.n_groups > 1:  # keep the n_limited_groups groups with the best top-2 sums
+            T = x_TD.shape[0]
+            groups = choice_TE.view(T, self.n_groups, -1)
+            group_score = groups.topk(2, dim=-1).values.sum(-1)                    # [T, G]
+            keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(
+                1, group_score.topk(self.topk_groups, dim=-1).indices, True)
+            choice_TE = groups.masked_fill(~keep[..., None], float("-inf")).view(T, -1)
+        idx_TK = choice_TE.topk(self.topk, dim=-1).indices
+        w_TK = scores_TE.gather(1, idx_TK)                 # weights come from the unbiased scores
+        w_TK = w_TK / w_TK.sum(-1, keepdim=True) * self.route_scale
+        return w_TK, idx_TK, scores_TE
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor, speed: float):
+        """Aux-loss-free balancing (DeepSeek-V3): raise under-loaded experts, lower over-loaded."""
+        self.bias += speed * torch.sign(load_E.float().mean() - load_E.float())
+
+
+class MoE(nn.Module):
+    """Routed experts stored stacked ([E, out, in]) plus a shared expert every token passes."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        E, D, F_ = args.n_routed_experts, args.dim, args.moe_inter_dim
+        self.n_experts, self.topk, self.aux_alpha = E, args.n_activated_experts, args.aux_loss_alpha
+        self.gate = Gate(args)
+        self.w1 = nn.Parameter(torch.empty(E, F_, D))
+        self.w2 = nn.Parameter(torch.empty(E, D, F_))
+        self.w3 = nn.Parameter(torch.empty(E, F_, D))
+        self.shared = MLP(D, args.n_shared_experts * F_)
+        # tokens routed to each expert since the last bias update (read by train.py)
+        self.register_buffer("expert_load", torch.zeros(E), persistent=False)
+        self.use_loop = False  # the readable reference path (tests compare the two)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        x_TD = x.reshape(-1, D)
+        w_TK, idx_TK, scores_TE = self.gate(x_TD)
+        if self.training:
+            self.expert_load += torch.zeros_like(self.expert_load).index_add_(
+                0, idx_TK.flatten(), torch.ones_like(idx_TK.flatten(), dtype=torch.float))
+        routed = self.experts_loop if self.use_loop else self.experts_grouped
+        y_TD = routed(x_TD, w_TK, idx_TK) + self.shared(x_TD)
+        if self.training and self.aux_alpha > 0:
+            y_TD = _AuxLoss.apply(y_TD, self.balance_loss(scores_TE.view(B, T, -1), idx_TK.view(B, T, -1)))
+        return y_TD.view(B, T, D)
+
+    def experts_grouped(self, x_TD, w_TK, idx_TK):
+        """Sort the T*K (token, expert) pairs by expert, run every expert as one grouped matmul,
+        then scatter-add the weighted outputs back. No host sync: offsets stay on the device."""
+        T, K = idx_TK.shape
+        flat_N = idx_TK.flatten()
+        order_N = torch.argsort(flat_N, stable=True)
+        token_N = order_N // K                                           # source token of each row
+        counts_E = torch.zeros(self.n_experts, dtype=torch.int32, device=x_TD.device).index_add_(
+            0, flat_N, torch.ones_like(flat_N, dtype=torch.int32))
+        offs_E = counts_E.cumsum(0, dtype=torch.int32)
+        x_ND = x_TD[token_N]
+        dt = torch.bfloat16 if x_TD.is_cuda else x_TD.dtype  # CUDA grouped GEMM wants bf16
+        gmm = lambda a, w: grouped_mm(a.to(dt), w.to(dt).transpose(-2, -1), offs_E)
+        h_NF = F.silu(gmm(x_ND, self.w1)) * gmm(x_ND, self.w3)
+        y_ND = gmm(h_NF, self.w2).to(x_TD.dtype)
+        y_ND = y_ND * w_TK.flatten()[order_N, None].to(y_ND.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+
+    def experts_loop(self, x_TD, w_TK, idx_TK):
+        """Reference: one plain SwiGLU per expert over the tokens that picked it."""
+        y_TD = torch.zeros_like(x_TD)
+        for e in range(self.n_experts):
+            tok, slot = torch.where(idx_TK == e)
+            if tok.numel() == 0:
+                continue
+            h = F.silu(x_TD[tok] @ self.w1[e].T) * (x_TD[tok] @ self.w3[e].T)
+            y_TD.index_add_(0, tok, (h @ self.w2[e].T) * w_TK[tok, slot, None].to(x_TD.dtype))
+        return y_TD
+
+    def balance_loss(self, scores_BTE, idx_BTK):
+        """DeepSeek-V3 sequence-wise balance loss: alpha * sum_e f_e * P_e per sequence, mean over
+        sequences. f_e = E/(K*T) * (tokens of the sequence routed to e); P_e = mean normalised score."""
+        B, T, E = scores_BTE.shape
+        hits = torch.zeros(B, E, device=scores_BTE.device).scatter_add_(
+            1, idx_BTK.reshape(B, -1), torch.ones(B, T * self.topk, device=scores_BTE.device))
+        f_BE = hits * E / (self.topk * T)
+        p_BE = (scores_BTE / scores_BTE.sum(-1, keepdim=True)).mean(1)
+        return self.aux_alpha * (f_BE * p_BE).sum(-1).mean()
+
+
+# ----------------------------------------------------------------------------- the model
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn = MLA(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn = MLP(args.dim, args.inter_dim) if layer_id < args.n_dense_layers else MoE(args)
+
+    def forward(self, x, cos, sin, input_pos=None, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.head = nn.Linear(args.dim, args.vocab_size, bias=False)  # untied from the embedding
+        self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.qk_rope_head_dim // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.qk_rope_head_dim // 2), persistent=False)
+        if self.rope_cos.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None):
+        """Fill every parameter and buffer (after `to_empty()` from the meta device)."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.embed.weight.device).manual_seed(seed)
+        std = self.args.init_std
+        out_std = std / math.sqrt(2 * self.args.n_layers)  # residual-branch outputs start small
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("wo.weight", "w2.weight", ".w2")):
+                p.normal_(0.0, out_std, generator=gen)
+            else:
+                p.normal_(0.0, std, generator=gen)
+        for module in self.modules():
+            if isinstance(module, Gate):
+                module.bias.zero_()
+            if isinstance(module, MoE):
+                module.expert_load.zero_()
+            if isinstance(module, MLA):
+                module.max_logits.fill_(float("-inf"))
+        t = torch.arange(self.args.max_seq_len, dtype=torch.float32, device=self.rope_cos.device)
+        angles = torch.outer(t, yarn_inv_freq(self.args).to(t.device))
+        self.rope_cos.copy_(angles.cos())
+        self.rope_sin.copy_(angles.sin())
+
+    def forward(self, tokens, input_pos=None, caches=None):
+        """tokens [B, T] -> logits [B, T, V]. Without caches: a causal pass over the sequence.
+        With caches (one per layer): positions `input_pos` [T] are written and attended over."""
+        B, T = tokens.shape
+        if input_pos is None:
+            if T > self.args.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.args.max_seq_len}")
+            input_pos = torch.arange(T, device=tokens.device)
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        h = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, input_pos, None if caches is None else caches[i])
+        return self.head(self.norm(h)).float()
+
+    # --- helpers used by train.py, generate.py, muonclip.py ---------------------------------
+
+    def make_caches(self, batch: int, max_len: int, absorbed: bool = False, dtype=None):
+        a, dev = self.args, self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        if absorbed:
+            return [LatentKVCache(batch, max_len, a.kv_lora_rank, a.qk_rope_head_dim, dtype, dev)
+                    for _ in self.layers]
+        return [KVCache(batch, max_len, a.n_heads, a.qk_head_dim, a.v_head_dim, dtype, dev)
+                for _ in self.layers]
+
+    def moe_layers(self):
+        return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
+
+    def set_record_max_logits(self, on: bool = True):
+        for layer in self.layers:
+            layer.attn.record_max_logits = on
+
+    @torch.no_grad()
+    def pop_max_logits(self) -> torch.Tensor:
+        """[n_layers, n_heads] max attention logits recorded since the last call; resets them."""
+        out = torch.stack([layer.attn.max_logits.clone() for layer in self.layers])
+        for layer in self.layers:
+            layer.attn.max_logits.fill_(float("-inf"))
+        return out
+
+    @torch.no_grad()
+    def update_router_bias(self, loads=None):
+        """Apply the bias rule once per optimizer step from the loads observed since the last call.
+        `loads` (one tensor per MoE layer) lets train.py pass all-reduced global loads."""
+        moes = self.moe_layers()
+        loads = loads if loads is not None else [m.expert_load for m in moes]
+        for moe, load in zip(moes, loads):
+            moe.gate.update_bias(load, self.args.bias_update_speed)
+            moe.expert_load.zero_()
+
+
+def count_params(model: Transformer) -> tuple[int, int]:
+    """(total, activated per token). Convention: every weight once, the embedding and the LM head
+    both counted, router biases included; activated = total minus the routed experts a token does
+    not use (n_routed - n_activated per MoE layer). Works on the meta device."""
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(m.gate.bias.numel() for m in model.moe_layers())
+    a = model.args
+    per_expert = 3 * a.dim * a.moe_inter_dim
+    idle = len(model.moe_layers()) * (a.n_routed_experts - a.n_activated_experts) * per_expert
+    return total, total - idle
+
+
+def build_model(args: ModelArgs, device="cpu", seed: int | None = None) -> Transformer:
+    """Meta-device construction (no memory), then allocate on `device` and initialise."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model
+
+
+# ----------------------------------------------------------------------------- weights on disk
+
+def save_pretrained(model: Transformer, folder: str, extra_config: dict | None = None):
+    """`model.safetensors` + `config.json`, each written to a temporary name and renamed.
+    safetensors holds only tensors: loading it can never run code (unlike a pickle)."""
+    import json, os
+    from dataclasses import asdict
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = os.path.join(folder, "model.safetensors.tmp")
+    save_file(state, tmp)
+    os.replace(tmp, os.path.join(folder, "model.safetensors"))
+    config = {"model_args": asdict(model.args), **(extra_config or {})}
+    with open(os.path.join(folder, "config.json.tmp"), "w") as f:
+        json.dump(config, f, indent=1)
+    os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
+
+
+def load_pretrained(folder: str, device="cpu") -> Transformer:
+    import json, os
+    from safetensors.torch import load_file
+    weights, config = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
+    if not (os.path.exists(weights) and os.path.exists(config)):
+        raise FileNotFoundError(f"no checkpoint in {folder!r} (model.safetensors + config.json); "
+                                f"run `python train.py` first, or pass the folder it wrote to")
+    with open(config) as f:
+        args = ModelArgs(**json.load(f)["model_args"])
+    model = build_model(args, device)
+    model.load_state_dict(load_file(weights, device=str(device)))
+    return model

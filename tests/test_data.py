@@ -1,0 +1,223 @@
+"""Tests for data.py: small synthetic corpora and a tiny vocab, so the whole file runs in seconds."""
+
+import gzip
+import lzma
+import math
+import os
+import sys
+import sysconfig
+import time
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+
+VOCAB = 400
+
+
+def _write_corpus(root):
+    """A few files of code-ish and prose text, plus things the loader must skip."""
+    for i in range(12):
+        sub = root / f"pkg{i % 3}"
+        sub.mkdir(exist_ok=True)
+        body = "".join(f"def func_{i}_{j}(x, y={j}):\n    return x * {j} + y  # línea {j}\n\n"
+                       for j in range(40))
+        (sub / f"mod{i}.py").write_text(f'"""Module {i}: naïve café 日本語 🙂."""\n' + body)
+    (root / "notes.txt").write_text("The quick brown fox jumps over the lazy dog.\n" * 50)
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "secret.txt").write_text("should be skipped")
+    (root / "image.png").write_bytes(b"\x89PNG\x00\x00binary")
+    (root / "empty.txt").write_text("")
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return _write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def ds(corpus, cache):
+    return data.load_dataset(str(corpus), cache_dir=cache, vocab_size=VOCAB, verbose=False)
+
+
+# --- corpus ------------------------------------------------------------------------------------
+
+def test_listing_skips_hidden_binary_and_empty(corpus):
+    root, rel = data.list_files(str(corpus))
+    assert rel == sorted(rel) and len(rel) == 13
+    assert "notes.txt" in rel and "pkg0/mod0.py" in rel
+    assert not any(r.startswith(".hidden") or r in ("image.png", "empty.txt") for r in rel)
+
+
+def test_split_is_deterministic_and_disjoint(corpus):
+    _, rel = data.list_files(str(corpus))
+    train, val = data.split_files(rel, 0.05)
+    assert (train, val) == data.split_files(list(rel), 0.05)
+    assert val and train and not set(train) & set(val) and sorted(train + val) == rel
+    # even a 2-file corpus gets one file on each side
+    assert [len(s) for s in data.split_files(["a.txt", "b.txt"], 0.05)] == [1, 1]
+
+
+def test_single_file_is_split_by_position(tmp_path):
+    text = "".join(f"line {i}\n" for i in range(1000))
+    (tmp_path / "one.txt").write_text(text)
+    root, rel = data.list_files(str(tmp_path / "one.txt"))
+    (train,), (val,) = data.read_splits(root, rel, 0.05)
+    assert train + val == text and val.startswith("line ") and 0.03 < len(val) / len(text) < 0.07
+
+
+def test_stdlib_listing_skips_tests_and_site_packages():
+    root, rel = data.list_files(None)
+    assert root == sysconfig.get_paths()["stdlib"]
+    assert len(rel) > 300 and all(r.endswith(".py") for r in rel)
+    assert "os.py" in rel and "json/decoder.py" in rel
+    for r in rel:
+        assert not set(r.split("/")[:-1]) & data.STDLIB_SKIP_DIRS, r
+    train, val = data.split_files(rel)
+    assert 0.02 < len(val) / len(rel) < 0.1
+
+
+# --- tokenizer and cache -------------------------------------------------------------------------
+
+def test_tokenizer_round_trip(ds):
+    enc = ds.enc
+    assert ds.vocab_size == enc.n_vocab <= VOCAB and enc.eot_token == enc.n_vocab - 1
+    for text in ["def f(x):\n\treturn x**2  # ok\n", "naïve café 日本語 🙂 Ωmega\r\n",
+                 "   indented\n\n\n", "\x00\x01 weird \ufffd bytes", "<|endoftext|> is plain text here"]:
+        ids = enc.encode_ordinary(text)
+        assert enc.decode(ids) == text
+        assert max(ids) < enc.eot_token  # ordinary text never produces the special token
+
+
+def test_tokens_reproduce_the_val_text(ds):
+    assert ds.val.dtype == np.uint16 and len(ds.train) > len(ds.val) > 0
+    assert data.token_bytes(ds.enc, ds.val) == ds.val_text_bytes
+    assert ds.val_bytes == len(ds.val_text_bytes) == data.eval_bytes(ds.enc, ds.val)
+
+
+def test_cache_is_reused(corpus, cache, ds, monkeypatch):
+    files = [os.path.join(d, f) for d, _, fs in os.walk(cache) for f in fs]
+    mtimes = {f: os.path.getmtime(f) for f in files}
+
+    def fail(*args, **kwargs):
+        raise AssertionError("cache should have been reused")
+    monkeypatch.setattr(data, "train_bpe", fail)
+    monkeypatch.setattr(data, "_encode_to_file", fail)
+    monkeypatch.setattr(data, "read_splits", fail)  # a warm load does not even read the corpus
+    again = data.load_dataset(str(corpus), cache_dir=cache, vocab_size=VOCAB, verbose=False)
+    assert np.array_equal(again.train, ds.train) and again.val_text_bytes == ds.val_text_bytes
+    assert {f: os.path.getmtime(f) for f in files} == mtimes
+    assert not any(".tmp" in f for f in files)  # no leftovers from the atomic writes
+
+
+def test_unknown_and_uncached_tiktoken_names_fail_fast(corpus, tmp_path, monkeypatch):
+    t0 = time.time()
+    with pytest.raises(ValueError, match="unknown tiktoken encoding 'nope'.*cl100k_base"):
+        data.load_dataset(str(corpus), tokenizer="nope", cache_dir=str(tmp_path), verbose=False)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-tiktoken-cache"))
+    with pytest.raises(FileNotFoundError, match="'gpt2' is not cached"):
+        data.named_encoding("gpt2")
+    assert time.time() - t0 < 5
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist; pass --data PATH"):
+        data.load_dataset(str(tmp_path / "nowhere"), cache_dir=str(tmp_path), verbose=False)
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="no text found"):
+        data.load_dataset(str(tmp_path / "data"), cache_dir=str(tmp_path), verbose=False)
+
+
+def test_too_short_for_one_window():
+    tokens = np.arange(10, dtype=np.uint16)
+    with pytest.raises(ValueError, match="only 10 tokens.*seq_len\\+1 = 11.*--seq-len"):
+        data.BatchSampler(tokens, batch_size=2, seq_len=10)
+    with pytest.raises(ValueError, match="only 10 tokens"):
+        data.eval_batches(tokens, 2, 10, 1)
+    data.BatchSampler(tokens, batch_size=2, seq_len=9)  # exactly one window is enough
+
+
+# --- sampler -------------------------------------------------------------------------------------
+
+def test_sampler_shapes_and_shift():
+    tokens = np.arange(1000, dtype=np.uint16)  # token i == position i: windows are easy to read
+    x, y = data.BatchSampler(tokens, batch_size=4, seq_len=16, seed=1).next_batch()
+    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(y, x + 1)  # y is x shifted by one, and each row is a real window
+    assert torch.equal(x, x[:, :1] + torch.arange(16))
+    last = data.BatchSampler(tokens[:17], batch_size=3, seq_len=16).next_batch()
+    assert torch.equal(last[1][:, -1], torch.full((3,), 16))  # the one window reaches the end
+
+
+def test_sampler_is_deterministic_and_resumable(ds):
+    a = data.BatchSampler(ds.train, 8, 16, seed=3)
+    run = [a.next_batch() for _ in range(6)]
+    b = data.BatchSampler(ds.train, 8, 16, seed=3)
+    for _ in range(3):
+        b.next_batch()
+    state = b.state_dict()
+    assert state == {"seed": 3, "position": 3}
+    c = data.BatchSampler(ds.train, 8, 16, seed=99)
+    c.load_state_dict(state)
+    for (x1, y1), (x2, y2) in zip(run[3:], [c.next_batch() for _ in range(3)]):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(run[0][0], data.BatchSampler(ds.train, 8, 16, seed=4).next_batch()[0])
+
+
+def test_ranks_slice_the_same_global_batch(ds):
+    x, y = data.BatchSampler(ds.train, 8, 16, seed=5).get_batch(7)
+    parts = [data.BatchSampler(ds.train, 8, 16, seed=5, rank=r, world_size=2).get_batch(7)
+             for r in range(2)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x)
+    assert torch.equal(torch.cat([p[1] for p in parts]), y)
+    with pytest.raises(ValueError, match="batch_size 6 is not divisible by world_size 4"):
+        data.BatchSampler(ds.train, 6, 16, world_size=4)
+
+
+def test_eval_batches_tile_the_split(ds):
+    seq = 16
+    batches = list(data.eval_batches(ds.val, 4, seq, max_batches=10**6))
+    ys = torch.cat([y for _, y in batches])
+    n = (len(ds.val) - 1) // seq
+    assert ys.shape == (n, seq) and all(x.shape == y.shape for x, y in batches)
+    assert torch.equal(ys.reshape(-1), torch.from_numpy(ds.val[1:n * seq + 1].astype(np.int64)))
+    assert data.window_bytes(ds.enc, [y for _, y in batches]) == data.token_bytes(ds.enc, ys)
+    # capped: exactly max_batches full batches, spread over the split, same every call
+    few = list(data.eval_batches(ds.val, 2, seq, max_batches=3))
+    assert len(few) == 3 and all(x.shape == (2, seq) for x, _ in few)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(few, data.eval_batches(ds.val, 2, seq, 3)))
+    spread = np.arange(6) * n // 6  # window indices, evenly spaced over the split
+    assert n > 6 and torch.equal(torch.cat([y for _, y in few]), ys[spread])
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+def test_bits_per_byte():
+    # 100 tokens at 2 nats each = 200 nats = 200/ln2 bits, over 250 bytes
+    assert math.isclose(data.bits_per_byte(2.0, 100, 250), 200 / math.log(2) / 250)
+    assert math.isclose(data.bits_per_byte(math.log(2), 8, 8), 1.0)
+    with pytest.raises(ValueError):
+        data.bits_per_byte(1.0, 1, 0)
+
+
+def test_compression_baselines():
+    payload = b"def f(x):\n    return x + 1\n" * 200 + bytes(range(256))
+    base = data.compression_baselines(payload)
+    assert base["gzip-9"] == len(gzip.compress(payload, 9)) * 8 / len(payload)
+    assert base["xz-9"] == len(lzma.compress(payload, preset=9)) * 8 / len(payload)
+    assert 0 < base["xz-9"] < 8
