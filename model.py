@@ -21,6 +21,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def f32(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32: bf16/fp16 activations are upcast for softmax, norms and routing; fp64 (used
+    by the exactness tests) stays fp64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 # ----------------------------------------------------------------------------- config
 
 @dataclass
@@ -113,7 +119,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalise in fp32 whatever the activation dtype (bf16 on GPU)
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+        return F.rms_norm(f32(x), (x.shape[-1],), f32(self.weight), self.eps).type_as(x)
 
 
 def yarn_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -126,7 +132,7 @@ def yarn_inv_freq(args: ModelArgs) -> torch.Tensor:
     dim, base = args.qk_rope_head_dim, args.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     if args.max_seq_len <= args.original_seq_len:
-        return inv_freq.float()
+        return inv_freq
 
     def dim_of(turns):  # the (fractional) dim index that makes `turns` rotations in original_seq_len
         return dim * math.log(args.original_seq_len / (turns * 2 * math.pi)) / (2 * math.log(base))
@@ -137,7 +143,7 @@ def yarn_inv_freq(args: ModelArgs) -> torch.Tensor:
         high += 0.001  # avoid a zero-width ramp
     ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1 for fast dims (unchanged), 0 for slow dims (interpolated)
-    return (inv_freq / args.rope_factor * (1 - keep) + inv_freq * keep).float()
+    return inv_freq / args.rope_factor * (1 - keep) + inv_freq * keep  # fp64; buffers cast it
 
 
 def softmax_scale(args: ModelArgs) -> float:
@@ -152,7 +158,7 @@ def apply_rope(x, cos, sin):
     """Rotate interleaved pairs (x0, x1), (x2, x3), ... x: [B, T, (H,) R]; cos/sin: [T, R/2]."""
     if x.dim() == 4:
         cos, sin = cos[:, None, :], sin[:, None, :]
-    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    x1, x2 = f32(x)[..., 0::2], f32(x)[..., 1::2]
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
 
@@ -170,7 +176,7 @@ def causal_max_logits(q, k, scale: float, chunk: int = 256) -> torch.Tensor:
     best = torch.full((q.shape[1],), float("-inf"), device=q.device)
     for s in range(0, T, chunk):
         e = min(s + chunk, T)
-        logits = (q[:, :, s:e].float() @ k[:, :, :e].float().mT) * scale  # [B, H, e-s, e]
+        logits = (f32(q[:, :, s:e]) @ f32(k[:, :, :e]).mT) * scale  # [B, H, e-s, e]
         causal = torch.arange(e, device=q.device)[None, :] <= torch.arange(s, e, device=q.device)[:, None]
         logits = logits.masked_fill(~causal, float("-inf"))
         best = torch.maximum(best, logits.amax(dim=(0, 2, 3)))
@@ -194,10 +200,10 @@ class KVCache(nn.Module):
     def attend(self, q, k, v, input_pos, scale):
         self.k.index_copy_(1, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(1, input_pos, v.to(self.v.dtype))
-        logits = torch.einsum("bthd,bshd->bhts", q.float(), self.k.float()) * scale  # [B, H, T, S]
+        logits = torch.einsum("bthd,bshd->bhts", f32(q), f32(self.k)) * scale  # [B, H, T, S]
         visible = torch.arange(self.k.shape[1], device=q.device)[None, :] <= input_pos[:, None]
         probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-        return torch.einsum("bhts,bshd->bthd", probs, self.v.float()).type_as(q)
+        return torch.einsum("bhts,bshd->bthd", probs, f32(self.v)).type_as(q)
 
 
 class LatentKVCache(nn.Module):
@@ -295,13 +301,13 @@ class MLA(nn.Module):
         w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_kc, w_v = w[:, :self.nope], w[:, self.nope:]                       # [H, nope, C], [H, v, C]
         c_all, kr_all = cache.update(c, k_rope, input_pos)                  # [B, S, C], [B, S, R]
-        q_lat = torch.einsum("bthd,hdc->bthc", q_nope.float(), w_kc.float())  # [B, T, H, C]
-        logits = (torch.einsum("bthc,bsc->bhts", q_lat, c_all.float())
-                  + torch.einsum("bthr,bsr->bhts", q_rope.float(), kr_all.float())) * self.softmax_scale
+        q_lat = torch.einsum("bthd,hdc->bthc", f32(q_nope), f32(w_kc))  # [B, T, H, C]
+        logits = (torch.einsum("bthc,bsc->bhts", q_lat, f32(c_all))
+                  + torch.einsum("bthr,bsr->bhts", f32(q_rope), f32(kr_all))) * self.softmax_scale
         visible = torch.arange(c_all.shape[1], device=c.device)[None, :] <= input_pos[:, None]
         probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-        o_lat = torch.einsum("bhts,bsc->bthc", probs, c_all.float())           # [B, T, H, C]
-        return torch.einsum("bthc,hvc->bthv", o_lat, w_v.float()).type_as(c)   # [B, T, H, v]
+        o_lat = torch.einsum("bhts,bsc->bthc", probs, f32(c_all))           # [B, T, H, C]
+        return torch.einsum("bthc,hvc->bthv", o_lat, f32(w_v)).type_as(c)   # [B, T, H, v]
 
 
 # ----------------------------------------------------------------------------- MoE
@@ -326,7 +332,13 @@ class MLP(nn.Module):
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by group; group e (rows offs[e-1]:offs[e]) is multiplied by w[e].
     x [N, I], w [E, I, O], offs [E] int32 cumulative row ends -> [N, O]."""
+    if x.dtype == torch.float64:  # not supported by _grouped_mm: per-row weights (tests only)
+        return torch.bmm(x[:, None, :], w[_group_of_rows(offs, x.shape[0])])[:, 0]
     return torch._grouped_mm(x, w, offs=offs)
+
+
+def _group_of_rows(offs, n):
+    return torch.searchsorted(offs, torch.arange(n, device=offs.device, dtype=offs.dtype), right=True)
 
 
 @grouped_mm.register_fake
@@ -337,6 +349,9 @@ def _(x, w, offs):
 @torch.library.custom_op("nanok2::grouped_mm_wgrad", mutates_args=())
 def grouped_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Per-group x_e^T @ grad_e: the weight gradient of grouped_mm. -> [E, I, O]."""
+    if x.dtype == torch.float64:
+        out = x.new_zeros(offs.shape[0], x.shape[1], grad.shape[1])
+        return out.index_add_(0, _group_of_rows(offs, x.shape[0]), x[:, :, None] * grad[:, None, :])
     return torch._grouped_mm(x.t(), grad, offs=offs)
 
 
@@ -386,7 +401,7 @@ class Gate(nn.Module):
         self.register_buffer("bias", torch.zeros(args.n_routed_experts))
 
     def forward(self, x_TD):
-        scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+        scores_TE = F.linear(f32(x_TD), f32(self.weight)).sigmoid()
         choice_TE = scores_TE + self.bias
         if self.n_groups > 1:  # keep the n_limited_groups groups with the best top-2 sums
             T = x_TD.shape[0]
@@ -403,7 +418,7 @@ class Gate(nn.Module):
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor, speed: float):
         """Aux-loss-free balancing (DeepSeek-V3): raise under-loaded experts, lower over-loaded."""
-        self.bias += speed * torch.sign(load_E.float().mean() - load_E.float())
+        self.bias += speed * torch.sign(f32(load_E).mean() - f32(load_E))
 
 
 class MoE(nn.Module):
@@ -428,7 +443,7 @@ class MoE(nn.Module):
         w_TK, idx_TK, scores_TE = self.gate(x_TD)
         if self.training:
             self.expert_load += torch.zeros_like(self.expert_load).index_add_(
-                0, idx_TK.flatten(), torch.ones_like(idx_TK.flatten(), dtype=torch.float))
+                0, idx_TK.flatten(), torch.ones_like(idx_TK.flatten(), dtype=self.expert_load.dtype))
         routed = self.experts_loop if self.use_loop else self.experts_grouped
         y_TD = routed(x_TD, w_TK, idx_TK) + self.shared(x_TD)
         if self.training and self.aux_alpha > 0:
@@ -525,7 +540,7 @@ class Transformer(nn.Module):
                 module.expert_load.zero_()
             if isinstance(module, MLA):
                 module.max_logits.fill_(float("-inf"))
-        t = torch.arange(self.args.max_seq_len, dtype=torch.float32, device=self.rope_cos.device)
+        t = torch.arange(self.args.max_seq_len, dtype=torch.float64, device=self.rope_cos.device)
         angles = torch.outer(t, yarn_inv_freq(self.args).to(t.device))
         self.rope_cos.copy_(angles.cos())
         self.rope_sin.copy_(angles.sin())
@@ -542,7 +557,7 @@ class Transformer(nn.Module):
         h = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, input_pos, None if caches is None else caches[i])
-        return self.head(self.norm(h)).float()
+        return f32(self.head(self.norm(h)))
 
     # --- helpers used by train.py, generate.py, muonclip.py ---------------------------------
 
