@@ -49,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="text file or folder (default: the Python stdlib)")
     p.add_argument("--tokenizer", default=None, help="a cached tiktoken encoding name (default: train a BPE)")
     p.add_argument("--vocab-size", type=int, default=8192, help="size of the trained BPE")
+    p.add_argument("--cache-dir", default=None, help="tokenizer/token cache (default: .cache beside data.py)")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each block (default: on for CUDA, off for CPU; see bench.py train)")
@@ -195,7 +196,7 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     os.makedirs(args.out_dir, exist_ok=True)
 
-    ds = data.load_dataset(args.data, args.tokenizer, vocab_size=args.vocab_size)
+    ds = data.load_dataset(args.data, args.tokenizer, cache_dir=args.cache_dir, vocab_size=args.vocab_size)
     print(f"data: {ds.name}")
     sampler = data.BatchSampler(ds.train, args.batch_size, args.seq_len, seed=args.seed)
     data.eval_batches(ds.val, 1, args.seq_len, 1)  # fails early if val is shorter than one window
@@ -268,7 +269,7 @@ def main(argv=None):
             else:
                 t_start = time.time()
             avg = (time.time() - t_start) / max(1, steps_timed)
-            rec = {"step": step, "loss": round(loss_val, 5), "lr": g["lr"], "ms": round(dt * 1000, 1),
+            rec = {"step": step, "loss": loss_val, "lr": g["lr"], "ms": round(dt * 1000, 1),
                    "tok_s": round(tokens_per_step / dt)}
             if clip_stats:
                 rec["max_logit"] = round(clip_stats["max_logit"], 3)
@@ -321,4 +322,8 @@ def _fmt_time(seconds):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message names the fix
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
