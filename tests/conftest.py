@@ -6,6 +6,9 @@ import sysconfig
 
 import pytest
 
+# Triton picks interpreter or GPU when it is first imported; tests run kernels on the CPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
