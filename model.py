@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import attention_with_max
+
 
 def f32(t: torch.Tensor) -> torch.Tensor:
     """At least fp32: bf16/fp16 activations are upcast for softmax, norms and routing; fp64 (used
@@ -165,24 +167,6 @@ def apply_rope(x, cos, sin):
 
 # ----------------------------------------------------------------------------- attention (MLA)
 
-@torch.no_grad()
-def causal_max_logits(q, k, scale: float, chunk: int = 256) -> torch.Tensor:
-    """Per-head max of q.k*scale over the batch, causal mask applied. q, k: [B, H, T, Dqk] -> [H].
-
-    MuonClip's QK-Clip needs this signed maximum. SDPA does not report it, so on the torch path we
-    take a second, chunked pass (memory O(chunk * T)); the Triton kernel returns it for free.
-    """
-    T = q.shape[2]
-    best = torch.full((q.shape[1],), float("-inf"), device=q.device)
-    for s in range(0, T, chunk):
-        e = min(s + chunk, T)
-        logits = (f32(q[:, :, s:e]) @ f32(k[:, :, :e]).mT) * scale  # [B, H, e-s, e]
-        causal = torch.arange(e, device=q.device)[None, :] <= torch.arange(s, e, device=q.device)[:, None]
-        logits = logits.masked_fill(~causal, float("-inf"))
-        best = torch.maximum(best, logits.amax(dim=(0, 2, 3)))
-    return best
-
-
 class KVCache(nn.Module):
     """The "naive" MLA cache: per-head keys [.., H, 192] and values [.., H, 128] (K2 sizes).
 
@@ -280,13 +264,16 @@ class MLA(nn.Module):
         else:
             q = torch.cat([q_nope, q_rope], dim=-1)  # [B, T, H, 192]
             k, v = self.expand_kv(c, k_rope)
-            if cache is None:  # training / full forward: causal SDPA over the sequence itself
+            if cache is None:  # training / full forward: causal attention over the sequence itself
                 qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
-                out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.softmax_scale)
-                out = out.transpose(1, 2)
                 if self.record_max_logits and self.training:
-                    m = causal_max_logits(qh.detach(), kh.detach(), self.softmax_scale)
-                    self.max_logits.copy_(torch.maximum(self.max_logits, m))
+                    # QK-Clip needs each head's max logit: the Triton kernel (CUDA) reports it for
+                    # free; the torch path (CPU) is SDPA plus a chunked no-grad pass
+                    out, m = attention_with_max(qh, kh, vh, self.softmax_scale)
+                    self.max_logits.copy_(torch.maximum(self.max_logits, m.to(self.max_logits.dtype)))
+                else:
+                    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.softmax_scale)
+                out = out.transpose(1, 2)
             else:
                 out = cache.attend(q, k, v, input_pos, self.softmax_scale)
         return self.wo(out.reshape(B, T, self.n_heads * self.v_dim))

@@ -250,3 +250,31 @@ def test_compiled_block_matches_eager():
     (gx,) = torch.autograd.grad(out.square().sum(), x)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx, gx_eager, rtol=1e-4, atol=1e-5)
+
+
+def test_recorded_max_logits_match_explicit_logits():
+    """The per-head max the training forward records (max over micro-batches) equals the max of the
+    explicitly computed causal logits q.k * scale."""
+    model = small_model(q_lora_rank=12)
+    model.train()
+    model.set_record_max_logits(True)
+    xs = [torch.randint(0, 97, (2, 16)) for _ in range(2)]
+    for x in xs:
+        model(x)
+    got = model.pop_max_logits()
+    assert torch.isinf(model.pop_max_logits()).all()  # popped = reset
+    model.set_record_max_logits(False)
+    expect = torch.full_like(got, float("-inf"))
+    cos, sin = model.rope_cos[:16], model.rope_sin[:16]
+    for x in xs:
+        h = model.embed(x)
+        for i, layer in enumerate(model.layers):
+            a = layer.attn
+            hn = layer.attn_norm(h)
+            q = torch.cat(a.query(hn, cos, sin), -1)
+            k, _ = a.expand_kv(*a.latent(hn, cos, sin))
+            logits = torch.einsum("bthd,bshd->bhts", q, k) * a.softmax_scale
+            logits = logits.masked_fill(torch.ones(16, 16).triu(1).bool(), float("-inf"))
+            expect[i] = torch.maximum(expect[i], logits.amax(dim=(0, 2, 3)))
+            h = layer(h, cos, sin)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
