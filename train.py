@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import muonclip
 from model import ModelArgs, PRESETS, Transformer, build_model, count_params, get_args, save_pretrained
 
 
@@ -100,20 +101,14 @@ def lr_multiplier(step: int, max_steps: int, warmup: int, decay_frac: float, min
     return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+# peak learning rates from the sweep in `python bench.py optim` (tiny preset)
+DEFAULT_LR = {"adamw": 2e-3, "muonclip": 3e-3}
+
+
 def build_optimizer(model, args):
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
-    if args.optimizer == "adamw":
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-        no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-        return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                  {"params": no_decay, "weight_decay": 0.0}],
-                                 lr=lr, betas=(0.9, 0.95), eps=1e-8)
-    import muonclip
     tau = None if args.no_qk_clip else args.qk_clip_tau
-    return muonclip.build_optimizer(model, "muonclip", lr, args.weight_decay, tau)
-
-
-DEFAULT_LR = {"adamw": 3e-3, "muonclip": 3e-3}
+    return muonclip.build_optimizer(model, args.optimizer, lr, args.weight_decay, tau)
 
 
 # ----------------------------------------------------------------------------- eval
@@ -188,8 +183,6 @@ def main(argv=None):
     args = parse_args(argv)
     if args.batch_size % args.grad_accum:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
-    if args.optimizer == "muonclip" and not args.no_qk_clip and args.qk_clip_tau <= 0:
-        raise ValueError(f"--qk-clip-tau must be > 0, got {args.qk_clip_tau}; use --no-qk-clip to turn the clip off")
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
@@ -207,8 +200,8 @@ def main(argv=None):
     print(f"model: {args.preset} preset, {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), "
           f"device {device}, compile {use_compile}")
     optimizer = build_optimizer(model, args)
-    qk_clip = getattr(optimizer, "qk_clip", None) if args.optimizer == "muonclip" and not args.no_qk_clip else None
-    model.set_record_max_logits(args.optimizer == "muonclip")
+    is_muon = isinstance(optimizer, muonclip.MuonClip)
+    model.set_record_max_logits(is_muon)  # QK-Clip's input (and logged even with --no-qk-clip)
 
     step = 0
     if args.resume:
@@ -256,9 +249,7 @@ def main(argv=None):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            clip_stats = qk_clip(model.pop_max_logits()) if qk_clip else None
-            if not qk_clip and args.optimizer == "muonclip":
-                clip_stats = {"max_logit": model.pop_max_logits().max().item(), "heads_clipped": 0}
+            clip_stats = optimizer.qk_clip(model.pop_max_logits()) if is_muon else None
             model.update_router_bias()
             sampler.position = step + 1
             step += 1
@@ -274,6 +265,7 @@ def main(argv=None):
             if clip_stats:
                 rec["max_logit"] = round(clip_stats["max_logit"], 3)
                 rec["heads_clipped"] = clip_stats["heads_clipped"]
+                rec["update_rms"] = optimizer.last_stats["update_rms"]
             if step % args.eval_every == 0 or step == args.max_steps:
                 final = step == args.max_steps
                 val_loss, ys = evaluate(model, ds.val, args, device, 10**9 if final else args.eval_batches, autocast)
@@ -285,7 +277,8 @@ def main(argv=None):
                         f"{dt * 1000:6.0f} ms | {tokens_per_step / dt:7.0f} tok/s | "
                         f"ETA {_fmt_time(avg * (args.max_steps - step))}")
                 if clip_stats:
-                    line += f" | max logit {clip_stats['max_logit']:.1f} ({clip_stats['heads_clipped']} clipped)"
+                    line += (f" | max logit {clip_stats['max_logit']:.1f} ({clip_stats['heads_clipped']} clipped)"
+                             f" | upd rms {rec['update_rms']:.1e}")
                 if "val_loss" in rec:
                     line += f" | val {rec['val_loss']:.4f} ({rec['val_bpb']:.3f} bpb)"
                 print(line, flush=True)

@@ -46,5 +46,5 @@ def trained_checkpoint(tmp_path_factory, corpus_dir, cache_dir):
     import train
     out = tmp_path_factory.mktemp("ckpt")
     train.main(train_flags(corpus_dir, cache_dir, out, "--max-steps", "30", "--eval-every", "30",
-                           "--log-every", "10", "--optimizer", "adamw"))
+                           "--log-every", "10"))
     return str(out)

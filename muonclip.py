@@ -1,0 +1,316 @@
+"""MuonClip: Muon for the hidden matrices, AdamW for the rest, and QK-Clip after every step.
+
+Read top to bottom:
+  1. Newton-Schulz 5 (`zeropower_ns5`): pushes every singular value of a matrix towards 1, so an
+     update moves all directions of a weight matrix by about the same amount.
+  2. The Muon update (`muon_update`): Nesterov momentum, orthogonalise, scale so the update has
+     the RMS AdamW's updates have (0.2), which lets Muon reuse AdamW's learning rate and decay.
+  3. The step math as pure functions over lists of tensors (`muon_step_`, `adamw_step_`). The
+     learning rate and weight decay come in as 0-d tensors: a compiled step sees a new value, not
+     a new constant, so changing the schedule never recompiles.
+  4. The parameter split (`split_params`): which tensor gets Muon and which AdamW.
+  5. QK-Clip (`qk_clip_`): rescale the query/key rows of every head whose attention logits passed
+     tau, so the logits of that head shrink by exactly tau / S_max.
+  6. `MuonClip`, the thin optimizer class, and `build_optimizer`, what train.py calls.
+
+Algorithm: Kimi K2 report, Algorithm 1 (MuonClip); Moonlight for the update scaling and Nesterov
+form. See REFERENCE.md section 2. Shapes: H heads, E experts, n x m a matrix (rows x cols).
+"""
+import math
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from model import MLA
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)   # quintic Newton-Schulz (a, b, c), Keller Jordan's Muon
+RMS_MATCH = 0.2                         # Moonlight: 0.2 * sqrt(max(n, m)) gives AdamW's update RMS
+
+
+# ----------------------------------------------------------------------------- 1. Newton-Schulz
+
+def gram(X: Tensor) -> Tensor:
+    """X @ X^T over the last two dims. The one product a symmetric-output kernel (upper-triangle
+    tiles only, half the FLOPs) can replace: pass it as `sym_matmul` to zeropower_ns5."""
+    return X @ X.mT
+
+
+def zeropower_ns5(G: Tensor, steps: int = 5, eps: float = 1e-7, *, coeffs=NS_COEFFS,
+                  dtype: torch.dtype | None = None, sym_matmul=gram) -> Tensor:
+    """Approximately orthogonalise G [..., n, m] (batched over leading dims): U S V^T -> U S' V^T
+    with every S' in roughly [0.7, 1.2]. The quintic is tuned for speed, not to converge to 1.
+
+    Runs in bf16 on the GPU (NS is robust to it), at least fp32 elsewhere; returns G's dtype.
+    """
+    if G.ndim < 2:
+        raise ValueError(f"zeropower_ns5 needs a matrix (or a batch of them), got shape {tuple(G.shape)}")
+    a, b, c = coeffs
+    wide_dtype = torch.promote_types(G.dtype, torch.float32)   # fp64 stays fp64 (exactness tests)
+    dtype = dtype or (torch.bfloat16 if G.is_cuda else wide_dtype)
+    X = G.to(wide_dtype)
+    tall = X.size(-2) > X.size(-1)
+    if tall:  # work on the wide orientation: X X^T is then the smaller (min(n, m))^2 Gram matrix
+        X = X.mT
+    # Frobenius norm >= spectral norm, so after this every singular value is <= 1: inside the
+    # interval where the iteration is designed to work.
+    X = (X / (X.norm(dim=(-2, -1), keepdim=True) + eps)).to(dtype)
+    for _ in range(steps):
+        A = sym_matmul(X)                 # [..., n, n] symmetric
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X                 # each singular value s -> a s + b s^3 + c s^5
+    if tall:
+        X = X.mT
+    return X.to(G.dtype)
+
+
+# ----------------------------------------------------------------------------- 2. the Muon update
+
+def muon_scale(shape) -> float:
+    """0.2 * sqrt(max(n, m)): an orthogonal n x m matrix has RMS 1/sqrt(max(n, m)), so the
+    scaled update has RMS ~0.2, like AdamW's (Moonlight). Per matrix: for [E, n, m] per expert."""
+    return RMS_MATCH * math.sqrt(max(shape[-2], shape[-1]))
+
+
+def muon_update(grad: Tensor, momentum_buf: Tensor, beta: float = 0.95, nesterov: bool = True,
+                ns_steps: int = 5, sym_matmul=gram) -> Tensor:
+    """One Muon direction, without the learning rate. Updates `momentum_buf` in place.
+
+        M = beta M + G;  U = G + beta M (Nesterov) or M;  O = NS5(U) * 0.2 sqrt(max(n, m))
+
+    A [E, n, m] expert stack is orthogonalised per expert (batched), never as one flat matrix.
+    """
+    momentum_buf.mul_(beta).add_(grad)
+    u = grad.add(momentum_buf, alpha=beta) if nesterov else momentum_buf
+    return zeropower_ns5(u, ns_steps, sym_matmul=sym_matmul) * muon_scale(grad.shape)
+
+
+# ----------------------------------------------------------------------------- 3. step math
+
+def muon_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], lr: Tensor,
+               weight_decay: Tensor, beta: float = 0.95, nesterov: bool = True,
+               ns_steps: int = 5) -> Tensor:
+    """W -= lr * (muon_update(G) + wd * W) for every parameter. lr, weight_decay: 0-d tensors.
+    Returns the sum of squares of the applied updates (lr included, decay excluded)."""
+    sq = torch.zeros((), device=lr.device)
+    for p, g, buf in zip(params, grads, bufs):
+        u = muon_update(g, buf, beta, nesterov, ns_steps)
+        p.mul_(1 - lr * weight_decay)     # decoupled decay, on the weight before this update
+        p.sub_(lr * u.to(p.dtype))
+        sq = sq + (lr * u.float()).square().sum()
+    return sq
+
+
+def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                exp_avg_sqs: list[Tensor], steps: list[Tensor], lr: Tensor, weight_decay: Tensor,
+                betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> Tensor:
+    """Plain AdamW with decoupled decay (same math as torch.optim.AdamW). Returns the sum of
+    squares of the applied updates (lr included, decay excluded)."""
+    beta1, beta2 = betas
+    sq = torch.zeros((), device=lr.device)
+    for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        t += 1
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
+        u = (m / (1 - beta1 ** t)) / denom
+        p.mul_(1 - lr * weight_decay)
+        p.sub_(lr * u)
+        sq = sq + (lr * u.float()).square().sum()
+    return sq
+
+
+# ----------------------------------------------------------------------------- 4. the split
+
+# The rule, checked for every trainable parameter when the optimizer is built:
+#   AdamW: the token embedding (`embed.weight`: a lookup table, each row sees only its own token)
+#          and the LM head (`head.weight`: the output classifier), plus every 1-D norm gain
+#          (`*norm.weight`) and bias (`*.bias`).
+#   Muon:  every other 2-D weight [out, in] (attention projections, dense MLP, shared expert,
+#          router gate) and every 3-D expert stack [E, out, in] (orthogonalised per expert).
+#   Anything else (a 1-D tensor that is not a norm gain or bias, 0-D or 4-D+) is an error: a new
+#   kind of parameter must be placed on purpose, not fall into a default group.
+# The router's `gate.bias` is a buffer (set by the load-balancing rule), so no optimizer sees it.
+ADAMW_MATRICES = ("embed.weight", "head.weight")
+
+
+def param_kind(name: str, p: Tensor) -> str:
+    if name in ADAMW_MATRICES:
+        return "adamw"
+    if p.ndim == 1 and (name.endswith("norm.weight") or name.endswith(".bias") or name == "bias"):
+        return "adamw"
+    if p.ndim in (2, 3):
+        return "muon"
+    raise ValueError(f"parameter {name!r} with shape {tuple(p.shape)} fits no optimizer group "
+                     f"(rule in muonclip.py: embedding/head/norm gains/biases -> AdamW, other 2-D "
+                     f"and 3-D [E, out, in] weights -> Muon); place it explicitly")
+
+
+def split_params(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """(muon, adamw) lists of (name, parameter), following the rule above. Frozen parameters
+    (requires_grad False) are left out of both."""
+    muon, adamw = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (muon if param_kind(name, p) == "muon" else adamw).append((name, p))
+    return muon, adamw
+
+
+# ----------------------------------------------------------------------------- 5. QK-Clip
+
+def qk_clip_factors(max_logits: Tensor, tau: float) -> Tensor:
+    """gamma per head: tau / S_max where S_max > tau, exactly 1.0 elsewhere (-inf, NaN: 1.0)."""
+    s = max_logits.float()
+    return torch.where(s > tau, tau / s, torch.ones_like(s))
+
+
+@torch.no_grad()
+def qk_clip_(attn: MLA, gamma: Tensor) -> None:
+    """Scale one MLA layer so that every logit of head h becomes gamma[h] times what it was.
+
+    logit = q_nope . k_nope + q_rope . k_rope (times the softmax scale). q_nope comes from the
+    W_qc rows, k_nope from the W_kc rows: both times sqrt(gamma). q_rope comes from the W_qr rows:
+    times gamma. k_rope is one key shared by all heads (last rows of wkv_a), so it cannot carry a
+    per-head factor and stays; so do the values (W_v rows) and the output projection.
+
+    Done as one factor per output row (row r of wq/wq_b belongs to head r // (nope + rope)), which
+    also applies unchanged to any block of rows, e.g. the shard of a row-sharded weight.
+    Rows of unclipped heads are multiplied by exactly 1.0, so they stay bit-identical.
+    """
+    H, nope, rope, v = attn.n_heads, attn.nope, attn.rope, attn.v_dim
+    g = gamma.to(attn.wkv_b.weight.device, torch.float32)[:, None]          # [H, 1]
+    sg = g.sqrt()
+    q_rows = torch.cat([sg.expand(H, nope), g.expand(H, rope)], dim=1).reshape(-1)   # [H*(nope+rope)]
+    kv_rows = torch.cat([sg.expand(H, nope), torch.ones_like(g).expand(H, v)], dim=1).reshape(-1)
+    wq = attn.wq.weight if hasattr(attn, "wq") else attn.wq_b.weight         # [H*(nope+rope), in]
+    wq.mul_(q_rows[:, None].to(wq.dtype))
+    attn.wkv_b.weight.mul_(kv_rows[:, None].to(attn.wkv_b.weight.dtype))    # [H*(nope+v), kv_lora]
+
+
+# ----------------------------------------------------------------------------- 6. the optimizer
+
+class MuonClip(torch.optim.Optimizer):
+    """Muon (hidden matrices) + AdamW (embedding, head, norms, biases) + QK-Clip.
+
+    Two param groups, "muon" and "adamw", both keyed "lr" and "weight_decay" (train.py sets
+    group["lr"] from its schedule). Per step: `step()`, then `qk_clip(model.pop_max_logits())`.
+    Internally lr and decay are copied into 0-d tensors each step (no recompile, no host sync).
+    State holds tensors only: momentum for Muon; exp_avg, exp_avg_sq, step for AdamW.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 2e-4, weight_decay: float = 0.1,
+                 momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+                 adamw_betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 qk_clip_tau: float | None = 100.0, compile: bool = False):
+        if not lr >= 0 or not weight_decay >= 0 or not 0 <= momentum < 1:
+            raise ValueError(f"need lr >= 0, weight_decay >= 0, 0 <= momentum < 1; "
+                             f"got {lr}, {weight_decay}, {momentum}")
+        check_tau(qk_clip_tau)
+        muon, adamw = split_params(model)
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_steps=ns_steps, betas=tuple(adamw_betas), eps=eps)
+        groups = [dict(params=ps, kind=kind) for kind, ps in (("muon", muon), ("adamw", adamw)) if ps]
+        super().__init__(groups, defaults)
+        self.qk_clip_tau = qk_clip_tau
+        self.attn_layers = [m for m in model.modules() if isinstance(m, MLA)]
+        self._muon_fn = torch.compile(muon_step_) if compile else muon_step_
+        self._adamw_fn = torch.compile(adamw_step_) if compile else adamw_step_
+        self._hparams: dict[int, tuple[Tensor, Tensor]] = {}   # group index -> (lr, wd) 0-d tensors
+        self._stats: dict = {}
+
+    def _hparam_tensors(self, i: int, group: dict, device) -> tuple[Tensor, Tensor]:
+        if i not in self._hparams:
+            self._hparams[i] = (torch.zeros((), device=device), torch.zeros((), device=device))
+        lr, wd = self._hparams[i]
+        lr.fill_(group["lr"])
+        wd.fill_(group["weight_decay"])
+        return lr, wd
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        stats = {}
+        for i, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            lr, wd = self._hparam_tensors(i, group, params[0].device)
+            numel = sum(p.numel() for p in params)
+            if group["kind"] == "muon":
+                bufs = [self._state(p, momentum_buffer=torch.zeros_like)["momentum_buffer"] for p in params]
+                sq = self._muon_fn(params, grads, bufs, lr, wd, group["momentum"],
+                                   group["nesterov"], group["ns_steps"])
+                stats["update_rms"] = (sq / numel).sqrt()
+            else:
+                st = [self._state(p, exp_avg=torch.zeros_like, exp_avg_sq=torch.zeros_like,
+                                  step=lambda q: torch.zeros((), device=q.device)) for p in params]
+                sq = self._adamw_fn(params, grads, [s["exp_avg"] for s in st],
+                                    [s["exp_avg_sq"] for s in st], [s["step"] for s in st],
+                                    lr, wd, group["betas"], group["eps"])
+                stats["adamw_update_rms"] = (sq / numel).sqrt()
+        self._stats = stats
+        return loss
+
+    def _state(self, p: Tensor, **init) -> dict:
+        state = self.state[p]
+        for key, make in init.items():
+            if key not in state:
+                state[key] = make(p)
+        return state
+
+    @property
+    def last_stats(self) -> dict:
+        """Stats of the last step (and clip) as Python numbers: update_rms (Muon group, lr
+        included), adamw_update_rms, max_logit, heads_clipped. Reading them syncs the device."""
+        return {k: (v.item() if isinstance(v, Tensor) else v) for k, v in self._stats.items()}
+
+    @torch.no_grad()
+    def qk_clip(self, max_logits: Tensor) -> dict:
+        """Apply QK-Clip from the per-head max logits of this step's forwards ([n_layers, n_heads],
+        from model.pop_max_logits()). Momentum is not touched. With qk_clip_tau None this only
+        reports. Returns {"max_logit": max over heads before clipping, "heads_clipped": count}."""
+        if max_logits.shape[0] != len(self.attn_layers):
+            raise ValueError(f"max_logits has {max_logits.shape[0]} rows, the model has "
+                             f"{len(self.attn_layers)} attention layers")
+        clipped = 0
+        if self.qk_clip_tau is not None:
+            gamma = qk_clip_factors(max_logits, self.qk_clip_tau)      # [L, H]
+            for attn, g in zip(self.attn_layers, gamma):
+                qk_clip_(attn, g)
+            clipped = (gamma < 1).sum()
+        out = {"max_logit": float(max_logits.max()), "heads_clipped": int(clipped)}
+        self._stats.update(out)
+        return out
+
+
+def check_tau(tau: float | None) -> None:
+    if tau is not None and not (tau > 0 and math.isfinite(tau)):
+        raise ValueError(f"qk_clip_tau must be a positive number, got {tau}; "
+                         f"use --no-qk-clip to turn the clip off")
+
+
+OPTIMIZERS = ("muonclip", "adamw")
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
+                    qk_clip_tau: float | None) -> torch.optim.Optimizer:
+    """"muonclip" -> MuonClip. "adamw" -> the baseline torch.optim.AdamW (betas 0.9/0.95, eps
+    1e-8), whose decay rule is nanoGPT's: every parameter with >= 2 dims (all matrices, expert
+    stacks, embedding, head) is decayed, 1-D ones (norm gains, biases) are not. tau is checked
+    for both names (it is ignored by AdamW)."""
+    check_tau(qk_clip_tau)
+    if name == "muonclip":
+        return MuonClip(model, lr=lr, weight_decay=weight_decay, qk_clip_tau=qk_clip_tau)
+    if name == "adamw":
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [dict(params=[(n, p) for n, p in named if p.ndim >= 2], weight_decay=weight_decay),
+                  dict(params=[(n, p) for n, p in named if p.ndim < 2], weight_decay=0.0)]
+        groups = [g for g in groups if g["params"]]
+        on_fused_device = all(p.device.type in ("cuda", "cpu") for _, p in named)
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8,
+                                 **({"fused": True} if on_fused_device else {"foreach": True}))
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

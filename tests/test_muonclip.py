@@ -1,0 +1,371 @@
+"""Tests for muonclip.py: Newton-Schulz, the Muon step against torch.optim.Muon, the parameter
+split, QK-Clip exactness on a tiny MLA model, state round trip. Small shapes: runs in seconds."""
+
+import io
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import RMSNorm, build_model, get_args  # noqa: E402
+from muonclip import (MuonClip, build_optimizer, muon_scale, muon_step_, muon_update,  # noqa: E402
+                      split_params, zeropower_ns5)
+
+TINY = dict(dim=64, n_layers=2, n_heads=2, n_routed_experts=4, n_activated_experts=2,
+            moe_inter_dim=32, inter_dim=96, kv_lora_rank=16, qk_nope_head_dim=8,
+            qk_rope_head_dim=8, v_head_dim=8, vocab_size=256, max_seq_len=32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matmuls gain nothing from a second thread, and on a shared, busy CPU the OpenMP
+    # hand-offs made them ~1000x slower (seconds instead of milliseconds).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(q_lora_rank=0, seed=0):
+    return build_model(get_args("tiny", q_lora_rank=q_lora_rank, **TINY), seed=seed)
+
+
+def random_grads(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+
+
+# ----------------------------------------------------------------------------- Newton-Schulz
+
+@pytest.mark.parametrize("shape", [(48, 128), (128, 48), (64, 64), (256, 96)])
+def test_ns5_singular_values_in_band(shape):
+    torch.manual_seed(0)
+    G = torch.randn(shape)
+    O = zeropower_ns5(G)
+    assert O.shape == G.shape and O.dtype == G.dtype
+    s = torch.linalg.svdvals(O)
+    # NS5's quintic is tuned to be fast, not to converge: singular values land in about
+    # [0.7, 1.2]. (A square Gaussian has singular values near 0 that 5 steps cannot lift that
+    # far: exempt the 2 smallest there. Gradients are rarely square and full rank.)
+    lo = s[:-2] if shape[0] == shape[1] else s
+    assert lo.min() > 0.65 and s.max() < 1.2, (s.min(), s.max())
+
+
+def test_ns5_rectangular_both_ways_and_scale_invariant():
+    torch.manual_seed(1)
+    G = torch.randn(40, 72)
+    torch.testing.assert_close(zeropower_ns5(G.mT), zeropower_ns5(G).mT, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(zeropower_ns5(1000 * G), zeropower_ns5(G), rtol=1e-4, atol=1e-5)
+    assert zeropower_ns5(torch.zeros(8, 16)).abs().max() == 0  # eps: no NaN on a zero gradient
+
+
+def test_ns5_batched_equals_per_matrix():
+    torch.manual_seed(2)
+    for shape in [(3, 4, 24, 40), (5, 40, 24)]:  # wide and tall stacks
+        G = torch.randn(shape)
+        batched = zeropower_ns5(G)
+        flat = G.reshape(-1, *shape[-2:])
+        each = torch.stack([zeropower_ns5(m) for m in flat]).reshape(shape)
+        torch.testing.assert_close(batched, each, rtol=1e-5, atol=1e-5)
+
+
+def test_ns5_sym_matmul_is_swappable():
+    calls = []
+
+    def counting_gram(X):
+        calls.append(X.shape)
+        return X @ X.mT
+
+    G = torch.randn(2, 16, 24)
+    torch.testing.assert_close(zeropower_ns5(G, sym_matmul=counting_gram), zeropower_ns5(G))
+    assert calls == [torch.Size([2, 16, 24])] * 5  # wide orientation: X X^T is 16 x 16
+
+
+def test_expert_stack_is_orthogonalised_per_expert():
+    torch.manual_seed(3)
+    E, F_, D = 4, 12, 20
+    grad, buf = torch.randn(E, F_, D), torch.randn(E, F_, D)
+    stacked = muon_update(grad, buf.clone())
+    each = torch.stack([muon_update(grad[e], buf[e].clone()) for e in range(E)])
+    torch.testing.assert_close(stacked, each, rtol=1e-5, atol=1e-5)
+    assert muon_scale((E, F_, D)) == 0.2 * math.sqrt(D)  # per matrix, not over E * F
+
+
+# ----------------------------------------------------------------------------- the Muon step
+
+def _muon_vs_torch(nesterov_ref):
+    torch.manual_seed(4)
+    W0 = torch.randn(48, 80) * 0.02
+    grads = [torch.randn(48, 80) for _ in range(3)]
+    ref_p = nn.Parameter(W0.clone())
+    ref = torch.optim.Muon([ref_p], lr=0.02, weight_decay=0.1, momentum=0.95,
+                           nesterov=nesterov_ref, adjust_lr_fn="match_rms_adamw")
+    lin = nn.Linear(80, 48, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(W0)
+    opt = MuonClip(lin, lr=0.02, weight_decay=0.1, momentum=0.95, qk_clip_tau=None)
+    for g in grads:  # three steps: momentum and Nesterov matter from the second on
+        ref_p.grad, lin.weight.grad = g.clone(), g.clone()
+        ref.step()
+        opt.step()
+    ours, theirs = lin.weight.detach() - W0, ref_p.detach() - W0
+    return ((ours - theirs).norm() / theirs.norm()).item()
+
+
+def test_muon_step_matches_torch_optim_muon():
+    # torch.optim.Muon keeps an EMA momentum (a (1 - beta) multiple of ours: the same direction
+    # after NS's normalisation) and runs NS in bf16; ours runs fp32 on the CPU. The bf16 rounding
+    # is the whole difference: about 2%. Without Nesterov the difference is several times that.
+    assert _muon_vs_torch(nesterov_ref=True) < 0.04
+    assert _muon_vs_torch(nesterov_ref=False) > 0.1
+
+
+def test_update_rms_is_0p2_lr():
+    torch.manual_seed(5)
+    lr = 0.01
+    model = nn.ModuleDict({"a": nn.Linear(192, 64, bias=False), "b": nn.Linear(64, 192, bias=False),
+                           "c": nn.Linear(128, 128, bias=False)})
+    opt = MuonClip(model, lr=lr, weight_decay=0.0, qk_clip_tau=None)
+    before = [p.detach().clone() for p in model.parameters()]
+    random_grads(model, 0)
+    opt.step()
+    delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    rms = delta.square().mean().sqrt().item()
+    assert rms == pytest.approx(opt.last_stats["update_rms"], rel=1e-4)
+    # exactly 0.2 * lr * (RMS of NS5's singular values): the 0.2 sqrt(max(n, m)) scale is right.
+    # (First step: the Nesterov direction is 1.95 G; NS is scale-free.)
+    ps = list(model.parameters())
+    sq = sum(max(p.shape) * torch.linalg.svdvals(zeropower_ns5(p.grad)).square().sum().item() for p in ps)
+    expect = 0.2 * lr * math.sqrt(sq / sum(p.numel() for p in ps))
+    assert rms == pytest.approx(expect, rel=1e-3)
+    # NS5's singular values are ~0.7-1.13, not 1, so a Gaussian gradient gives 0.85-0.96 of
+    # 0.2 lr (the larger the matrix, the closer to 1), never more than 0.2 lr
+    assert 0.8 * 0.2 * lr < rms < 1.0 * 0.2 * lr, rms / (0.2 * lr)
+
+
+def test_adamw_part_matches_torch_adamw():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(32, 16)
+            self.norm = RMSNorm(16)
+            self.proj = nn.Linear(16, 16, bias=True)
+
+    torch.manual_seed(6)
+    net = Net()
+    ref_params = {n: nn.Parameter(p.detach().clone()) for n, p in net.named_parameters()}
+    opt = MuonClip(net, lr=0.01, weight_decay=0.1, qk_clip_tau=None)
+    adamw_names = ["embed.weight", "norm.weight", "proj.bias"]
+    ref = torch.optim.AdamW([ref_params[n] for n in adamw_names], lr=0.01, betas=(0.9, 0.95),
+                            eps=1e-8, weight_decay=0.1)
+    for step in range(3):
+        random_grads(net, step)
+        for n, p in net.named_parameters():
+            ref_params[n].grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for n in adamw_names:
+        torch.testing.assert_close(dict(net.named_parameters())[n].detach(), ref_params[n].detach(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_lr_change_does_not_recompile():
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    step = torch.compile(muon_step_, backend=counter)
+    ps = [torch.randn(8, 12), torch.randn(3, 6, 4)]
+    bufs = [torch.zeros_like(p) for p in ps]
+    lr, wd = torch.tensor(0.1), torch.tensor(0.01)
+    for value in (0.1, 0.05, 0.02):
+        lr.fill_(value)
+        step(ps, [torch.randn_like(p) for p in ps], bufs, lr, wd)
+    assert counter.frame_count == 1
+
+
+# ----------------------------------------------------------------------------- the split
+
+def test_parameter_split():
+    model = tiny_model(q_lora_rank=16)
+    muon, adamw = split_params(model)
+    muon_n, adamw_n = {n for n, _ in muon}, {n for n, _ in adamw}
+    assert not muon_n & adamw_n
+    assert muon_n | adamw_n == {n for n, _ in model.named_parameters()}
+    assert {"embed.weight", "head.weight"} <= adamw_n and not {"embed.weight", "head.weight"} & muon_n
+    for i, moe in enumerate(model.moe_layers(), start=model.args.n_dense_layers):
+        for w in ("w1", "w2", "w3"):
+            assert f"layers.{i}.ffn.{w}" in muon_n and getattr(moe, w).ndim == 3
+        assert f"layers.{i}.ffn.gate.weight" in muon_n
+        assert f"layers.{i}.ffn.shared.w1.weight" in muon_n
+    for name in adamw_n - {"embed.weight", "head.weight"}:
+        assert name.endswith("norm.weight"), name
+    assert all(p.ndim in (2, 3) for _, p in muon)
+    # the router bias is a buffer: never in an optimizer
+    opt = MuonClip(model)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(m.gate.bias) not in in_opt for m in model.moe_layers())
+    assert [g["kind"] for g in opt.param_groups] == ["muon", "adamw"]
+
+
+def test_parameter_that_fits_no_rule_is_an_error():
+    model = tiny_model()
+    model.layers[0].attn.temperature = nn.Parameter(torch.ones(2))  # 1-D, not a norm or bias
+    with pytest.raises(ValueError, match="temperature"):
+        split_params(model)
+    model = tiny_model()
+    model.conv = nn.Parameter(torch.ones(2, 2, 2, 2))
+    with pytest.raises(ValueError, match="fits no optimizer group"):
+        MuonClip(model)
+
+
+# ----------------------------------------------------------------------------- QK-Clip
+
+def all_head_logits(attn, x, cos, sin):
+    """Every pre-softmax logit [B, H, T, T] of one MLA layer (causal entries only; -inf above)."""
+    q_nope, q_rope = attn.query(x, cos, sin)
+    c, k_rope = attn.latent(x, cos, sin)
+    k, _ = attn.expand_kv(c, k_rope)
+    q = torch.cat([q_nope, q_rope], dim=-1)
+    logits = torch.einsum("bthd,bshd->bhts", q, k) * attn.softmax_scale
+    T = x.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    return logits.masked_fill(~causal, float("-inf"))
+
+
+@pytest.mark.parametrize("q_lora_rank", [0, 16])
+@torch.no_grad()
+def test_qk_clip_exact(q_lora_rank):
+    tau = 10.0
+    model = tiny_model(q_lora_rank)
+    a = model.args
+    qk, kv = a.qk_head_dim, a.qk_nope_head_dim + a.v_head_dim
+    for layer in model.layers:  # blow up head 0's queries and keys (nope and rope); head 1 stays small
+        attn = layer.attn
+        wq = attn.wq.weight if q_lora_rank == 0 else attn.wq_b.weight
+        wq[:qk] *= 60
+        attn.wkv_b.weight[:a.qk_nope_head_dim] *= 60
+        attn.wkv_a.weight[a.kv_lora_rank:] *= 30  # the shared rotary key: head 1's rope part grows too
+    opt = MuonClip(model, lr=1e-3, qk_clip_tau=tau)
+    x = torch.randint(0, a.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    # one real step first, so there is momentum state to check
+    with torch.enable_grad():
+        model(x).logsumexp(-1).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    momentum = {id(p): s["momentum_buffer"].clone() for p, s in opt.state.items() if "momentum_buffer" in s}
+    # a training forward records the max logits; capture each layer's input to recompute them
+    inputs = []
+    hooks = [l.attn.register_forward_pre_hook(lambda m, args: inputs.append(args[:3])) for l in model.layers]
+    model.train()
+    model.set_record_max_logits(True)
+    model(x)
+    for h in hooks:
+        h.remove()
+    max_logits = model.pop_max_logits()  # [L, H]
+    before = [all_head_logits(l.attn, *inp) for l, inp in zip(model.layers, inputs)]
+    torch.testing.assert_close(max_logits, torch.stack([b.amax(dim=(0, 2, 3)) for b in before]))
+    assert (max_logits[:, 0] > tau).all() and (max_logits[:, 1] < tau).all(), max_logits
+    untouched = {n: p.clone() for n, p in model.named_parameters()}
+
+    stats = opt.qk_clip(max_logits)
+
+    assert stats == {"max_logit": max_logits.max().item(), "heads_clipped": 2}
+    assert opt.last_stats["heads_clipped"] == 2
+    gamma = tau / max_logits[:, 0]
+    for i, (layer, inp) in enumerate(zip(model.layers, inputs)):
+        after = all_head_logits(layer.attn, *inp)
+        vis = torch.isfinite(before[i][:, 0])
+        torch.testing.assert_close(after[:, 0][vis], gamma[i] * before[i][:, 0][vis], rtol=1e-5, atol=1e-5)
+        assert after[:, 0].max().item() == pytest.approx(tau, rel=1e-5)
+        assert torch.equal(after[:, 1], before[i][:, 1])           # unclipped head: bit-identical
+        attn, pre = layer.attn, f"layers.{i}.attn."
+        assert torch.equal(attn.wkv_a.weight, untouched[pre + "wkv_a.weight"])  # shared k_rope, latent
+        assert torch.equal(attn.wo.weight, untouched[pre + "wo.weight"])
+        wkv_b = attn.wkv_b.weight.view(a.n_heads, kv, -1)
+        old = untouched[pre + "wkv_b.weight"].view(a.n_heads, kv, -1)
+        assert torch.equal(wkv_b[:, a.qk_nope_head_dim:], old[:, a.qk_nope_head_dim:])  # values
+        assert torch.equal(wkv_b[1], old[1])
+        if q_lora_rank:
+            assert torch.equal(attn.wq_a.weight, untouched[pre + "wq_a.weight"])
+    for p, s in opt.state.items():
+        if "momentum_buffer" in s:
+            assert torch.equal(s["momentum_buffer"], momentum[id(p)])
+
+
+@torch.no_grad()
+def test_qk_clip_off_and_tau_validation():
+    model = tiny_model()
+    opt = build_optimizer(model, "muonclip", lr=1e-3, weight_decay=0.1, qk_clip_tau=None)
+    snapshot = [p.clone() for p in model.parameters()]
+    logits = torch.full((2, 2), 500.0)
+    assert opt.qk_clip(logits) == {"max_logit": 500.0, "heads_clipped": 0}
+    assert all(torch.equal(p, s) for p, s in zip(model.parameters(), snapshot))
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="--no-qk-clip"):
+            build_optimizer(model, "muonclip", 1e-3, 0.1, bad)
+    with pytest.raises(ValueError, match="muonclip, adamw"):
+        build_optimizer(model, "sgd", 1e-3, 0.1, 100.0)
+    with pytest.raises(ValueError, match="rows"):
+        opt.qk_clip(torch.zeros(3, 2))
+
+
+def test_build_adamw_baseline():
+    model = tiny_model()
+    opt = build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.1, qk_clip_tau=100.0)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.95)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(n.endswith("norm.weight") for n in no_decay["param_names"])
+    assert "embed.weight" in decay["param_names"]
+    random_grads(model, 0)
+    opt.step()  # fused (or foreach) AdamW runs on this device
+
+
+# ----------------------------------------------------------------------------- state round trip
+
+def test_state_dict_roundtrip_weights_only():
+    model_a = tiny_model(q_lora_rank=16)
+    opt_a = MuonClip(model_a, lr=1e-2)
+    for s in range(2):
+        random_grads(model_a, s)
+        opt_a.step()
+    buf = io.BytesIO()
+    torch.save({"model": model_a.state_dict(), "optim": opt_a.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model_b = tiny_model(q_lora_rank=16, seed=123)
+    model_b.load_state_dict(ckpt["model"])
+    opt_b = MuonClip(model_b, lr=5.0)  # wrong lr on purpose: the state dict restores 1e-2
+    opt_b.load_state_dict(ckpt["optim"])
+    assert [g["lr"] for g in opt_b.param_groups] == [1e-2, 1e-2]
+    for opt, model in ((opt_a, model_a), (opt_b, model_b)):
+        for g in opt.param_groups:
+            g["lr"] = 3e-3  # what train.py's schedule does
+        random_grads(model, 7)
+        opt.step()
+    for (n, pa), pb in zip(model_a.named_parameters(), model_b.parameters()):
+        assert torch.equal(pa, pb), n
+
+
+def test_training_steps_lower_the_loss():
+    torch.manual_seed(0)
+    model = tiny_model(q_lora_rank=16)
+    opt = build_optimizer(model, "muonclip", lr=2e-2, weight_decay=0.1, qk_clip_tau=100.0)
+    model.set_record_max_logits(True)
+    x = torch.randint(0, 256, (4, 17))
+    losses = []
+    for _ in range(6):
+        loss = nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        stats = opt.qk_clip(model.pop_max_logits())
+        model.update_router_bias()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert math.isfinite(stats["max_logit"]) and opt.last_stats["update_rms"] > 0
