@@ -247,10 +247,12 @@ def main(argv=None):
                 sys.exit(1)
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            t_opt = time.time()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             clip_stats = optimizer.qk_clip(model.pop_max_logits()) if is_muon else None
             model.update_router_bias()
+            t_opt = time.time() - t_opt
             sampler.position = step + 1
             step += 1
 
@@ -260,7 +262,7 @@ def main(argv=None):
             else:
                 t_start = time.time()
             avg = (time.time() - t_start) / max(1, steps_timed)
-            rec = {"step": step, "loss": loss_val, "lr": g["lr"], "ms": round(dt * 1000, 1),
+            rec = {"step": step, "loss": loss_val, "lr": g["lr"], "ms": round(dt * 1000, 1), "opt_ms": round(t_opt * 1000, 1),
                    "tok_s": round(tokens_per_step / dt)}
             if clip_stats:
                 rec["max_logit"] = round(clip_stats["max_logit"], 3)
