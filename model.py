@@ -34,9 +34,9 @@ def f32(t: torch.Tensor) -> torch.Tensor:
 @dataclass
 class ModelArgs:
     vocab_size: int = 8192
-    dim: int = 256                    # hidden size of the residual stream
-    inter_dim: int = 768              # SwiGLU width of the dense layer(s)
-    moe_inter_dim: int = 128          # SwiGLU width of one expert
+    dim: int = 192                    # hidden size of the residual stream
+    inter_dim: int = 512              # SwiGLU width of the dense layer(s)
+    moe_inter_dim: int = 96           # SwiGLU width of one expert
     n_layers: int = 4
     n_dense_layers: int = 1           # first k layers use a dense MLP (first_k_dense_replace)
     n_heads: int = 4

@@ -34,7 +34,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--out-dir", default="out")
-    p.add_argument("--max-steps", type=int, default=600)
+    p.add_argument("--max-steps", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step (global)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     p.add_argument("--seq-len", type=int, default=256)
@@ -55,9 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each block (default: on for CUDA, off for CPU; see bench.py train)")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=8, help="val batches per periodic eval")
-    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
     p.add_argument("--stop-at", type=int, default=None,
                    help="save and stop after this step (as if interrupted; the schedule still spans --max-steps)")
