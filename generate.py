@@ -1,0 +1,129 @@
+"""generate.py: sample from the checkpoint in out/ with a compressed (KeepKV) KV cache.
+
+    python generate.py --prompt "def fib(n):" --kv-budget 0.1            # keep 10% of the prompt
+    python generate.py --prompt-file some.py --kv-policy h2o --max-new-tokens 200
+    echo "import os" | python generate.py --kv-policy full --temperature 0
+
+The prompt is prefilled in one pass (exact attention), compressed once to the budget, and every
+new token then enters the cache while one entry leaves (see keepkv.py). The decode step has
+static shapes, so --compile compiles it once. The text streams to stdout; a last line reports
+decode speed, lengths and the cache's bytes against what the full per-head cache would take.
+"""
+import argparse
+import codecs
+import sys
+import time
+
+import torch
+
+import data
+import keepkv
+from model import load_pretrained
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", "--out", dest="out", default="out", help="checkpoint folder written by train.py")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (default: read stdin)")
+    src.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-policy", default="keepkv", choices=keepkv.POLICIES)
+    p.add_argument("--kv-budget", type=float, default=0.1,
+                   help="fraction of the prompt the cache keeps, in (0, 1]")
+    p.add_argument("--kv-alpha", type=float, default=keepkv.KVConfig.alpha, help="EMA of the predicted score")
+    p.add_argument("--kv-window", type=int, default=keepkv.KVConfig.window, help="recent tokens always kept")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if not 0 < args.kv_budget <= 1:
+        p.error(f"--kv-budget must be in (0, 1] (the fraction of the prompt kept), got {args.kv_budget}")
+    if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
+        p.error("need --max-new-tokens >= 1, --temperature >= 0 and --top-k >= 0")
+    return args
+
+
+def sample(logits, temperature, top_k, gen):
+    """logits [B, V] -> tokens [B, 1], drawn with an explicit generator (reproducible per seed)."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen)
+
+
+def decode_step(model, caches, token, pos):
+    """One token [B, 1] at position pos [1] -> next-token logits [B, V]."""
+    return model(token, pos, caches)[:, -1]
+
+
+def read_prompt(args) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file is not None:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            return f.read()
+    return sys.stdin.read()
+
+
+def _kb(n):
+    return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
+
+
+@torch.no_grad()
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        model = load_pretrained(args.out, args.device).eval()
+        enc = data.load_encoding(args.out)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
+    ctx = model.args.max_seq_len
+    ids = enc.encode_ordinary(read_prompt(args)) or [enc.eot_token]   # empty prompt: start a document
+    P = len(ids)
+    if P >= ctx:
+        sys.exit(f"error: the prompt is {P} tokens but the model's context is {ctx} "
+                 f"(max_seq_len), with room for at least one new token; shorten the prompt")
+    n_new = min(args.max_new_tokens, ctx - P)
+    if n_new < args.max_new_tokens:
+        print(f"note: generating {n_new} tokens, the rest of the model's {ctx}-token context",
+              file=sys.stderr)
+    cfg = keepkv.KVConfig(policy=args.kv_policy, budget=args.kv_budget, alpha=args.kv_alpha,
+                          window=args.kv_window)
+    caches = keepkv.make_caches(model, 1, P, cfg, max_new_tokens=n_new)
+    step = torch.compile(decode_step, fullgraph=True) if args.compile else decode_step
+
+    gen = torch.Generator(args.device).manual_seed(args.seed)
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tokens may split a character
+    prompt = torch.tensor([ids], device=args.device)
+    logits = model(prompt, torch.arange(P, device=args.device), caches)[:, -1]  # prefill + compression
+    n, steps, t0 = 0, 0, None
+    for i in range(n_new):
+        tok = sample(logits, args.temperature, args.top_k, gen)
+        n += 1
+        if int(tok) == enc.eot_token:
+            break
+        print(utf8.decode(enc.decode_single_token_bytes(int(tok))), end="", flush=True)
+        if i == n_new - 1:
+            break
+        logits = step(model, caches, tok, torch.tensor([P + i], device=args.device))
+        steps += 1
+        if t0 is None:  # time from the second step on: the first one may compile
+            t0, steps = time.perf_counter(), 0
+    print(utf8.decode(b"", final=True))
+    speed = f"{steps / (time.perf_counter() - t0):.1f} tok/s" if steps else "n/a (too few steps)"
+    used = sum(c.nbytes() for c in caches)
+    full = keepkv.full_cache_bytes(model, 1, P + n_new)
+    name = args.kv_policy if args.kv_policy == "full" else f"{args.kv_policy} (budget {args.kv_budget:g})"
+    print(f"[generate] decode {speed} | prompt {P} tokens, generated {n} | KV cache {name}: "
+          f"{_kb(used)} vs full {_kb(full)} ({used / full:.1%}; votes, scores, positions included)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Tests for generate.py: two runs as a subprocess (as a user would), the bad inputs in-process."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import generate  # noqa: E402
+
+CONTEXT = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny tensors: a second thread only adds spin-waiting on a shared 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(trained_checkpoint):
+    """A real tiny training run's out/ (tests/conftest.py), context 64 tokens."""
+    return trained_checkpoint
+
+
+def run_cli(*argv, stdin=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *argv], input=stdin,
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+
+
+def test_generate_end_to_end(ckpt):
+    r = run_cli("--out", ckpt, "--prompt", "def f_1_2(x):\n    return", "--max-new-tokens", "12",
+                "--kv-budget", "0.1", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("[generate] decode") and "tok/s" in last
+    assert "generated 12" in last and "KV cache keepkv (budget 0.1)" in last and "vs full" in last
+
+
+def test_generate_reads_stdin_and_full_policy(ckpt):
+    r = run_cli("--out", ckpt, "--kv-policy", "full", "--temperature", "0", "--max-new-tokens", "5",
+                stdin="def f_0_1(x):")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"prompt \d+ tokens, generated 5 \| KV cache full: ", r.stdout.splitlines()[-1])
+
+
+def test_same_seed_same_text(ckpt, capsys):
+    argv = ["--out", ckpt, "--prompt", "def", "--max-new-tokens", "10", "--seed", "7", "--kv-policy", "h2o"]
+    texts = []
+    for _ in range(2):
+        generate.main(argv)
+        texts.append(capsys.readouterr().out.rsplit("[generate]", 1)[0])
+    assert texts[0] == texts[1] and len(texts[0]) > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--kv-budget", "0"], "--kv-budget must be in (0, 1]"),
+    (["--kv-budget", "1.5"], "--kv-budget must be in (0, 1]"),
+    (["--kv-policy", "lru"], "invalid choice: 'lru'"),
+])
+def test_bad_arguments(ckpt, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--out", ckpt, "--prompt", "x", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_no_checkpoint(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--out", str(tmp_path), "--prompt", "x"])
+    assert "run `python train.py` first" in str(e.value.code)
+
+
+def test_prompt_beyond_context(ckpt):
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--out", ckpt, "--prompt", "return x + 1\n" * CONTEXT])
+    assert "context is 64" in str(e.value.code)
