@@ -61,6 +61,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import decode_attention_auto
+
 POLICIES = ("keepkv", "convex", "h2o", "snapkv", "streaming", "full")
 MERGING = ("keepkv", "convex")
 NEG = float("-inf")
@@ -113,6 +115,8 @@ def attend_cache(q, k, v, log_votes, lengths, scale, return_logits=False):
     q.k * scale [B, H, N] without the votes. The contract of kernels.decode_attention_reference,
     so a Triton kernel can take this function's place on CUDA.
     """
+    if q.is_cuda:  # the flash-decoding Triton kernel of kernels.py (NANOK2_KERNELS=torch: reference)
+        return decode_attention_auto(q, k, v, log_votes.float(), lengths, scale, return_logits)
     cdt = _compute_dtype(q)
     N = k.shape[2]
     logits = torch.einsum("bhd,bhnd->bhn", q.to(cdt), k.to(cdt)) * scale

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from kernels import sym_matmul_auto
 from model import MLA
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)   # quintic Newton-Schulz (a, b, c), Keller Jordan's Muon
@@ -33,7 +34,7 @@ RMS_MATCH = 0.2                         # Moonlight: 0.2 * sqrt(max(n, m)) gives
 def gram(X: Tensor) -> Tensor:
     """X @ X^T over the last two dims. The one product a symmetric-output kernel (upper-triangle
     tiles only, half the FLOPs) can replace: pass it as `sym_matmul` to zeropower_ns5."""
-    return X @ X.mT
+    return sym_matmul_auto(X)  # Triton upper-triangle kernel on CUDA, X @ X.mT elsewhere
 
 
 def zeropower_ns5(G: Tensor, steps: int = 5, eps: float = 1e-7, *, coeffs=NS_COEFFS,
