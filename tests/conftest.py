@@ -20,6 +20,17 @@ TINY_FLAGS = ["--dim", "32", "--inter-dim", "64", "--moe-inter-dim", "16", "--n-
               "--eval-batches", "2", "--no-compile"]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and when another process shares the two
+    cores, OpenMP's spin-waiting makes tiny matmuls orders of magnitude slower."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory):
     """~250 KB of real Python: a few stdlib modules copied into a folder."""

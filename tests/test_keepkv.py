@@ -13,13 +13,7 @@ from model import build_model, get_args  # noqa: E402
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: a second thread only adds spin-waiting on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 TINY = dict(vocab_size=300, dim=64, inter_dim=128, moe_inter_dim=32, n_layers=2, n_heads=2,
             kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_seq_len=96)

@@ -20,14 +20,7 @@ TINY = dict(dim=64, n_layers=2, n_heads=2, n_routed_experts=4, n_activated_exper
             qk_rope_head_dim=8, v_head_dim=8, vocab_size=256, max_seq_len=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls gain nothing from a second thread, and on a shared, busy CPU the OpenMP
-    # hand-offs made them ~1000x slower (seconds instead of milliseconds).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def tiny_model(q_lora_rank=0, seed=0):
