@@ -102,7 +102,7 @@ def lr_multiplier(step: int, max_steps: int, warmup: int, decay_frac: float, min
 
 
 # peak learning rates from the sweep in `python bench.py optim` (tiny preset)
-DEFAULT_LR = {"adamw": 2e-3, "muonclip": 3e-3}
+DEFAULT_LR = {"adamw": 3e-3, "muonclip": 3e-3}
 
 
 def build_optimizer(model, args):
