@@ -192,7 +192,9 @@ def main(argv=None):
     ds = data.load_dataset(args.data, args.tokenizer, cache_dir=args.cache_dir, vocab_size=args.vocab_size)
     print(f"data: {ds.name}")
     sampler = data.BatchSampler(ds.train, args.batch_size, args.seq_len, seed=args.seed)
-    data.eval_batches(ds.val, 1, args.seq_len, 1)  # fails early if val is shorter than one window
+    # the val bytes the final eval scores (and gzip/xz compress), computed once; this also fails
+    # early, before the model is built, if val is shorter than one window
+    val_ys = [y for _, y in data.eval_batches(ds.val, args.batch_size // args.grad_accum, args.seq_len, 10**9)]
 
     margs = model_args_from(args, ds.vocab_size)
     model = build_model(margs, device, seed=args.seed)
@@ -213,8 +215,6 @@ def main(argv=None):
         for layer in model.layers:  # in place: state-dict keys stay free of `_orig_mod.`
             layer.compile()
 
-    # the val bytes the final eval scores, and what gzip/xz make of them, computed once
-    val_ys = [y for _, y in data.eval_batches(ds.val, args.batch_size // args.grad_accum, args.seq_len, 10**9)]
     val_bytes = data.window_bytes(ds.enc, val_ys)
     baselines = data.compression_baselines(val_bytes)
     print(f"val: {len(val_bytes):,} bytes; gzip -9 {baselines['gzip-9']:.3f} bpb, xz -9 {baselines['xz-9']:.3f} bpb")
@@ -232,6 +232,7 @@ def main(argv=None):
             mult = lr_multiplier(step, args.max_steps, warmup, args.decay_frac, args.min_lr_frac)
             for g, base in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base * mult
+            lr_now = optimizer.param_groups[0]["lr"]
             x, y = sampler.get_batch(step)
             loss_sum = 0.0
             for xm, ym in zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum)):
@@ -262,7 +263,7 @@ def main(argv=None):
             else:
                 t_start = time.time()
             avg = (time.time() - t_start) / max(1, steps_timed)
-            rec = {"step": step, "loss": loss_val, "lr": g["lr"], "ms": round(dt * 1000, 1), "opt_ms": round(t_opt * 1000, 1),
+            rec = {"step": step, "loss": loss_val, "lr": lr_now, "ms": round(dt * 1000, 1), "opt_ms": round(t_opt * 1000, 1),
                    "tok_s": round(tokens_per_step / dt)}
             if clip_stats:
                 rec["max_logit"] = round(clip_stats["max_logit"], 3)
@@ -275,7 +276,7 @@ def main(argv=None):
                 rec["val_loss"] = round(val_loss, 5)
                 rec["val_bpb"] = round(data.bits_per_byte(val_loss, sum(y.numel() for y in ys), n_bytes), 4)
             if step % args.log_every == 0 or "val_loss" in rec:
-                line = (f"step {step:5d}/{args.max_steps} | loss {loss_val:.4f} | lr {g['lr']:.2e} | "
+                line = (f"step {step:5d}/{args.max_steps} | loss {loss_val:.4f} | lr {lr_now:.2e} | "
                         f"{dt * 1000:6.0f} ms | {tokens_per_step / dt:7.0f} tok/s | "
                         f"ETA {_fmt_time(avg * (args.max_steps - step))}")
                 if clip_stats:
