@@ -606,14 +606,17 @@ def build_model(args: ModelArgs, device="cpu", seed: int | None = None) -> Trans
 
 # ----------------------------------------------------------------------------- weights on disk
 
-def save_pretrained(model: Transformer, folder: str, extra_config: dict | None = None):
+def save_pretrained(model: Transformer, folder: str, extra_config: dict | None = None,
+                    state_dict: dict | None = None):
     """`model.safetensors` + `config.json`, each written to a temporary name and renamed.
-    safetensors holds only tensors: loading it can never run code (unlike a pickle)."""
+    safetensors holds only tensors: loading it can never run code (unlike a pickle).
+    `state_dict`: full tensors to write instead of model.state_dict() (e.g. gathered from shards)."""
     import json, os
     from dataclasses import asdict
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     tmp = os.path.join(folder, "model.safetensors.tmp")
     save_file(state, tmp)
     os.replace(tmp, os.path.join(folder, "model.safetensors"))

@@ -12,6 +12,9 @@ Read top to bottom:
   5. QK-Clip (`qk_clip_`): rescale the query/key rows of every head whose attention logits passed
      tau, so the logits of that head shrink by exactly tau / S_max.
   6. `MuonClip`, the thin optimizer class, and `build_optimizer`, what train.py calls.
+  7. Muon under FSDP2 (`muon_step_sharded_`): Newton-Schulz needs whole matrices, but FSDP2 gives
+     each rank a block of rows. Whole matrices are dealt out to the ranks with all_to_all, each
+     rank orthogonalises its share, and the results go back the same way.
 
 Algorithm: Kimi K2 report, Algorithm 1 (MuonClip); Moonlight for the update scaling and Nesterov
 form. See REFERENCE.md section 2. Shapes: H heads, E experts, n x m a matrix (rows x cols).
@@ -19,8 +22,10 @@ form. See REFERENCE.md section 2. Shapes: H heads, E experts, n x m a matrix (ro
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from kernels import sym_matmul_auto
 from model import MLA
@@ -184,8 +189,18 @@ def qk_clip_(attn: MLA, gamma: Tensor) -> None:
     q_rows = torch.cat([sg.expand(H, nope), g.expand(H, rope)], dim=1).reshape(-1)   # [H*(nope+rope)]
     kv_rows = torch.cat([sg.expand(H, nope), torch.ones_like(g).expand(H, v)], dim=1).reshape(-1)
     wq = attn.wq.weight if hasattr(attn, "wq") else attn.wq_b.weight         # [H*(nope+rope), in]
-    wq.mul_(q_rows[:, None].to(wq.dtype))
-    attn.wkv_b.weight.mul_(kv_rows[:, None].to(attn.wkv_b.weight.dtype))    # [H*(nope+v), kv_lora]
+    scale_rows_(wq, q_rows)
+    scale_rows_(attn.wkv_b.weight, kv_rows)                                   # [H*(nope+v), kv_lora]
+
+
+def scale_rows_(w: Tensor, factors: Tensor) -> None:
+    """w[r, :] *= factors[r]. Under FSDP2, w is a DTensor holding a block of rows on each rank:
+    the factor vector is split the same way (no communication) and each rank scales its rows."""
+    factors = factors[:, None]
+    if isinstance(w, DTensor):
+        factors = distribute_tensor(factors, w.device_mesh, w.placements, src_data_rank=None).to_local()
+        w = w.to_local()
+    w.mul_(factors.to(w.dtype))
 
 
 # ----------------------------------------------------------------------------- 6. the optimizer
@@ -239,21 +254,31 @@ class MuonClip(torch.optim.Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
-            lr, wd = self._hparam_tensors(i, group, params[0].device)
-            numel = sum(p.numel() for p in params)
+            sharded = isinstance(params[0], DTensor)   # FSDP2: each rank holds a block of rows
+            lr, wd = self._hparam_tensors(i, group, _local(params[0]).device)
+            numel = sum(p.numel() for p in params)  # a DTensor's numel is the whole tensor's
             if group["kind"] == "muon":
                 bufs = [self._state(p, momentum_buffer=torch.zeros_like)["momentum_buffer"] for p in params]
-                sq = self._muon_fn(params, grads, bufs, lr, wd, group["momentum"],
-                                   group["nesterov"], group["ns_steps"])
-                stats["update_rms"] = (sq / numel).sqrt()
+                hp = (group["momentum"], group["nesterov"], group["ns_steps"])
+                if sharded:
+                    sq = muon_step_sharded_(params, grads, bufs, lr, wd, *hp)
+                else:
+                    sq = self._muon_fn(params, grads, bufs, lr, wd, *hp)
+                stats["update_rms"] = (sq, numel)
             else:
                 st = [self._state(p, exp_avg=torch.zeros_like, exp_avg_sq=torch.zeros_like,
-                                  step=lambda q: torch.zeros((), device=q.device)) for p in params]
-                sq = self._adamw_fn(params, grads, [s["exp_avg"] for s in st],
-                                    [s["exp_avg_sq"] for s in st], [s["step"] for s in st],
-                                    lr, wd, group["betas"], group["eps"])
-                stats["adamw_update_rms"] = (sq / numel).sqrt()
-        self._stats = stats
+                                  step=lambda q: torch.zeros((), device=_local(q).device)) for p in params]
+                # elementwise math: on shards it is the same update, each rank on its own rows
+                sq = self._adamw_fn([_local(p) for p in params], [_local(g) for g in grads],
+                                    [_local(s["exp_avg"]) for s in st], [_local(s["exp_avg_sq"]) for s in st],
+                                    [s["step"] for s in st], lr, wd, group["betas"], group["eps"])
+                stats["adamw_update_rms"] = (sq, numel)
+        if stats and isinstance(self.param_groups[0]["params"][0], DTensor):
+            # each rank summed the squares of its own rows: one all-reduce gives the totals
+            sqs = torch.stack([sq for sq, _ in stats.values()])
+            dist.all_reduce(sqs)
+            stats = {k: (sq, n) for (k, (_, n)), sq in zip(stats.items(), sqs)}
+        self._stats = {k: (sq / n).sqrt() for k, (sq, n) in stats.items()}
         return loss
 
     def _state(self, p: Tensor, **init) -> dict:
@@ -315,3 +340,77 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8,
                                  **({"fused": True} if on_fused_device else {"foreach": True}))
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+# ----------------------------------------------------------------------------- 7. Muon under FSDP2
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's block of a DTensor (a view: in-place ops change the DTensor), or t itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shard_rows(n: int, world: int) -> list[int]:
+    """Rows of an n-row tensor on each rank under Shard(0): torch.chunk's split (ceil(n / world)
+    per rank, the last ranks get what is left, possibly nothing)."""
+    per = -(-n // world)
+    return [max(0, min(per, n - r * per)) for r in range(world)]
+
+
+@torch.no_grad()
+def muon_step_sharded_(params: list[DTensor], grads: list[DTensor], bufs: list[DTensor], lr: Tensor,
+                       weight_decay: Tensor, beta: float = 0.95, nesterov: bool = True,
+                       ns_steps: int = 5) -> Tensor:
+    """muon_step_ for FSDP2 parameters (DTensors sharded on dim 0): the same update, bit for bit
+    the same Newton-Schulz input, without any rank orthogonalising every matrix.
+
+    - Momentum and Nesterov are elementwise: each rank updates its own rows.
+    - A 3-D expert stack [E, n, m] is sharded on E, so each rank holds whole experts and
+      orthogonalises them where they are: no communication at all.
+    - A 2-D matrix is sharded by rows. Matrices are dealt out W at a time (largest first, so each
+      round's work is even): in a round, rank j owns matrix j. One all_to_all sends every rank's
+      rows of matrix j to rank j, which orthogonalises the whole matrix; a second all_to_all sends
+      each rank its rows of the result. Compute per rank ~ 1/W of the total, traffic ~ 2x the
+      matrices' size, versus all-gathering every matrix everywhere (W x the compute).
+    Returns this rank's sum of squared applied updates (the caller all-reduces it).
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    updates: dict[int, Tensor] = {}
+    matrices = []
+    for i, (g, buf) in enumerate(zip(grads, bufs)):
+        g, buf = _local(g), _local(buf)
+        buf.mul_(beta).add_(g)
+        u = g.add(buf, alpha=beta) if nesterov else buf
+        if u.ndim == 3:
+            updates[i] = zeropower_ns5(u, ns_steps) * muon_scale(u.shape)
+        else:
+            matrices.append((i, u))
+    matrices.sort(key=lambda iu: -params[iu[0]].numel())  # same order on every rank
+    for start in range(0, len(matrices), world):
+        round_ = matrices[start:start + world]
+        mine = round_[rank] if rank < len(round_) else None
+        # out: my rows of each matrix, to its owner. in: every rank's rows of the matrix I own.
+        send_splits = [u.numel() for _, u in round_] + [0] * (world - len(round_))
+        if mine is not None:
+            n, m = params[mine[0]].shape
+            recv_splits = [rows * m for rows in shard_rows(n, world)]
+        else:
+            recv_splits = [0] * world
+        sample = round_[0][1]
+        whole = sample.new_empty(sum(recv_splits))
+        dist.all_to_all_single(whole, torch.cat([u.reshape(-1) for _, u in round_]),
+                               recv_splits, send_splits)
+        if mine is not None:
+            o = (zeropower_ns5(whole.view(n, m), ns_steps) * muon_scale((n, m))).reshape(-1)
+        else:
+            o = sample.new_empty(0)
+        back = sample.new_empty(sum(send_splits))
+        dist.all_to_all_single(back, o.to(sample.dtype), send_splits, recv_splits)
+        for (i, u), rows in zip(round_, back.split(send_splits[:len(round_)])):
+            updates[i] = rows.view_as(u)
+    sq = torch.zeros((), device=lr.device)
+    for i, p in enumerate(params):
+        p, u = _local(p), updates[i]
+        p.mul_(1 - lr * weight_decay)
+        p.sub_(lr * u.to(p.dtype))
+        sq = sq + (lr * u.float()).square().sum()
+    return sq

@@ -4,27 +4,49 @@ The loop, top to bottom: parse flags -> load tokens -> build the model on the me
 (resume) -> for each step: lr from the WSD schedule, gradient accumulation over micro-batches,
 clip, optimizer step, QK-Clip, router-bias update, one log line -> periodic eval and checkpoints.
 
-Checkpoints (in --out-dir, each file written to a temporary name then renamed; nothing pickled):
-  model.safetensors   weights (+ router biases)        config.json     model args + run flags
-  tokenizer.json/bpe.tiktoken   the tokenizer           train_state.pt  optimizer tensors, RNG
-  train_state.json    step + sampler position (written last: it marks a complete checkpoint)
+Several processes: `torchrun --nproc_per_node=N train.py` (N GPUs with nccl, or N CPU processes
+with gloo). Each rank reads its slice of every global batch; `parallelize()` compiles and shards
+each block with FSDP2; the model itself knows nothing of this. What must be global is made
+global here: the logged loss, QK-Clip's max logits (MAX), the router's expert loads (SUM).
+Results do not depend on the number of ranks.
+
+Checkpoints (in --out-dir, each part written to a temporary name then renamed; nothing pickled):
+  model.safetensors   full weights (+ router biases)    config.json     model args + run flags
+  tokenizer.json/bpe.tiktoken   the tokenizer            train_state/    optimizer tensors + RNG,
+  train_state.json    step + sampler position             one safetensors shard per rank (DCP)
+                      (written last: it marks a complete checkpoint)
   metrics.jsonl       one JSON object per logged step
+A checkpoint saved by N ranks resumes with any number of ranks (DCP reshards on load).
 """
 import argparse
+import contextlib
+import datetime
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, fields
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 import data
 import muonclip
 from model import ModelArgs, PRESETS, Transformer, build_model, count_params, get_args, save_pretrained
+
+# DCP works without a process group too (one process); it warns about that on every call.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+# init_weights() on the sharded model only fills buffers that matter; its random parameter values
+# are replaced by the seed checkpoint's (build_parallel_model), so DTensor's CPU RNG is no concern.
+warnings.filterwarnings("ignore", message="DTensor random operators")
 
 
 # ----------------------------------------------------------------------------- flags
@@ -54,6 +76,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each block (default: on for CUDA, off for CPU; see bench.py train)")
+    p.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"],
+                   help="process group under torchrun (auto: nccl on CUDA, gloo on CPU)")
+    p.add_argument("--dist-timeout", type=float, default=600,
+                   help="seconds a collective may wait for the other ranks before failing")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=8, help="val batches per periodic eval")
@@ -111,21 +137,123 @@ def build_optimizer(model, args):
     return muonclip.build_optimizer(model, args.optimizer, lr, args.weight_decay, tau)
 
 
+# ----------------------------------------------------------------------------- distribution
+
+class Dist:
+    """Who this process is. Without torchrun: rank 0 of 1, no process group, no collectives."""
+
+    def __init__(self, rank=0, world=1, mesh=None):
+        self.rank, self.world, self.mesh = rank, world, mesh
+        self.enabled = mesh is not None
+        self.main = rank == 0
+
+    def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(t, op=op)
+        return t
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+
+def setup_distributed(args) -> tuple[Dist, torch.device]:
+    """Start the process group when launched by torchrun (it sets RANK and WORLD_SIZE).
+    Inputs are checked before any collective, so a bad flag fails on every rank alike."""
+    if "RANK" not in os.environ:
+        return Dist(), pick_device(args.device)
+    from torch.distributed.device_mesh import init_device_mesh
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if args.batch_size % (args.grad_accum * world):
+        raise ValueError(f"--batch-size {args.batch_size} (the global batch) must split evenly into "
+                         f"--grad-accum {args.grad_accum} micro-batches on each of {world} ranks; "
+                         f"use a multiple of {args.grad_accum * world}")
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = args.backend if args.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(f"--backend nccl needs CUDA devices, this run is on {device.type}; "
+                         f"use --backend gloo (or auto)")
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.dist_timeout),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+        mesh = init_device_mesh(device.type, (world,))
+    except Exception as e:
+        raise ValueError(f"the {backend!r} process group could not start on rank {rank} of {world} "
+                         f"({type(e).__name__}: {e}); check MASTER_ADDR/MASTER_PORT, or try "
+                         f"--backend gloo") from e
+    return Dist(rank, world, mesh), device
+
+
+def parallelize(model: Transformer, mesh, compile: bool, device: torch.device) -> Transformer:
+    """FSDP2, in place: each block is compiled (in place: state-dict keys stay free of
+    `_orig_mod.`) and then sharded, so its parameters are all-gathered just before its forward and
+    freed after; the root gets the embedding, final norm and head. Every parameter becomes a
+    DTensor holding a block of rows (dim 0) on each rank; buffers (router biases) stay whole.
+    On CUDA the gathered parameters are bf16 and gradients are reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if device.type == "cuda" else MixedPrecisionPolicy())
+    for layer in model.layers:
+        if compile:
+            layer.compile()
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def build_parallel_model(margs: ModelArgs, d: Dist, device, seed: int, compile: bool) -> Transformer:
+    """Meta device -> parallelize -> allocate only this rank's shards. The initial weights are
+    the single-process ones whatever the number of ranks: rank 0 builds the full model on the CPU
+    once (a "seed checkpoint") and each rank receives its rows of it."""
+    with torch.device("meta"):
+        model = Transformer(margs)
+    parallelize(model, d.mesh, compile, device)
+    model.to_empty(device=device)
+    model.init_weights(seed)  # buffers (rope tables, ...); the parameters are overwritten next
+    full = build_model(margs, "cpu", seed).state_dict() if d.main else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
+                                                               broadcast_from_rank0=True))
+    return model
+
+
+def global_router_loads(model: Transformer, d: Dist) -> list[torch.Tensor] | None:
+    """Every rank must move the router biases the same way: from the loads of the global batch."""
+    moes = model.moe_layers()
+    if not d.enabled or not moes:
+        return None
+    return list(d.all_reduce(torch.stack([m.expert_load for m in moes])))
+
+
+def rank_rows(t: torch.Tensor, d: Dist) -> tuple[torch.Tensor, bool]:
+    """This rank's rows of an eval batch. A short last batch may leave a rank none: it then runs
+    one dummy row (every rank must join every forward's collectives) that is not counted."""
+    rows = t.tensor_split(d.world)[d.rank]
+    return (rows, True) if len(rows) else (t[:1], False)
+
+
 # ----------------------------------------------------------------------------- eval
 
 @torch.no_grad()
-def evaluate(model, tokens, args, device, max_batches, autocast):
-    """Mean val loss (nats/token) over fixed windows, plus the target tensors it was computed on."""
+def evaluate(model, tokens, args, device, max_batches, autocast, d: Dist):
+    """Mean val loss (nats/token) over fixed windows, plus the target tensors it was computed on.
+    Each rank scores its rows of every batch; the sums are all-reduced."""
     model.eval()
-    total, count, ys = 0.0, 0, []
+    sums, ys = torch.zeros(2, dtype=torch.float64), []
     for x, y in data.eval_batches(tokens, args.batch_size // args.grad_accum, args.seq_len, max_batches):
+        (xr, counted), (yr, _) = rank_rows(x, d), rank_rows(y, d)
         with autocast:
-            logits = model(x.to(device))
-        total += F.cross_entropy(logits.view(-1, logits.shape[-1]), y.to(device).view(-1),
-                                 reduction="sum").item()
-        count += y.numel()
+            logits = model(xr.to(device))
+        if counted:
+            sums[0] += F.cross_entropy(logits.view(-1, logits.shape[-1]), yr.to(device).view(-1),
+                                       reduction="sum").item()
+            sums[1] += yr.numel()
         ys.append(y)
     model.train()
+    total, count = d.all_reduce(sums).tolist()
     return total / count, ys
 
 
@@ -134,21 +262,61 @@ def evaluate(model, tokens, args, device, max_batches, autocast):
 RUN_KEYS = ("batch_size", "seq_len", "optimizer", "seed", "grad_accum")  # must match to resume
 
 
-def save_checkpoint(out_dir, model, optimizer, step, sampler, args, enc):
-    tmp = lambda name: os.path.join(out_dir, name + ".tmp")
-    final = lambda name: os.path.join(out_dir, name)
+def optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer state as a flat dict named after the parameters ("layers.0.attn.wq.weight.
+    momentum_buffer"): DTensor shards under FSDP2, so DCP can reshard them for any rank count."""
+    names = {p: n for n, p in model.named_parameters()}
+    return {f"{names[p]}.{k}": v for p, state in optimizer.state.items()
+            for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+@torch.no_grad()
+def init_optimizer_state(optimizer):
+    """Create the (lazily built) optimizer state so a checkpoint can be loaded into it: one step
+    with zero gradients at lr 0, which changes no weight; the loaded state then replaces it."""
+    if optimizer.state:
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
+def save_checkpoint(out_dir, model, optimizer, step, sampler, args, enc, d: Dist):
+    """Full weights + config (what generate.py reads), then the sharded training state, then
+    train_state.json, the marker of a complete checkpoint. All ranks call this."""
     run = {k: getattr(args, k) for k in RUN_KEYS}
-    save_pretrained(model, out_dir, extra_config={"run": run, "step": step})
-    data.save_encoding(enc, out_dir)
-    torch.save({"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}, tmp("train_state.pt"))
-    os.replace(tmp("train_state.pt"), final("train_state.pt"))
-    with open(tmp("train_state.json"), "w") as f:
-        json.dump({"step": step, "sampler": sampler.state_dict()}, f)
-    os.replace(tmp("train_state.json"), final("train_state.json"))
+    full = (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if d.enabled else None)  # gathered onto rank 0 (others get {})
+    if d.main:
+        save_pretrained(model, out_dir, extra_config={"run": run, "step": step}, state_dict=full)
+        data.save_encoding(enc, out_dir)
+    final, tmp = os.path.join(out_dir, "train_state"), os.path.join(out_dir, "train_state.tmp")
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    d.barrier()
+    # every rank writes its own shards, as safetensors with the offsets in its JSON header
+    state = {**optimizer_tensors(model, optimizer), "rng_cpu": torch.get_rng_state()}
+    dcp.save(state, storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True))
+    d.barrier()
+    if d.main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(out_dir, "train_state.json.tmp"), "w") as f:
+            json.dump({"step": step, "sampler": sampler.state_dict(), "world_size": d.world}, f)
+        os.replace(os.path.join(out_dir, "train_state.json.tmp"), os.path.join(out_dir, "train_state.json"))
+    d.barrier()
 
 
-def load_checkpoint(out_dir, model, optimizer, sampler, args, margs, device) -> int:
-    from safetensors.torch import load_file
+def load_checkpoint(out_dir, model, optimizer, sampler, args, margs) -> int:
+    """Check that the checkpoint is complete and matches this run, then load weights, optimizer
+    state and RNG. Each rank reads just its own rows (DCP); any saved rank count works."""
     state_json = os.path.join(out_dir, "train_state.json")
     if not os.path.exists(state_json):
         raise FileNotFoundError(f"--resume: no checkpoint in {out_dir!r} (train_state.json missing); "
@@ -166,13 +334,17 @@ def load_checkpoint(out_dir, model, optimizer, sampler, args, margs, device) -> 
         if config["run"].get(k) != getattr(args, k):
             raise ValueError(f"--resume: checkpoint was trained with --{k.replace('_', '-')} "
                              f"{config['run'].get(k)!r}, this run has {getattr(args, k)!r}")
-    if config["step"] != state["step"]:
+    train_dir = os.path.join(out_dir, "train_state")
+    if config["step"] != state["step"] or not os.path.isdir(train_dir):
         raise ValueError(f"--resume: checkpoint in {out_dir!r} is incomplete (weights at step "
                          f"{config['step']}, state at step {state['step']}); it was interrupted while saving")
-    model.load_state_dict(load_file(os.path.join(out_dir, "model.safetensors"), device=str(device)))
-    ts = torch.load(os.path.join(out_dir, "train_state.pt"), map_location=device, weights_only=True)
-    optimizer.load_state_dict(ts["optimizer"])
-    torch.set_rng_state(ts["rng_cpu"])
+    weights = model.state_dict()  # plain tensors, or this rank's DTensor shards: filled in place
+    dcp.load(weights, storage_reader=HuggingFaceStorageReader(out_dir))  # reads model.safetensors
+    model.load_state_dict(weights)
+    init_optimizer_state(optimizer)
+    tensors = {**optimizer_tensors(model, optimizer), "rng_cpu": torch.get_rng_state()}
+    dcp.load(tensors, storage_reader=HuggingFaceStorageReader(train_dir))
+    torch.set_rng_state(tensors["rng_cpu"])
     sampler.load_state_dict(state["sampler"])
     return state["step"]
 
@@ -183,41 +355,61 @@ def main(argv=None):
     args = parse_args(argv)
     if args.batch_size % args.grad_accum:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
+    d, device = setup_distributed(args)
+    try:
+        return train(args, d, device)
+    finally:
+        if d.enabled:
+            dist.destroy_process_group()
+
+
+def train(args, d: Dist, device):
+    log = print if d.main else (lambda *a, **k: None)  # only rank 0 prints and writes metrics
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     os.makedirs(args.out_dir, exist_ok=True)
 
-    ds = data.load_dataset(args.data, args.tokenizer, cache_dir=args.cache_dir, vocab_size=args.vocab_size)
-    print(f"data: {ds.name}")
-    sampler = data.BatchSampler(ds.train, args.batch_size, args.seq_len, seed=args.seed)
+    # rank 0 trains the tokenizer and writes the token cache; the others then just read it
+    if not d.main:
+        d.barrier()
+    ds = data.load_dataset(args.data, args.tokenizer, cache_dir=args.cache_dir,
+                           vocab_size=args.vocab_size, verbose=d.main)
+    if d.main:
+        d.barrier()
+    log(f"data: {ds.name}")
+    sampler = data.BatchSampler(ds.train, args.batch_size, args.seq_len, seed=args.seed,
+                                rank=d.rank, world_size=d.world)
     # the val bytes the final eval scores (and gzip/xz compress), computed once; this also fails
     # early, before the model is built, if val is shorter than one window
     val_ys = [y for _, y in data.eval_batches(ds.val, args.batch_size // args.grad_accum, args.seq_len, 10**9)]
 
     margs = model_args_from(args, ds.vocab_size)
-    model = build_model(margs, device, seed=args.seed)
+    if d.enabled:
+        model = build_parallel_model(margs, d, device, args.seed, use_compile)
+    else:
+        model = build_model(margs, device, seed=args.seed)
     total, active = count_params(model)
-    print(f"model: {args.preset} preset, {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), "
-          f"device {device}, compile {use_compile}")
+    log(f"model: {args.preset} preset, {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), "
+        f"device {device}, compile {use_compile}" + (f", FSDP2 over {d.world} ranks" if d.enabled else ""))
     optimizer = build_optimizer(model, args)
     is_muon = isinstance(optimizer, muonclip.MuonClip)
     model.set_record_max_logits(is_muon)  # QK-Clip's input (and logged even with --no-qk-clip)
 
     step = 0
     if args.resume:
-        step = load_checkpoint(args.out_dir, model, optimizer, sampler, args, margs, device)
-        print(f"resumed from {args.out_dir} at step {step}")
+        step = load_checkpoint(args.out_dir, model, optimizer, sampler, args, margs)
+        log(f"resumed from {args.out_dir} at step {step}")
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    _truncate_metrics(metrics_path, step)  # lines logged after the checkpoint are replayed exactly
-    if use_compile:
+    if d.main:
+        _truncate_metrics(metrics_path, step)  # lines logged after the checkpoint are replayed exactly
+    if use_compile and not d.enabled:  # (parallelize() compiled the blocks already)
         for layer in model.layers:  # in place: state-dict keys stay free of `_orig_mod.`
             layer.compile()
 
     val_bytes = data.window_bytes(ds.enc, val_ys)
     baselines = data.compression_baselines(val_bytes)
-    print(f"val: {len(val_bytes):,} bytes; gzip -9 {baselines['gzip-9']:.3f} bpb, xz -9 {baselines['xz-9']:.3f} bpb")
+    log(f"val: {len(val_bytes):,} bytes; gzip -9 {baselines['gzip-9']:.3f} bpb, xz -9 {baselines['xz-9']:.3f} bpb")
 
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.max_steps // 20)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -226,33 +418,40 @@ def main(argv=None):
     tokens_per_step = args.batch_size * args.seq_len
     t_start, steps_timed = time.time(), 0
     last_good_step = step
-    with open(metrics_path, "a") as metrics:
+    with contextlib.ExitStack() as stack:
+        metrics = stack.enter_context(open(metrics_path, "a")) if d.main else None
         while step < args.max_steps:
             t0 = time.time()
             mult = lr_multiplier(step, args.max_steps, warmup, args.decay_frac, args.min_lr_frac)
             for g, base in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base * mult
             lr_now = optimizer.param_groups[0]["lr"]
-            x, y = sampler.get_batch(step)
-            loss_sum = 0.0
+            x, y = sampler.get_batch(step)  # this rank's rows of the global batch
+            loss_sum = torch.zeros((), device=device)
             for xm, ym in zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum)):
                 with autocast:
                     logits = model(xm.to(device))
                 loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), ym.to(device).view(-1))
-                (loss / args.grad_accum).backward()
+                (loss / args.grad_accum).backward()  # FSDP2 averages the gradients over ranks
                 loss_sum += loss.detach()
-            loss_val = (loss_sum / args.grad_accum).item()
+            # one all-reduce for what every rank must agree on: the loss (mean over ranks) and
+            # whether any rank got Ctrl-C (all must stop at the same step, or they would hang)
+            agreed = d.all_reduce(torch.stack([loss_sum.float().cpu() / args.grad_accum,
+                                               torch.tensor(float(bool(stop_requested)))]))
+            loss_val = agreed[0].item() / d.world
             if not math.isfinite(loss_val):
-                print(f"step {step + 1}: loss is {loss_val}; stopping. The last good checkpoint "
-                      f"(step {last_good_step}) in {args.out_dir} is kept; try a lower --lr.")
+                log(f"step {step + 1}: loss is {loss_val}; stopping. The last good checkpoint "
+                    f"(step {last_good_step}) in {args.out_dir} is kept; try a lower --lr.")
                 sys.exit(1)
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             t_opt = time.time()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            clip_stats = optimizer.qk_clip(model.pop_max_logits()) if is_muon else None
-            model.update_router_bias()
+            clip_stats = None
+            if is_muon:  # QK-Clip on the max logit of each head over the global batch
+                clip_stats = optimizer.qk_clip(d.all_reduce(model.pop_max_logits(), dist.ReduceOp.MAX))
+            model.update_router_bias(global_router_loads(model, d))
             t_opt = time.time() - t_opt
             sampler.position = step + 1
             step += 1
@@ -271,7 +470,7 @@ def main(argv=None):
                 rec["update_rms"] = optimizer.last_stats["update_rms"]
             if step % args.eval_every == 0 or step == args.max_steps:
                 final = step == args.max_steps
-                val_loss, ys = evaluate(model, ds.val, args, device, 10**9 if final else args.eval_batches, autocast)
+                val_loss, ys = evaluate(model, ds.val, args, device, 10**9 if final else args.eval_batches, autocast, d)
                 n_bytes = len(val_bytes) if final else data.eval_bytes(ds.enc, torch.cat([y.flatten() for y in ys]))
                 rec["val_loss"] = round(val_loss, 5)
                 rec["val_bpb"] = round(data.bits_per_byte(val_loss, sum(y.numel() for y in ys), n_bytes), 4)
@@ -284,22 +483,23 @@ def main(argv=None):
                              f" | upd rms {rec['update_rms']:.1e}")
                 if "val_loss" in rec:
                     line += f" | val {rec['val_loss']:.4f} ({rec['val_bpb']:.3f} bpb)"
-                print(line, flush=True)
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
+                log(line, flush=True)
+            if metrics:
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
             last_good_step = step
-            interrupted = bool(stop_requested) or step == args.stop_at
+            interrupted = agreed[1].item() > 0 or step == args.stop_at
             if step % args.save_every == 0 or step == args.max_steps or interrupted:
-                save_checkpoint(args.out_dir, model, optimizer, step, sampler, args, ds.enc)
+                save_checkpoint(args.out_dir, model, optimizer, step, sampler, args, ds.enc, d)
             if interrupted:
-                print(f"stopped at step {step}; checkpoint saved in {args.out_dir} (continue with --resume)")
+                log(f"stopped at step {step}; checkpoint saved in {args.out_dir} (continue with --resume)")
                 return None
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     final = {"val_loss": rec.get("val_loss"), "val_bpb": rec.get("val_bpb"), **baselines,
              "steps": step, "minutes": round((time.time() - t_start) / 60, 2)}
-    print(f"done: val loss {final['val_loss']}, {final['val_bpb']} bpb on {len(val_bytes):,} val bytes "
-          f"(gzip -9 {baselines['gzip-9']:.3f}, xz -9 {baselines['xz-9']:.3f}); weights in {args.out_dir}/")
+    log(f"done: val loss {final['val_loss']}, {final['val_bpb']} bpb on {len(val_bytes):,} val bytes "
+        f"(gzip -9 {baselines['gzip-9']:.3f}, xz -9 {baselines['xz-9']:.3f}); weights in {args.out_dir}/")
     return final
 
 
@@ -321,5 +521,6 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, FileNotFoundError) as e:  # bad input: the message names the fix
-        print(f"error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK")
+        print(f"error{f' (rank {rank})' if rank not in (None, '0') else ''}: {e}", file=sys.stderr)
         sys.exit(2)

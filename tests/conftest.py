@@ -59,3 +59,8 @@ def trained_checkpoint(tmp_path_factory, corpus_dir, cache_dir):
     train.main(train_flags(corpus_dir, cache_dir, out, "--max-steps", "30", "--eval-every", "30",
                            "--log-every", "10"))
     return str(out)
+
+
+def pytest_configure(config):
+    # DCP without a process group (one process) is intended here; it warns on every call
+    config.addinivalue_line("filterwarnings", "ignore:torch.distributed is disabled")

@@ -44,7 +44,7 @@ def test_cli_run_loss_falls(corpus_dir, cache_dir, tmp_path):
     last = sum(m[s]["loss"] for s in range(36, 41)) / 5
     assert last < first - 1.0, (first, last)
     assert m[40]["val_loss"] < m[20]["val_loss"] + 0.05 and "val_bpb" in m[40]
-    for f in ("model.safetensors", "config.json", "tokenizer.json", "train_state.json", "train_state.pt"):
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "train_state.json", "train_state"):
         assert os.path.exists(tmp_path / f)
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
@@ -67,8 +67,15 @@ def test_resume_is_bit_identical(corpus_dir, cache_dir, tmp_path, optimizer):
 
 
 def test_checkpoint_holds_no_pickled_code(trained_checkpoint):
-    state = torch.load(os.path.join(trained_checkpoint, "train_state.pt"), weights_only=True)
-    assert "optimizer" in state
+    """Weights and optimizer tensors are safetensors (a JSON header + raw bytes), the rest JSON."""
+    from safetensors import safe_open
+    files = sorted(os.listdir(os.path.join(trained_checkpoint, "train_state")))
+    assert files and all(f.endswith(".safetensors") for f in files), files
+    with safe_open(os.path.join(trained_checkpoint, "train_state", files[0]), "pt") as f:
+        keys = set(f.keys())
+    assert "rng_cpu" in keys and "layers.0.attn.wkv_b.weight.momentum_buffer" in keys
+    assert "embed.weight.exp_avg_sq" in keys       # MuonClip's AdamW half
+    assert not [f for f in os.listdir(trained_checkpoint) if f.endswith((".pt", ".pkl", ".bin"))]
     cfg = json.load(open(os.path.join(trained_checkpoint, "config.json")))
     assert cfg["model_args"]["dim"] == 32 and cfg["step"] == 30
 
