@@ -193,6 +193,7 @@ def qk_clip_(attn: MLA, gamma: Tensor) -> None:
     scale_rows_(attn.wkv_b.weight, kv_rows)                                   # [H*(nope+v), kv_lora]
 
 
+@torch.no_grad()
 def scale_rows_(w: Tensor, factors: Tensor) -> None:
     """w[r, :] *= factors[r]. Under FSDP2, w is a DTensor holding a block of rows on each rank:
     the factor vector is split the same way (no communication) and each rank scales its rows."""

@@ -1,0 +1,175 @@
+"""FSDP2 with 2 CPU processes (gloo): the same losses as 1 process, distributed Muon equal to
+single-process Muon, checkpoints that move between rank counts, and clean failures."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+import muonclip
+import train
+from conftest import ROOT, train_flags
+
+# QK-Clip must act: a logit threshold the tiny model passes within a few steps at this lr
+MUON_FLAGS = ["--optimizer", "muonclip", "--qk-clip-tau", "0.03", "--lr", "3e-2"]
+COMMON = ["--max-steps", "6", "--eval-every", "3", "--grad-accum", "2"]
+
+
+def torchrun(*args, nproc=2, timeout=300):
+    """train.py under torchrun, one thread per rank (two ranks share the two cores)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", os.path.join(ROOT, "train.py"), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def assert_same_run(a, b, rtol=1e-5):
+    """Same losses step by step (fp32: only the order of the gradient sums differs), same clips."""
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in a:
+        assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=rtol), (s, a[s]["loss"], b[s]["loss"])
+        assert a[s].get("heads_clipped") == b[s].get("heads_clipped"), s
+    assert b[6]["val_loss"] == pytest.approx(a[6]["val_loss"], rel=rtol)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus_dir, cache_dir, one_thread):
+    """Uninterrupted 1-rank and 2-rank runs with each optimizer, made once for the module."""
+    out = {}
+    for name, flags in (("muonclip", MUON_FLAGS), ("adamw", ["--optimizer", "adamw"])):
+        one, two = tmp_path_factory.mktemp(f"{name}1"), tmp_path_factory.mktemp(f"{name}2")
+        train.main(train_flags(corpus_dir, cache_dir, one, *COMMON, *flags))
+        r = torchrun(*train_flags(corpus_dir, cache_dir, two, *COMMON, *flags))
+        assert r.returncode == 0, r.stdout + r.stderr
+        out[name] = (one, two, r.stdout)
+    return out
+
+
+@pytest.mark.parametrize("optimizer", ["muonclip", "adamw"])
+def test_two_ranks_give_the_losses_of_one(runs, optimizer):
+    one, two, stdout = runs[optimizer]
+    a, b = metrics(one), metrics(two)
+    assert_same_run(a, b)
+    if optimizer == "muonclip":
+        assert sum(r["heads_clipped"] for r in a.values()) > 0   # the clip really ran
+    wa, wb = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:  # the consolidated weights of the 2-rank run: whole tensors, same values
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-4)
+    assert stdout.count("step     6/6") == 1 and "FSDP2 over 2 ranks" in stdout  # rank 0 prints alone
+
+
+def test_two_rank_checkpoint_resumes_with_one_and_two_ranks(runs, corpus_dir, cache_dir, tmp_path):
+    one, _, _ = runs["muonclip"]
+    part = tmp_path / "part"
+    r = torchrun(*train_flags(corpus_dir, cache_dir, part, *COMMON, *MUON_FLAGS, "--stop-at", "3"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    shards = os.listdir(part / "train_state")
+    assert len(shards) == 2 and all(f.endswith(".safetensors") for f in shards)  # one per rank
+    again = tmp_path / "again"
+    subprocess.run(["cp", "-r", str(part), str(again)], check=True)
+    train.main(train_flags(corpus_dir, cache_dir, part, *COMMON, *MUON_FLAGS, "--resume"))
+    r = torchrun(*train_flags(corpus_dir, cache_dir, again, *COMMON, *MUON_FLAGS, "--resume"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resumed from" in r.stdout
+    assert_same_run(metrics(one), metrics(part))
+    assert_same_run(metrics(one), metrics(again))
+
+
+def test_resume_with_a_different_config_fails_on_every_rank(runs, corpus_dir, cache_dir):
+    one, _, _ = runs["adamw"]
+    r = torchrun(*train_flags(corpus_dir, cache_dir, one, *COMMON, "--optimizer", "adamw",
+                              "--n-layers", "3", "--resume"), timeout=120)
+    assert r.returncode != 0
+    assert "n_layers=2 but this run has n_layers=3" in r.stderr
+    assert "(rank 1)" in r.stderr  # rank 1 stops with the same message, it is not left waiting
+
+
+@pytest.mark.parametrize("env, flags, message", [
+    ({"WORLD_SIZE": "2"}, ["--batch-size", "6", "--grad-accum", "2"], "use a multiple of 4"),
+    ({"WORLD_SIZE": "1"}, ["--backend", "nccl"], "--backend nccl needs CUDA"),
+])
+def test_bad_distributed_input_fails_before_any_collective(corpus_dir, cache_dir, tmp_path,
+                                                           monkeypatch, env, flags, message):
+    monkeypatch.setenv("RANK", "0")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=message):
+        train.main(train_flags(corpus_dir, cache_dir, tmp_path, *flags))
+
+
+# ----------------------------------------------------------------------------- distributed Muon
+
+class Toy(nn.Module):
+    """Shapes that shard unevenly over 2 ranks: 5 and 7 rows, 3 experts, and more matrices than
+    ranks so the all_to_all rounds carry several sizes, one round half empty."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.a = nn.Linear(6, 5, bias=False)
+        self.b = nn.Linear(5, 7, bias=False)
+        self.c = nn.Linear(7, 9, bias=False)
+        self.norm = nn.RMSNorm(9)
+        self.experts = nn.Parameter(torch.randn(3, 4, 9))
+
+
+def _muon_worker(rank, world, store, out_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    ref, model = Toy(), Toy()
+    model.load_state_dict(ref.state_dict())
+    fully_shard(model, mesh=mesh)
+    opts = [muonclip.MuonClip(m, lr=0.05, weight_decay=0.1, qk_clip_tau=None) for m in (ref, model)]
+    for step in range(3):  # several steps: momentum carries over
+        gen = torch.Generator().manual_seed(step)
+        for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = distribute_tensor(p.grad, mesh, [Shard(0)], src_data_rank=None)
+            assert q.to_local().shape[0] == muonclip.shard_rows(p.shape[0], world)[rank], name
+        for opt in opts:
+            opt.step()
+    stats = (opts[0].last_stats, opts[1].last_stats)
+    full = {n: p.full_tensor() for n, p in model.named_parameters()}
+    # QK-Clip's row scaling on a row-sharded weight
+    factors = torch.linspace(0.5, 1.5, 7)
+    muonclip.scale_rows_(model.b.weight, factors)
+    scaled = model.b.weight.full_tensor()
+    if rank == 0:
+        torch.save({"ref": {n: p.detach() for n, p in ref.named_parameters()}, "full": full, "stats": stats,
+                    "scaled": scaled, "factors": factors}, out_path)
+    dist.destroy_process_group()
+
+
+def test_distributed_muon_equals_single_process_muon(tmp_path):
+    out = tmp_path / "result.pt"
+    torch.multiprocessing.spawn(_muon_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2)
+    res = torch.load(out, weights_only=True)
+    for name, p in res["ref"].items():
+        torch.testing.assert_close(res["full"][name], p.detach(), rtol=1e-6, atol=1e-7, msg=name)
+    single, sharded = res["stats"]
+    assert sharded["update_rms"] == pytest.approx(single["update_rms"], rel=1e-5)
+    assert sharded["adamw_update_rms"] == pytest.approx(single["adamw_update_rms"], rel=1e-5)
+    torch.testing.assert_close(res["scaled"], res["full"]["b.weight"] * res["factors"][:, None])
+
+
+def test_shard_rows_is_torch_chunk():
+    for n in range(0, 12):
+        for w in (1, 2, 3, 4):
+            expect = [len(c) for c in torch.arange(n).chunk(w)] if n else []
+            assert muonclip.shard_rows(n, w) == expect + [0] * (w - len(expect)), (n, w)
