@@ -349,6 +349,39 @@ def load_checkpoint(out_dir, model, optimizer, sampler, args, margs) -> int:
     return state["step"]
 
 
+# ----------------------------------------------------------------------------- one step
+
+def forward_backward(model, x, y, args, device, autocast, d: Dist, stop: bool = False) -> tuple[float, bool]:
+    """Accumulate the gradients of this rank's rows (x, y) over --grad-accum micro-batches.
+    Then one all-reduce for what every rank must agree on: the loss (mean over ranks) and whether
+    any rank got Ctrl-C (all must stop at the same step, or the others would wait forever)."""
+    loss_sum = torch.zeros((), device=device)
+    for xm, ym in zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum)):
+        with autocast:
+            logits = model(xm.to(device))
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), ym.to(device).view(-1))
+        (loss / args.grad_accum).backward()  # FSDP2 averages the gradients over ranks
+        loss_sum += loss.detach()
+    agreed = d.all_reduce(torch.stack([loss_sum.float().cpu() / args.grad_accum, torch.tensor(float(stop))]))
+    return agreed[0].item() / d.world, agreed[1].item() > 0
+
+
+def optimizer_step(model, optimizer, args, d: Dist) -> tuple[dict | None, float]:
+    """Clip the gradient norm, step, then QK-Clip from the max logit of each head over the global
+    batch and the router-bias rule from the global expert loads. Returns (clip stats or None,
+    seconds spent from the optimizer step on)."""
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # global norm (DTensor)
+    t0 = time.time()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    clip_stats = None
+    if isinstance(optimizer, muonclip.MuonClip):
+        clip_stats = optimizer.qk_clip(d.all_reduce(model.pop_max_logits(), dist.ReduceOp.MAX))
+    model.update_router_bias(global_router_loads(model, d))
+    return clip_stats, time.time() - t0
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -427,32 +460,12 @@ def train(args, d: Dist, device):
                 g["lr"] = base * mult
             lr_now = optimizer.param_groups[0]["lr"]
             x, y = sampler.get_batch(step)  # this rank's rows of the global batch
-            loss_sum = torch.zeros((), device=device)
-            for xm, ym in zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum)):
-                with autocast:
-                    logits = model(xm.to(device))
-                loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), ym.to(device).view(-1))
-                (loss / args.grad_accum).backward()  # FSDP2 averages the gradients over ranks
-                loss_sum += loss.detach()
-            # one all-reduce for what every rank must agree on: the loss (mean over ranks) and
-            # whether any rank got Ctrl-C (all must stop at the same step, or they would hang)
-            agreed = d.all_reduce(torch.stack([loss_sum.float().cpu() / args.grad_accum,
-                                               torch.tensor(float(bool(stop_requested)))]))
-            loss_val = agreed[0].item() / d.world
+            loss_val, stop = forward_backward(model, x, y, args, device, autocast, d, bool(stop_requested))
             if not math.isfinite(loss_val):
                 log(f"step {step + 1}: loss is {loss_val}; stopping. The last good checkpoint "
                     f"(step {last_good_step}) in {args.out_dir} is kept; try a lower --lr.")
                 sys.exit(1)
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            t_opt = time.time()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            clip_stats = None
-            if is_muon:  # QK-Clip on the max logit of each head over the global batch
-                clip_stats = optimizer.qk_clip(d.all_reduce(model.pop_max_logits(), dist.ReduceOp.MAX))
-            model.update_router_bias(global_router_loads(model, d))
-            t_opt = time.time() - t_opt
+            clip_stats, t_opt = optimizer_step(model, optimizer, args, d)
             sampler.position = step + 1
             step += 1
 
@@ -488,7 +501,7 @@ def train(args, d: Dist, device):
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
             last_good_step = step
-            interrupted = agreed[1].item() > 0 or step == args.stop_at
+            interrupted = stop or step == args.stop_at
             if step % args.save_every == 0 or step == args.max_steps or interrupted:
                 save_checkpoint(args.out_dir, model, optimizer, step, sampler, args, ds.enc, d)
             if interrupted:
