@@ -242,18 +242,19 @@ def evaluate(model, tokens, args, device, max_batches, autocast, d: Dist):
     """Mean val loss (nats/token) over fixed windows, plus the target tensors it was computed on.
     Each rank scores its rows of every batch; the sums are all-reduced."""
     model.eval()
-    sums, ys = torch.zeros(2, dtype=torch.float64), []
+    total, count, ys = 0.0, 0, []
     for x, y in data.eval_batches(tokens, args.batch_size // args.grad_accum, args.seq_len, max_batches):
         (xr, counted), (yr, _) = rank_rows(x, d), rank_rows(y, d)
         with autocast:
             logits = model(xr.to(device))
         if counted:
-            sums[0] += F.cross_entropy(logits.view(-1, logits.shape[-1]), yr.to(device).view(-1),
-                                       reduction="sum").item()
-            sums[1] += yr.numel()
+            total += F.cross_entropy(logits.view(-1, logits.shape[-1]), yr.to(device).view(-1),
+                                     reduction="sum").item()
+            count += yr.numel()
         ys.append(y)
     model.train()
-    total, count = d.all_reduce(sums).tolist()
+    if d.enabled:
+        total, count = d.all_reduce(torch.tensor([total, count], dtype=torch.float64, device=device)).tolist()
     return total / count, ys
 
 
@@ -362,8 +363,9 @@ def forward_backward(model, x, y, args, device, autocast, d: Dist, stop: bool = 
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), ym.to(device).view(-1))
         (loss / args.grad_accum).backward()  # FSDP2 averages the gradients over ranks
         loss_sum += loss.detach()
-    agreed = d.all_reduce(torch.stack([loss_sum.float().cpu() / args.grad_accum, torch.tensor(float(stop))]))
-    return agreed[0].item() / d.world, agreed[1].item() > 0
+    flag = torch.tensor(float(stop), device=device)  # on the device: nccl reduces only GPU tensors
+    loss, stops = d.all_reduce(torch.stack([loss_sum.float() / args.grad_accum, flag])).tolist()
+    return loss / d.world, stops > 0
 
 
 def optimizer_step(model, optimizer, args, d: Dist) -> tuple[dict | None, float]:
