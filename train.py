@@ -213,7 +213,9 @@ def build_parallel_model(margs: ModelArgs, d: Dist, device, seed: int, compile: 
         model = Transformer(margs)
     parallelize(model, d.mesh, compile, device)
     model.to_empty(device=device)
-    model.init_weights(seed)  # buffers (rope tables, ...); the parameters are overwritten next
+    # buffers (rope tables, ...); the parameters get throwaway values (no seeded generator: on
+    # DTensors the default RNG is the supported one), replaced by the seed checkpoint next
+    model.init_weights()
     full = build_model(margs, "cpu", seed).state_dict() if d.main else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
                                                                broadcast_from_rank0=True))

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import muonclip
 import train
+from model import load_pretrained
 from conftest import ROOT, train_flags
 
 # QK-Clip must act: a logit threshold the tiny model passes within a few steps at this lr
@@ -67,6 +68,8 @@ def test_two_ranks_give_the_losses_of_one(runs, optimizer):
     for k in wa:  # the consolidated weights of the 2-rank run: whole tensors, same values
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-4)
     assert stdout.count("step     6/6") == 1 and "FSDP2 over 2 ranks" in stdout  # rank 0 prints alone
+    assert len(metrics(two)) == 6                               # and writes metrics alone
+    load_pretrained(str(two))                                   # what generate.py reads
 
 
 def test_two_rank_checkpoint_resumes_with_one_and_two_ranks(runs, corpus_dir, cache_dir, tmp_path):
