@@ -10,7 +10,7 @@ each block with FSDP2; the model itself knows nothing of this. What must be glob
 global here: the logged loss, QK-Clip's max logits (MAX), the router's expert loads (SUM).
 Results do not depend on the number of ranks.
 
-Checkpoints (in --out-dir, each part written to a temporary name then renamed; nothing pickled):
+Checkpoints (in --out-dir; written whole into checkpoint.tmp/, then moved in; nothing pickled):
   model.safetensors   full weights (+ router biases)    config.json     model args + run flags
   tokenizer.json/bpe.tiktoken   the tokenizer            train_state/    optimizer tensors + RNG,
   train_state.json    step + sampler position             one safetensors shard per rank (DCP)
@@ -292,28 +292,34 @@ def init_optimizer_state(optimizer):
 
 
 def save_checkpoint(out_dir, model, optimizer, step, sampler, args, enc, d: Dist):
-    """Full weights + config (what generate.py reads), then the sharded training state, then
-    train_state.json, the marker of a complete checkpoint. All ranks call this."""
+    """All ranks call this. Every part is first written whole into out_dir/checkpoint.tmp/:
+    full weights + config (what generate.py reads), tokenizer, the sharded training state. Only
+    then are the parts moved over the previous checkpoint's, train_state.json (the marker of a
+    complete checkpoint) last, so a crash while writing leaves the previous checkpoint intact."""
+    stage = os.path.join(out_dir, "checkpoint.tmp")
     run = {k: getattr(args, k) for k in RUN_KEYS}
     full = (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if d.enabled else None)  # gathered onto rank 0 (others get {})
     if d.main:
-        save_pretrained(model, out_dir, extra_config={"run": run, "step": step}, state_dict=full)
-        data.save_encoding(enc, out_dir)
-    final, tmp = os.path.join(out_dir, "train_state"), os.path.join(out_dir, "train_state.tmp")
-    if d.main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(stage, ignore_errors=True)  # left by a crash during an earlier save
+        save_pretrained(model, stage, extra_config={"run": run, "step": step}, state_dict=full)
+        data.save_encoding(enc, stage)
     d.barrier()
     # every rank writes its own shards, as safetensors with the offsets in its JSON header
     state = {**optimizer_tensors(model, optimizer), "rng_cpu": torch.get_rng_state()}
-    dcp.save(state, storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True))
+    dcp.save(state, storage_writer=HuggingFaceStorageWriter(os.path.join(stage, "train_state"),
+                                                            save_distributed=True))
     d.barrier()
     if d.main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        with open(os.path.join(out_dir, "train_state.json.tmp"), "w") as f:
+        with open(os.path.join(stage, "train_state.json"), "w") as f:
             json.dump({"step": step, "sampler": sampler.state_dict(), "world_size": d.world}, f)
-        os.replace(os.path.join(out_dir, "train_state.json.tmp"), os.path.join(out_dir, "train_state.json"))
+        names = sorted(os.listdir(stage), key=lambda n: n == "train_state.json")  # marker last
+        for name in names:
+            target = os.path.join(out_dir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(stage, name), target)
+        os.rmdir(stage)
     d.barrier()
 
 

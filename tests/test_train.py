@@ -57,7 +57,12 @@ def test_resume_is_bit_identical(corpus_dir, cache_dir, tmp_path, optimizer):
     train.main(train_flags(corpus_dir, cache_dir, full, *common))
     train.main(train_flags(corpus_dir, cache_dir, part, *common, "--stop-at", "4"))
     assert json.load(open(part / "train_state.json"))["step"] == 4
+    # a crash while saving a later step leaves a half-written staging folder: the step-4
+    # checkpoint beside it is untouched, and the next save clears the leftover
+    os.makedirs(part / "checkpoint.tmp")
+    (part / "checkpoint.tmp" / "model.safetensors").write_bytes(b"half a file")
     train.main(train_flags(corpus_dir, cache_dir, part, *common, "--resume"))
+    assert not os.path.exists(part / "checkpoint.tmp")
     a, b = losses(full), losses(part)
     assert sorted(b) == list(range(1, 9))
     for s in range(1, 9):
