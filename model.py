@@ -596,12 +596,14 @@ def count_params(model: Transformer) -> tuple[int, int]:
 
 
 def build_model(args: ModelArgs, device="cpu", seed: int | None = None) -> Transformer:
-    """Meta-device construction (no memory), then allocate on `device` and initialise."""
+    """Meta-device construction (no memory), then allocate on `device` and initialise. With a
+    seed the weights are drawn on the CPU and then moved, so a seed gives the same model on any
+    device (and in train.py's FSDP2 seed checkpoint)."""
     with torch.device("meta"):
         model = Transformer(args)
-    model.to_empty(device=device)
+    model.to_empty(device="cpu" if seed is not None else device)
     model.init_weights(seed)
-    return model
+    return model.to(device)
 
 
 # ----------------------------------------------------------------------------- weights on disk

@@ -274,10 +274,11 @@ class MuonClip(torch.optim.Optimizer):
                                     [_local(s["exp_avg"]) for s in st], [_local(s["exp_avg_sq"]) for s in st],
                                     [s["step"] for s in st], lr, wd, group["betas"], group["eps"])
                 stats["adamw_update_rms"] = (sq, numel)
-        if stats and isinstance(self.param_groups[0]["params"][0], DTensor):
+        first = self.param_groups[0]["params"][0]
+        if stats and isinstance(first, DTensor):
             # each rank summed the squares of its own rows: one all-reduce gives the totals
             sqs = torch.stack([sq for sq, _ in stats.values()])
-            dist.all_reduce(sqs)
+            dist.all_reduce(sqs, group=first.device_mesh.get_group())
             stats = {k: (sq, n) for (k, (_, n)), sq in zip(stats.items(), sqs)}
         self._stats = {k: (sq / n).sqrt() for k, (sq, n) in stats.items()}
         return loss
@@ -374,7 +375,8 @@ def muon_step_sharded_(params: list[DTensor], grads: list[DTensor], bufs: list[D
       matrices' size, versus all-gathering every matrix everywhere (W x the compute).
     Returns this rank's sum of squared applied updates (the caller all-reduces it).
     """
-    world, rank = dist.get_world_size(), dist.get_rank()
+    group = params[0].device_mesh.get_group()  # the ranks the parameters are sharded over
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     updates: dict[int, Tensor] = {}
     matrices = []
     for i, (g, buf) in enumerate(zip(grads, bufs)):
@@ -399,13 +401,13 @@ def muon_step_sharded_(params: list[DTensor], grads: list[DTensor], bufs: list[D
         sample = round_[0][1]
         whole = sample.new_empty(sum(recv_splits))
         dist.all_to_all_single(whole, torch.cat([u.reshape(-1) for _, u in round_]),
-                               recv_splits, send_splits)
+                               recv_splits, send_splits, group=group)
         if mine is not None:
             o = (zeropower_ns5(whole.view(n, m), ns_steps) * muon_scale((n, m))).reshape(-1)
         else:
             o = sample.new_empty(0)
         back = sample.new_empty(sum(send_splits))
-        dist.all_to_all_single(back, o.to(sample.dtype), send_splits, recv_splits)
+        dist.all_to_all_single(back, o.to(sample.dtype), send_splits, recv_splits, group=group)
         for (i, u), rows in zip(round_, back.split(send_splits[:len(round_)])):
             updates[i] = rows.view_as(u)
     sq = torch.zeros((), device=lr.device)

@@ -182,9 +182,10 @@ def setup_distributed(args) -> tuple[Dist, torch.device]:
                                 **({"device_id": device} if device.type == "cuda" else {}))
         mesh = init_device_mesh(device.type, (world,))
     except Exception as e:
+        hint = " (or try --backend gloo)" if backend == "nccl" else ""
         raise ValueError(f"the {backend!r} process group could not start on rank {rank} of {world} "
-                         f"({type(e).__name__}: {e}); check MASTER_ADDR/MASTER_PORT, or try "
-                         f"--backend gloo") from e
+                         f"({type(e).__name__}: {e}); check that MASTER_ADDR/MASTER_PORT are "
+                         f"reachable and the port is free{hint}") from e
     return Dist(rank, world, mesh), device
 
 
@@ -193,15 +194,18 @@ def parallelize(model: Transformer, mesh, compile: bool, device: torch.device) -
     `_orig_mod.`) and then sharded, so its parameters are all-gathered just before its forward and
     freed after; the root gets the embedding, final norm and head. Every parameter becomes a
     DTensor holding a block of rows (dim 0) on each rank; buffers (router biases) stay whole.
-    On CUDA the gathered parameters are bf16 and gradients are reduced in fp32."""
+    On CUDA a block's gathered parameters are bf16 (gradients are reduced in fp32); its inputs are
+    not cast, and the root (embedding, head) stays fp32, so the residual stream and the RoPE tables
+    stay fp32 as in a single-GPU autocast run."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                               cast_forward_inputs=False)
           if device.type == "cuda" else MixedPrecisionPolicy())
     for layer in model.layers:
         if compile:
             layer.compile()
         fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -311,25 +315,47 @@ def save_checkpoint(out_dir, model, optimizer, step, sampler, args, enc, d: Dist
                                                             save_distributed=True))
     d.barrier()
     if d.main:
-        with open(os.path.join(stage, "train_state.json"), "w") as f:
+        with open(os.path.join(stage, "train_state.json.tmp"), "w") as f:
             json.dump({"step": step, "sampler": sampler.state_dict(), "world_size": d.world}, f)
-        names = sorted(os.listdir(stage), key=lambda n: n == "train_state.json")  # marker last
-        for name in names:
-            target = os.path.join(out_dir, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(stage, name), target)
-        os.rmdir(stage)
+        os.replace(os.path.join(stage, "train_state.json.tmp"), os.path.join(stage, "train_state.json"))
+        commit_staged(out_dir)
     d.barrier()
 
 
-def load_checkpoint(out_dir, model, optimizer, sampler, args, margs) -> int:
+def commit_staged(out_dir):
+    """Move a complete staged checkpoint (its train_state.json is written) over the current one.
+    The old marker is removed first and the new one moved last: a crash in between leaves a mix
+    of parts but no marker in out_dir, and a complete stage that the next --resume finishes."""
+    stage = os.path.join(out_dir, "checkpoint.tmp")
+    marker = os.path.join(out_dir, "train_state.json")
+    if os.path.exists(marker):
+        os.remove(marker)
+    for name in sorted(os.listdir(stage), key=lambda n: n == "train_state.json"):
+        target = os.path.join(out_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(stage, name), target)
+    os.rmdir(stage)
+
+
+def load_checkpoint(out_dir, model, optimizer, sampler, args, margs, d: Dist) -> int:
     """Check that the checkpoint is complete and matches this run, then load weights, optimizer
     state and RNG. Each rank reads just its own rows (DCP); any saved rank count works."""
+    if d.main and os.path.exists(os.path.join(out_dir, "checkpoint.tmp", "train_state.json")):
+        commit_staged(out_dir)  # a save that was complete but cut short while moving in
+    d.barrier()
     state_json = os.path.join(out_dir, "train_state.json")
     if not os.path.exists(state_json):
+        if os.path.exists(os.path.join(out_dir, "train_state.pt")):
+            raise ValueError(f"--resume: {out_dir!r} holds a checkpoint in the older single-file "
+                             f"format (train_state.pt), which this version cannot resume; its "
+                             f"weights still load in generate.py; start a new run in a new --out-dir")
         raise FileNotFoundError(f"--resume: no checkpoint in {out_dir!r} (train_state.json missing); "
                                 f"drop --resume to start a new run")
+    stray = sorted(f for f in os.listdir(out_dir) if f.endswith(".safetensors") and f != "model.safetensors")
+    if stray:  # DCP's reader would merge every *.safetensors file of the folder into the weights
+        raise ValueError(f"--resume: {out_dir!r} holds other safetensors files beside "
+                         f"model.safetensors ({', '.join(stray)}); move them elsewhere and rerun")
     with open(os.path.join(out_dir, "config.json")) as f:
         config = json.load(f)
     with open(state_json) as f:
@@ -382,6 +408,7 @@ def optimizer_step(model, optimizer, args, d: Dist) -> tuple[dict | None, float]
     seconds spent from the optimizer step on)."""
     if args.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # global norm (DTensor)
+    _sync(model)
     t0 = time.time()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -389,7 +416,14 @@ def optimizer_step(model, optimizer, args, d: Dist) -> tuple[dict | None, float]
     if isinstance(optimizer, muonclip.MuonClip):
         clip_stats = optimizer.qk_clip(d.all_reduce(model.pop_max_logits(), dist.ReduceOp.MAX))
     model.update_router_bias(global_router_loads(model, d))
+    _sync(model)
     return clip_stats, time.time() - t0
+
+
+def _sync(model):
+    """Wait for queued GPU work, so a host timer measures the work itself."""
+    if model.embed.weight.device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------- main
@@ -398,6 +432,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.batch_size % args.grad_accum:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
+    if args.max_steps < 1:
+        raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}")
     d, device = setup_distributed(args)
     try:
         return train(args, d, device)
@@ -441,7 +477,7 @@ def train(args, d: Dist, device):
 
     step = 0
     if args.resume:
-        step = load_checkpoint(args.out_dir, model, optimizer, sampler, args, margs)
+        step = load_checkpoint(args.out_dir, model, optimizer, sampler, args, margs, d)
         log(f"resumed from {args.out_dir} at step {step}")
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     if d.main:

@@ -89,6 +89,15 @@ def test_two_rank_checkpoint_resumes_with_one_and_two_ranks(runs, corpus_dir, ca
     assert_same_run(metrics(one), metrics(again))
 
 
+def test_two_rank_adamw_checkpoint_resumes_with_one_rank(runs, corpus_dir, cache_dir, tmp_path):
+    one, _, _ = runs["adamw"]
+    flags = [*COMMON, "--optimizer", "adamw"]
+    r = torchrun(*train_flags(corpus_dir, cache_dir, tmp_path, *flags, "--stop-at", "3"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    train.main(train_flags(corpus_dir, cache_dir, tmp_path, *flags, "--resume"))
+    assert_same_run(metrics(one), metrics(tmp_path))
+
+
 def test_resume_with_a_different_config_fails_on_every_rank(runs, corpus_dir, cache_dir):
     one, _, _ = runs["adamw"]
     r = torchrun(*train_flags(corpus_dir, cache_dir, one, *COMMON, "--optimizer", "adamw",
@@ -111,11 +120,25 @@ def test_bad_distributed_input_fails_before_any_collective(corpus_dir, cache_dir
         train.main(train_flags(corpus_dir, cache_dir, tmp_path, *flags))
 
 
+def test_a_process_group_that_cannot_start_names_the_cause(corpus_dir, cache_dir, tmp_path, monkeypatch):
+    import socket
+    with socket.socket() as taken:  # the rendezvous port is already in use
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        for k, v in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                     "MASTER_PORT": str(taken.getsockname()[1])}.items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(ValueError, match="'gloo' process group could not start.*port is free") as e:
+            train.main(train_flags(corpus_dir, cache_dir, tmp_path, "--dist-timeout", "20"))
+    assert "--backend gloo" not in str(e.value)
+
+
 # ----------------------------------------------------------------------------- distributed Muon
 
 class Toy(nn.Module):
-    """Shapes that shard unevenly over 2 ranks: 5 and 7 rows, 3 experts, and more matrices than
-    ranks so the all_to_all rounds carry several sizes, one round half empty."""
+    """Shapes that shard unevenly over 2 ranks: 5 and 7 rows, 3 experts; a 1-row matrix and a
+    1-expert stack, of which rank 1 holds nothing; and more matrices than ranks, so the
+    all_to_all rounds carry several sizes and the last round is half empty."""
 
     def __init__(self):
         super().__init__()
@@ -123,8 +146,10 @@ class Toy(nn.Module):
         self.a = nn.Linear(6, 5, bias=False)
         self.b = nn.Linear(5, 7, bias=False)
         self.c = nn.Linear(7, 9, bias=False)
+        self.d = nn.Linear(9, 1, bias=False)
         self.norm = nn.RMSNorm(9)
         self.experts = nn.Parameter(torch.randn(3, 4, 9))
+        self.expert = nn.Parameter(torch.randn(1, 4, 9))
 
 
 def _muon_worker(rank, world, store, out_path):

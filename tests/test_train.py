@@ -71,6 +71,39 @@ def test_resume_is_bit_identical(corpus_dir, cache_dir, tmp_path, optimizer):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_finishes_a_save_cut_short_while_moving_in(corpus_dir, cache_dir, tmp_path):
+    """A crash between moving the first and the last part of a complete staged checkpoint: the
+    next --resume finishes the move and continues from the new step, as if nothing happened."""
+    common = ["--max-steps", "6", "--eval-every", "100", "--optimizer", "adamw"]
+    full, part, later = tmp_path / "full", tmp_path / "part", tmp_path / "later"
+    train.main(train_flags(corpus_dir, cache_dir, full, *common))
+    train.main(train_flags(corpus_dir, cache_dir, part, *common, "--stop-at", "2"))
+    train.main(train_flags(corpus_dir, cache_dir, later, *common, "--stop-at", "4"))
+    os.replace(later / "metrics.jsonl", part / "metrics.jsonl")   # logged before the save began
+    os.replace(later, part / "checkpoint.tmp")                     # the complete stage of step 4
+    os.remove(part / "train_state.json")                           # the commit removed the old marker,
+    os.replace(part / "checkpoint.tmp" / "model.safetensors", part / "model.safetensors")  # moved one part
+    train.main(train_flags(corpus_dir, cache_dir, part, *common, "--resume"))
+    assert not os.path.exists(part / "checkpoint.tmp")
+    a, b = losses(full), losses(part)
+    assert sorted(b) == list(range(1, 7)) and all(a[s]["loss"] == b[s]["loss"] for s in a)
+
+
+def test_resume_refuses_stray_safetensors_and_the_old_format(trained_checkpoint, tmp_path, corpus_dir, cache_dir):
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_checkpoint, ckpt)
+    (ckpt / "backup.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes())
+    flags = train_flags(corpus_dir, cache_dir, ckpt, "--resume", "--max-steps", "31")
+    with pytest.raises(ValueError, match="backup.safetensors"):
+        train.main(flags)
+    os.remove(ckpt / "backup.safetensors")
+    os.remove(ckpt / "train_state.json")
+    (ckpt / "train_state.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="older single-file format"):
+        train.main(flags)
+
+
 def test_checkpoint_holds_no_pickled_code(trained_checkpoint):
     """Weights and optimizer tensors are safetensors (a JSON header + raw bytes), the rest JSON."""
     from safetensors import safe_open
@@ -135,3 +168,8 @@ def test_bad_input_gives_a_clear_error(corpus_dir, cache_dir, tmp_path, flags, m
     r = run_cli(*train_flags(corpus_dir, cache_dir, tmp_path / "out"), *flags, "--max-steps", "1")
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_zero_steps_is_refused(corpus_dir, cache_dir, tmp_path):
+    with pytest.raises(ValueError, match="--max-steps must be at least 1"):
+        train.main(train_flags(corpus_dir, cache_dir, tmp_path, "--max-steps", "0"))
