@@ -98,6 +98,27 @@ def test_two_rank_adamw_checkpoint_resumes_with_one_rank(runs, corpus_dir, cache
     assert_same_run(metrics(one), metrics(tmp_path))
 
 
+def test_ctrl_c_stops_every_rank_at_the_same_step_and_saves(corpus_dir, cache_dir, tmp_path):
+    """Ctrl-C reaches the ranks at different moments; the stop flag rides on the step's loss
+    all-reduce, so all ranks save at the same step instead of one waiting in a collective."""
+    import signal
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(ROOT, "train.py"),
+                          *train_flags(corpus_dir, cache_dir, tmp_path, "--max-steps", "100000",
+                                       "--optimizer", "adamw", "--save-every", "100000")],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    for line in p.stdout:
+        if line.startswith("step"):
+            break
+    os.killpg(p.pid, signal.SIGINT)  # the terminal's Ctrl-C: torchrun and both ranks
+    out = p.communicate(timeout=120)[0]
+    assert "stopped at step" in out, out[-3000:]
+    step = json.load(open(tmp_path / "train_state.json"))["step"]
+    assert step >= 1 and json.load(open(tmp_path / "config.json"))["step"] == step
+    assert len(os.listdir(tmp_path / "train_state")) == 2
+
+
 def test_resume_with_a_different_config_fails_on_every_rank(runs, corpus_dir, cache_dir):
     one, _, _ = runs["adamw"]
     r = torchrun(*train_flags(corpus_dir, cache_dir, one, *COMMON, "--optimizer", "adamw",
