@@ -213,6 +213,9 @@ class MuonClip(torch.optim.Optimizer):
     group["lr"] from its schedule). Per step: `step()`, then `qk_clip(model.pop_max_logits())`.
     Internally lr and decay are copied into 0-d tensors each step (no recompile, no host sync).
     State holds tensors only: momentum for Muon; exp_avg, exp_avg_sq, step for AdamW.
+    Under FSDP2 the parameters are DTensors and the same class works unchanged: Muon goes through
+    `muon_step_sharded_` (section 7), AdamW runs on each rank's rows, and `qk_clip` scales the rows
+    each rank holds. The caller passes max logits already all-reduced (MAX) over the ranks.
     """
 
     def __init__(self, model: nn.Module, lr: float = 2e-4, weight_decay: float = 0.1,
