@@ -537,11 +537,7 @@ def dist_worker(a):
     d, device = train.setup_distributed(args)
     use_compile = device.type == "cuda"
     margs = train.model_args_from(args, 8192)
-    model = (train.build_parallel_model(margs, d, device, args.seed, use_compile) if d.enabled
-             else build_model(margs, device, seed=args.seed))
-    if use_compile and not d.enabled:
-        for layer in model.layers:
-            layer.compile()
+    model = train.make_model(margs, d, device, args.seed, use_compile)
     optimizer = train.build_optimizer(model, args)
     model.set_record_max_logits(True)
     tokens = np.random.default_rng(0).integers(0, 8192, 1_000_000).astype(np.uint16)

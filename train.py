@@ -226,6 +226,18 @@ def build_parallel_model(margs: ModelArgs, d: Dist, device, seed: int, compile: 
     return model
 
 
+def make_model(margs: ModelArgs, d: Dist, device, seed: int, compile: bool) -> Transformer:
+    """The model a run trains: sharded with FSDP2 under torchrun, else whole on `device`. Blocks
+    are compiled in place when asked (state-dict keys stay free of `_orig_mod.`)."""
+    if d.enabled:
+        return build_parallel_model(margs, d, device, seed, compile)
+    model = build_model(margs, device, seed=seed)
+    if compile:
+        for layer in model.layers:
+            layer.compile()
+    return model
+
+
 def global_router_loads(model: Transformer, d: Dist) -> list[torch.Tensor] | None:
     """Every rank must move the router biases the same way: from the loads of the global batch."""
     moes = model.moe_layers()
@@ -464,10 +476,7 @@ def train(args, d: Dist, device):
     val_ys = [y for _, y in data.eval_batches(ds.val, args.batch_size // args.grad_accum, args.seq_len, 10**9)]
 
     margs = model_args_from(args, ds.vocab_size)
-    if d.enabled:
-        model = build_parallel_model(margs, d, device, args.seed, use_compile)
-    else:
-        model = build_model(margs, device, seed=args.seed)
+    model = make_model(margs, d, device, args.seed, use_compile)
     total, active = count_params(model)
     log(f"model: {args.preset} preset, {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), "
         f"device {device}, compile {use_compile}" + (f", FSDP2 over {d.world} ranks" if d.enabled else ""))
@@ -482,9 +491,6 @@ def train(args, d: Dist, device):
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     if d.main:
         _truncate_metrics(metrics_path, step)  # lines logged after the checkpoint are replayed exactly
-    if use_compile and not d.enabled:  # (parallelize() compiled the blocks already)
-        for layer in model.layers:  # in place: state-dict keys stay free of `_orig_mod.`
-            layer.compile()
 
     val_bytes = data.window_bytes(ds.enc, val_ys)
     baselines = data.compression_baselines(val_bytes)
