@@ -86,12 +86,30 @@ def muon_update(grad: Tensor, momentum_buf: Tensor, beta: float = 0.95, nesterov
 
     A [E, n, m] expert stack is orthogonalised per expert (batched), never as one flat matrix.
     """
+    return orthogonal_update(momentum_(grad, momentum_buf, beta, nesterov), ns_steps, sym_matmul)
+
+
+def momentum_(grad: Tensor, momentum_buf: Tensor, beta: float, nesterov: bool) -> Tensor:
+    """M = beta M + G (in place); returns U = G + beta M (Nesterov) or M. Elementwise: a block
+    of rows gives that block of U (what each rank does under FSDP2, section 7)."""
     momentum_buf.mul_(beta).add_(grad)
-    u = grad.add(momentum_buf, alpha=beta) if nesterov else momentum_buf
-    return zeropower_ns5(u, ns_steps, sym_matmul=sym_matmul) * muon_scale(grad.shape)
+    return grad.add(momentum_buf, alpha=beta) if nesterov else momentum_buf
+
+
+def orthogonal_update(u: Tensor, ns_steps: int = 5, sym_matmul=gram) -> Tensor:
+    """NS5(U) * 0.2 sqrt(max(n, m)): needs whole matrices (or whole experts of a stack)."""
+    return zeropower_ns5(u, ns_steps, sym_matmul=sym_matmul) * muon_scale(u.shape)
 
 
 # ----------------------------------------------------------------------------- 3. step math
+
+def apply_update_(p: Tensor, u: Tensor, lr: Tensor, weight_decay: Tensor) -> Tensor:
+    """W -= lr * (U + wd * W), the decay on the weight before this update (decoupled). Returns
+    the sum of squares of the applied update (lr included, decay excluded), for the logged RMS."""
+    p.mul_(1 - lr * weight_decay)
+    p.sub_(lr * u.to(p.dtype))
+    return (lr * u.float()).square().sum()
+
 
 def muon_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], lr: Tensor,
                weight_decay: Tensor, beta: float = 0.95, nesterov: bool = True,
@@ -100,10 +118,7 @@ def muon_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], lr
     Returns the sum of squares of the applied updates (lr included, decay excluded)."""
     sq = torch.zeros((), device=lr.device)
     for p, g, buf in zip(params, grads, bufs):
-        u = muon_update(g, buf, beta, nesterov, ns_steps)
-        p.mul_(1 - lr * weight_decay)     # decoupled decay, on the weight before this update
-        p.sub_(lr * u.to(p.dtype))
-        sq = sq + (lr * u.float()).square().sum()
+        sq = sq + apply_update_(p, muon_update(g, buf, beta, nesterov, ns_steps), lr, weight_decay)
     return sq
 
 
@@ -120,9 +135,7 @@ def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
         u = (m / (1 - beta1 ** t)) / denom
-        p.mul_(1 - lr * weight_decay)
-        p.sub_(lr * u)
-        sq = sq + (lr * u.float()).square().sum()
+        sq = sq + apply_update_(p, u, lr, weight_decay)
     return sq
 
 
@@ -383,11 +396,9 @@ def muon_step_sharded_(params: list[DTensor], grads: list[DTensor], bufs: list[D
     updates: dict[int, Tensor] = {}
     matrices = []
     for i, (g, buf) in enumerate(zip(grads, bufs)):
-        g, buf = _local(g), _local(buf)
-        buf.mul_(beta).add_(g)
-        u = g.add(buf, alpha=beta) if nesterov else buf
+        u = momentum_(_local(g), _local(buf), beta, nesterov)
         if u.ndim == 3:
-            updates[i] = zeropower_ns5(u, ns_steps) * muon_scale(u.shape)
+            updates[i] = orthogonal_update(u, ns_steps)
         else:
             matrices.append((i, u))
     matrices.sort(key=lambda iu: -params[iu[0]].numel())  # same order on every rank
@@ -406,7 +417,7 @@ def muon_step_sharded_(params: list[DTensor], grads: list[DTensor], bufs: list[D
         dist.all_to_all_single(whole, torch.cat([u.reshape(-1) for _, u in round_]),
                                recv_splits, send_splits, group=group)
         if mine is not None:
-            o = (zeropower_ns5(whole.view(n, m), ns_steps) * muon_scale((n, m))).reshape(-1)
+            o = orthogonal_update(whole.view(n, m), ns_steps).reshape(-1)
         else:
             o = sample.new_empty(0)
         back = sample.new_empty(sum(send_splits))
@@ -415,8 +426,5 @@ def muon_step_sharded_(params: list[DTensor], grads: list[DTensor], bufs: list[D
             updates[i] = rows.view_as(u)
     sq = torch.zeros((), device=lr.device)
     for i, p in enumerate(params):
-        p, u = _local(p), updates[i]
-        p.mul_(1 - lr * weight_decay)
-        p.sub_(lr * u.to(p.dtype))
-        sq = sq + (lr * u.float()).square().sum()
+        sq = sq + apply_update_(_local(p), updates[i], lr, weight_decay)
     return sq
