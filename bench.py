@@ -530,7 +530,6 @@ class BlockingCollectives:
 def dist_worker(a):
     """One rank of `bench.py dist` (launched by it, under torchrun or alone): timed train.py steps
     on random tokens, then the same steps with collectives made blocking and timed."""
-    import torch.distributed as dist
     import train
     args = train.parse_args(["--preset", a.preset, "--batch-size", str(a.batch_size),
                              "--seq-len", str(a.seq_len), "--grad-clip", "1.0"])
@@ -571,8 +570,7 @@ def dist_worker(a):
             row["mfu_vs_bf16_peak"] = flops / peak if peak else None
         with open(a.json, "w") as f:
             json.dump(row, f)
-    if d.enabled:
-        dist.destroy_process_group()
+    d.close()
 
 
 def bench_dist(a):

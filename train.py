@@ -21,6 +21,7 @@ A checkpoint saved by N ranks resumes with any number of ranks (DCP reshards on 
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import asdict, fields
 
@@ -155,6 +157,32 @@ class Dist:
     def barrier(self):
         if self.enabled:
             dist.barrier()
+
+    def close(self):
+        """Destroy the process group, and make sure its threads end here, not in interpreter
+        teardown. destroy_process_group() leaves gloo's three threads (two workers, one network
+        loop) running: they stop only when the last reference to the ProcessGroup goes, and the
+        DeviceMesh holds one, kept alive in turn by DTensor's sharding caches. A process that
+        exits with them running dies now and then with `terminate called without an active
+        exception` (SIGABRT), more often on a busy machine. Dropping the mesh's reference joins
+        them now; tests/test_dist.py checks that a rank ends with one thread."""
+        if not self.enabled:
+            return
+        dist.destroy_process_group()
+        close_mesh(self.mesh)
+        self.mesh, self.enabled = None, False
+
+
+def close_mesh(mesh):
+    """Drop a DeviceMesh's references to its (destroyed) process groups, then collect the FSDP
+    and DTensor cycles that may still point at them, so the groups' threads are joined now."""
+    registry = getattr(mesh, "_pg_registry", None)  # torch 2.13's DeviceMesh: name -> ProcessGroup
+    if registry is None:
+        warnings.warn("this torch's DeviceMesh has no _pg_registry: the process group's threads "
+                      "may outlive it and abort the process at exit; see Dist.close()")
+        return
+    registry.clear()
+    gc.collect()
 
 
 def setup_distributed(args) -> tuple[Dist, torch.device]:
@@ -449,9 +477,13 @@ def main(argv=None):
     d, device = setup_distributed(args)
     try:
         return train(args, d, device)
+    except BaseException as e:
+        # the traceback's frames hold the model, and through it the process group: free their
+        # locals (the traceback still prints), so that close() can end the group's threads
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
-        if d.enabled:
-            dist.destroy_process_group()
+        d.close()
 
 
 def train(args, d: Dist, device):

@@ -21,12 +21,39 @@ MUON_FLAGS = ["--optimizer", "muonclip", "--qk-clip-tau", "0.03", "--lr", "3e-2"
 COMMON = ["--max-steps", "6", "--eval-every", "3", "--grad-accum", "2", "--seq-len", "30"]
 
 
-def torchrun(*args, nproc=2, timeout=300):
+def torchrun(*args, nproc=2, timeout=300, script=os.path.join(ROOT, "train.py")):
     """train.py under torchrun, one thread per rank (two ranks share the two cores)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={nproc}", os.path.join(ROOT, "train.py"), *args],
+                           f"--nproc_per_node={nproc}", script, *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+# train.py run as a script, then the names of the threads still alive as the process exits
+THREADS_AT_EXIT = f"""
+import os, runpy, sys
+sys.path.insert(0, {ROOT!r})  # as when train.py itself is the script
+try:
+    runpy.run_path({os.path.join(ROOT, "train.py")!r}, run_name="__main__")
+finally:
+    names = sorted(open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    print(f"rank {{os.environ['RANK']}} threads at exit: {{names}}", flush=True)
+"""
+
+
+def thread_names() -> list[str]:
+    """The names of this process's threads (Linux), or [] where /proc does not list them."""
+    if not os.path.isdir("/proc/self/task"):
+        return []
+    return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+
+
+def assert_no_gloo_threads_at_exit(r):
+    """gloo's threads are joined before the interpreter exits (Dist.close): left running, they
+    abort a rank at exit now and then with SIGABRT (the CI flake of issue 14)."""
+    if os.path.isdir("/proc/self/task"):
+        exits = [line for line in r.stdout.splitlines() if "threads at exit" in line]
+        assert len(exits) == 2 and not any("gloo" in line for line in exits), exits
 
 
 def metrics(out_dir):
@@ -92,10 +119,13 @@ def test_two_rank_checkpoint_resumes_with_one_and_two_ranks(runs, corpus_dir, ca
 def test_two_rank_adamw_checkpoint_resumes_with_one_rank(runs, corpus_dir, cache_dir, tmp_path):
     one, _, _ = runs["adamw"]
     flags = [*COMMON, "--optimizer", "adamw"]
-    r = torchrun(*train_flags(corpus_dir, cache_dir, tmp_path, *flags, "--stop-at", "3"))
+    script, out = tmp_path / "threads_at_exit.py", tmp_path / "out"
+    script.write_text(THREADS_AT_EXIT)
+    r = torchrun(*train_flags(corpus_dir, cache_dir, out, *flags, "--stop-at", "3"), script=str(script))
     assert r.returncode == 0, r.stdout + r.stderr
-    train.main(train_flags(corpus_dir, cache_dir, tmp_path, *flags, "--resume"))
-    assert_same_run(metrics(one), metrics(tmp_path))
+    assert_no_gloo_threads_at_exit(r)
+    train.main(train_flags(corpus_dir, cache_dir, out, *flags, "--resume"))
+    assert_same_run(metrics(one), metrics(out))
 
 
 def test_ctrl_c_stops_every_rank_at_the_same_step_and_saves(corpus_dir, cache_dir, tmp_path):
@@ -119,13 +149,16 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_and_saves(corpus_dir, cache_di
     assert len(os.listdir(tmp_path / "train_state")) == 2
 
 
-def test_resume_with_a_different_config_fails_on_every_rank(runs, corpus_dir, cache_dir):
+def test_resume_with_a_different_config_fails_on_every_rank(runs, corpus_dir, cache_dir, tmp_path):
     one, _, _ = runs["adamw"]
+    script = tmp_path / "threads_at_exit.py"
+    script.write_text(THREADS_AT_EXIT)
     r = torchrun(*train_flags(corpus_dir, cache_dir, one, *COMMON, "--optimizer", "adamw",
-                              "--n-layers", "3", "--resume"), timeout=120)
-    assert r.returncode != 0
+                              "--n-layers", "3", "--resume"), timeout=120, script=str(script))
+    assert r.returncode != 0, r.stdout + r.stderr  # torchrun: 1 when a rank fails
     assert "n_layers=2 but this run has n_layers=3" in r.stderr
     assert "(rank 1)" in r.stderr  # rank 1 stops with the same message, it is not left waiting
+    assert_no_gloo_threads_at_exit(r)  # the error's traceback no longer holds the process group
 
 
 @pytest.mark.parametrize("env, flags, message", [
@@ -200,10 +233,13 @@ def _muon_worker(rank, world, store, out_path):
     factors = torch.linspace(0.5, 1.5, 7)
     muonclip.scale_rows_(model.b.weight, factors)
     scaled = model.b.weight.full_tensor()
+    ref = {n: p.detach() for n, p in ref.named_parameters()}
+    del model, opts, q  # the FSDP model holds the process group: free it before close()
+    train.Dist(rank, world, mesh).close()
+    threads = thread_names()
     if rank == 0:
-        torch.save({"ref": {n: p.detach() for n, p in ref.named_parameters()}, "full": full, "stats": stats,
-                    "scaled": scaled, "factors": factors}, out_path)
-    dist.destroy_process_group()
+        torch.save({"ref": ref, "full": full, "stats": stats, "scaled": scaled, "factors": factors,
+                    "threads": threads}, out_path)
 
 
 def test_distributed_muon_equals_single_process_muon(tmp_path):
@@ -216,6 +252,7 @@ def test_distributed_muon_equals_single_process_muon(tmp_path):
     assert sharded["update_rms"] == pytest.approx(single["update_rms"], rel=1e-5)
     assert sharded["adamw_update_rms"] == pytest.approx(single["adamw_update_rms"], rel=1e-5)
     torch.testing.assert_close(res["scaled"], res["full"]["b.weight"] * res["factors"][:, None])
+    assert not any("gloo" in name for name in res["threads"]), res["threads"]  # Dist.close joined them
 
 
 def test_shard_rows_is_torch_chunk():
