@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 import data
 import keepkv
-from model import build_model, get_args, load_pretrained
+from checkpoint import load_pretrained
+from model import build_model, get_args
 
 
 def write_json(name: str, payload: dict, out_dir: str = "out/bench") -> str:
@@ -530,13 +531,14 @@ class BlockingCollectives:
 def dist_worker(a):
     """One rank of `bench.py dist` (launched by it, under torchrun or alone): timed train.py steps
     on random tokens, then the same steps with collectives made blocking and timed."""
+    import parallel
     import train
     args = train.parse_args(["--preset", a.preset, "--batch-size", str(a.batch_size),
                              "--seq-len", str(a.seq_len), "--grad-clip", "1.0"])
-    d, device = train.setup_distributed(args)
+    d, device = parallel.setup_distributed(args)
     use_compile = device.type == "cuda"
     margs = train.model_args_from(args, 8192)
-    model = train.make_model(margs, d, device, args.seed, use_compile)
+    model = parallel.make_model(margs, d, device, args.seed, use_compile)
     optimizer = train.build_optimizer(model, args)
     model.set_record_max_logits(True)
     tokens = np.random.default_rng(0).integers(0, 8192, 1_000_000).astype(np.uint16)

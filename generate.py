@@ -18,7 +18,7 @@ import torch
 
 import data
 import keepkv
-from model import load_pretrained
+from checkpoint import load_pretrained
 
 
 def parse_args(argv=None):

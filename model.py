@@ -604,39 +604,3 @@ def build_model(args: ModelArgs, device="cpu", seed: int | None = None) -> Trans
     model.to_empty(device="cpu" if seed is not None else device)
     model.init_weights(seed)
     return model.to(device)
-
-
-# ----------------------------------------------------------------------------- weights on disk
-
-def save_pretrained(model: Transformer, folder: str, extra_config: dict | None = None,
-                    state_dict: dict | None = None):
-    """`model.safetensors` + `config.json`, each written to a temporary name and renamed.
-    safetensors holds only tensors: loading it can never run code (unlike a pickle).
-    `state_dict`: full tensors to write instead of model.state_dict() (e.g. gathered from shards)."""
-    import json, os
-    from dataclasses import asdict
-    from safetensors.torch import save_file
-    os.makedirs(folder, exist_ok=True)
-    state_dict = model.state_dict() if state_dict is None else state_dict
-    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    tmp = os.path.join(folder, "model.safetensors.tmp")
-    save_file(state, tmp)
-    os.replace(tmp, os.path.join(folder, "model.safetensors"))
-    config = {"model_args": asdict(model.args), **(extra_config or {})}
-    with open(os.path.join(folder, "config.json.tmp"), "w") as f:
-        json.dump(config, f, indent=1)
-    os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
-
-
-def load_pretrained(folder: str, device="cpu") -> Transformer:
-    import json, os
-    from safetensors.torch import load_file
-    weights, config = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
-    if not (os.path.exists(weights) and os.path.exists(config)):
-        raise FileNotFoundError(f"no checkpoint in {folder!r} (model.safetensors + config.json); "
-                                f"run `python train.py` first, or pass the folder it wrote to")
-    with open(config) as f:
-        args = ModelArgs(**json.load(f)["model_args"])
-    model = build_model(args, device)
-    model.load_state_dict(load_file(weights, device=str(device)))
-    return model

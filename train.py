@@ -1,54 +1,36 @@
 """Train a Kimi K2 model: `python train.py` trains the tiny preset on the Python stdlib, on CPU.
 
-The loop, top to bottom: parse flags -> load tokens -> build the model on the meta device ->
+The loop, top to bottom: parse flags -> load tokens -> build the model (on the meta device) ->
 (resume) -> for each step: lr from the WSD schedule, gradient accumulation over micro-batches,
 clip, optimizer step, QK-Clip, router-bias update, one log line -> periodic eval and checkpoints.
 
-Several processes: `torchrun --nproc_per_node=N train.py` (N GPUs with nccl, or N CPU processes
-with gloo). Each rank reads its slice of every global batch; `parallelize()` compiles and shards
-each block with FSDP2; the model itself knows nothing of this. What must be global is made
-global here: the logged loss, QK-Clip's max logits (MAX), the router's expert loads (SUM).
-Results do not depend on the number of ranks.
-
-Checkpoints (in --out-dir; written whole into checkpoint.tmp/, then moved in; nothing pickled):
-  model.safetensors   full weights (+ router biases)    config.json     model args + run flags
-  tokenizer.json/bpe.tiktoken   the tokenizer            train_state/    optimizer tensors + RNG,
-  train_state.json    step + sampler position             one safetensors shard per rank (DCP)
-                      (written last: it marks a complete checkpoint)
-  metrics.jsonl       one JSON object per logged step
-A checkpoint saved by N ranks resumes with any number of ranks (DCP reshards on load).
+Two helpers keep this file to the loop:
+  parallel.py    several processes: `torchrun --nproc_per_node=N train.py` (FSDP2). Each rank
+                 reads its slice of every global batch, and the loss, QK-Clip's max logits and
+                 the router loads are made global, so results do not depend on the rank count.
+  checkpoint.py  what --out-dir holds (weights, tokenizer, train state, metrics.jsonl), how a save
+                 survives a crash, and how --resume continues with exactly the same losses.
 """
 import argparse
 import contextlib
-import datetime
-import gc
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
 import traceback
-import warnings
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 import data
 import muonclip
-from model import ModelArgs, PRESETS, Transformer, build_model, count_params, get_args, save_pretrained
-
-# DCP works without a process group too (one process); it warns about that on every call.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-# init_weights() on the sharded model only fills buffers that matter; its random parameter values
-# are replaced by the seed checkpoint's (build_parallel_model), so DTensor's CPU RNG is no concern.
-warnings.filterwarnings("ignore", message="DTensor random operators")
+from checkpoint import load_checkpoint, save_checkpoint
+from model import ModelArgs, PRESETS, count_params, get_args
+from parallel import Dist, global_router_loads, make_model, rank_rows, setup_distributed
 
 
 # ----------------------------------------------------------------------------- flags
@@ -108,15 +90,6 @@ def model_args_from(args, vocab_size: int) -> ModelArgs:
     return margs
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
-
 
 def lr_multiplier(step: int, max_steps: int, warmup: int, decay_frac: float, min_frac: float) -> float:
     """Kimi K2's WSD schedule: linear warmup, a long constant stage, cosine decay to min_frac."""
@@ -137,148 +110,6 @@ def build_optimizer(model, args):
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     tau = None if args.no_qk_clip else args.qk_clip_tau
     return muonclip.build_optimizer(model, args.optimizer, lr, args.weight_decay, tau)
-
-
-# ----------------------------------------------------------------------------- distribution
-
-class Dist:
-    """Who this process is. Without torchrun: rank 0 of 1, no process group, no collectives."""
-
-    def __init__(self, rank=0, world=1, mesh=None):
-        self.rank, self.world, self.mesh = rank, world, mesh
-        self.enabled = mesh is not None
-        self.main = rank == 0
-
-    def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        if self.enabled:
-            dist.all_reduce(t, op=op)
-        return t
-
-    def barrier(self):
-        if self.enabled:
-            dist.barrier()
-
-    def close(self):
-        """Destroy the process group, and make sure its threads end here, not in interpreter
-        teardown. destroy_process_group() leaves gloo's three threads (two workers, one network
-        loop) running: they stop only when the last reference to the ProcessGroup goes, and the
-        DeviceMesh holds one, kept alive in turn by DTensor's sharding caches. A process that
-        exits with them running dies now and then with `terminate called without an active
-        exception` (SIGABRT), more often on a busy machine. Dropping the mesh's reference joins
-        them now; tests/test_dist.py checks that a rank ends with one thread."""
-        if not self.enabled:
-            return
-        dist.destroy_process_group()
-        close_mesh(self.mesh)
-        self.mesh, self.enabled = None, False
-
-
-def close_mesh(mesh):
-    """Drop a DeviceMesh's references to its (destroyed) process groups, then collect the FSDP
-    and DTensor cycles that may still point at them, so the groups' threads are joined now."""
-    registry = getattr(mesh, "_pg_registry", None)  # torch 2.13's DeviceMesh: name -> ProcessGroup
-    if registry is None:
-        warnings.warn("this torch's DeviceMesh has no _pg_registry: the process group's threads "
-                      "may outlive it and abort the process at exit; see Dist.close()")
-        return
-    registry.clear()
-    gc.collect()
-
-
-def setup_distributed(args) -> tuple[Dist, torch.device]:
-    """Start the process group when launched by torchrun (it sets RANK and WORLD_SIZE).
-    Inputs are checked before any collective, so a bad flag fails on every rank alike."""
-    if "RANK" not in os.environ:
-        return Dist(), pick_device(args.device)
-    from torch.distributed.device_mesh import init_device_mesh
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if args.batch_size % (args.grad_accum * world):
-        raise ValueError(f"--batch-size {args.batch_size} (the global batch) must split evenly into "
-                         f"--grad-accum {args.grad_accum} micro-batches on each of {world} ranks; "
-                         f"use a multiple of {args.grad_accum * world}")
-    device = pick_device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    backend = args.backend if args.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-    if backend == "nccl" and device.type != "cuda":
-        raise ValueError(f"--backend nccl needs CUDA devices, this run is on {device.type}; "
-                         f"use --backend gloo (or auto)")
-    try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.dist_timeout),
-                                **({"device_id": device} if device.type == "cuda" else {}))
-        mesh = init_device_mesh(device.type, (world,))
-    except Exception as e:
-        hint = " (or try --backend gloo)" if backend == "nccl" else ""
-        raise ValueError(f"the {backend!r} process group could not start on rank {rank} of {world} "
-                         f"({type(e).__name__}: {e}); check that MASTER_ADDR/MASTER_PORT are "
-                         f"reachable and the port is free{hint}") from e
-    return Dist(rank, world, mesh), device
-
-
-def parallelize(model: Transformer, mesh, compile: bool, device: torch.device) -> Transformer:
-    """FSDP2, in place: each block is compiled (in place: state-dict keys stay free of
-    `_orig_mod.`) and then sharded, so its parameters are all-gathered just before its forward and
-    freed after; the root gets the embedding, final norm and head. Every parameter becomes a
-    DTensor holding a block of rows (dim 0) on each rank; buffers (router biases) stay whole.
-    On CUDA a block's gathered parameters are bf16 (gradients are reduced in fp32); its inputs are
-    not cast, and the root (embedding, head) stays fp32, so the residual stream and the RoPE tables
-    stay fp32 as in a single-GPU autocast run."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                               cast_forward_inputs=False)
-          if device.type == "cuda" else MixedPrecisionPolicy())
-    for layer in model.layers:
-        if compile:
-            layer.compile()
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
-def build_parallel_model(margs: ModelArgs, d: Dist, device, seed: int, compile: bool) -> Transformer:
-    """Meta device -> parallelize -> allocate only this rank's shards. The initial weights are
-    the single-process ones whatever the number of ranks: rank 0 builds the full model on the CPU
-    once (a "seed checkpoint") and each rank receives its rows of it."""
-    with torch.device("meta"):
-        model = Transformer(margs)
-    parallelize(model, d.mesh, compile, device)
-    model.to_empty(device=device)
-    # buffers (rope tables, ...); the parameters get throwaway values (no seeded generator: on
-    # DTensors the default RNG is the supported one), replaced by the seed checkpoint next
-    model.init_weights()
-    full = build_model(margs, "cpu", seed).state_dict() if d.main else {}
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
-                                                               broadcast_from_rank0=True))
-    return model
-
-
-def make_model(margs: ModelArgs, d: Dist, device, seed: int, compile: bool) -> Transformer:
-    """The model a run trains: sharded with FSDP2 under torchrun, else whole on `device`. Blocks
-    are compiled in place when asked (state-dict keys stay free of `_orig_mod.`)."""
-    if d.enabled:
-        return build_parallel_model(margs, d, device, seed, compile)
-    model = build_model(margs, device, seed=seed)
-    if compile:
-        for layer in model.layers:
-            layer.compile()
-    return model
-
-
-def global_router_loads(model: Transformer, d: Dist) -> list[torch.Tensor] | None:
-    """Every rank must move the router biases the same way: from the loads of the global batch."""
-    moes = model.moe_layers()
-    if not d.enabled or not moes:
-        return None
-    return list(d.all_reduce(torch.stack([m.expert_load for m in moes])))
-
-
-def rank_rows(t: torch.Tensor, d: Dist) -> tuple[torch.Tensor, bool]:
-    """This rank's rows of an eval batch. A short last batch may leave a rank none: it then runs
-    one dummy row (every rank must join every forward's collectives) that is not counted."""
-    rows = t.tensor_split(d.world)[d.rank]
-    return (rows, True) if len(rows) else (t[:1], False)
 
 
 # ----------------------------------------------------------------------------- eval
@@ -302,126 +133,6 @@ def evaluate(model, tokens, args, device, max_batches, autocast, d: Dist):
     if d.enabled:
         total, count = d.all_reduce(torch.tensor([total, count], dtype=torch.float64, device=device)).tolist()
     return total / count, ys
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-RUN_KEYS = ("batch_size", "seq_len", "optimizer", "seed", "grad_accum")  # must match to resume
-
-
-def optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
-    """The optimizer state as a flat dict named after the parameters ("layers.0.attn.wq.weight.
-    momentum_buffer"): DTensor shards under FSDP2, so DCP can reshard them for any rank count."""
-    names = {p: n for n, p in model.named_parameters()}
-    return {f"{names[p]}.{k}": v for p, state in optimizer.state.items()
-            for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-@torch.no_grad()
-def init_optimizer_state(optimizer):
-    """Create the (lazily built) optimizer state so a checkpoint can be loaded into it: one step
-    with zero gradients at lr 0, which changes no weight; the loaded state then replaces it."""
-    if optimizer.state:
-        return
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    lrs = [g["lr"] for g in optimizer.param_groups]
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    for g in optimizer.param_groups:
-        g["lr"] = 0.0
-    optimizer.step()
-    for g, lr in zip(optimizer.param_groups, lrs):
-        g["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-
-
-def save_checkpoint(out_dir, model, optimizer, step, sampler, args, enc, d: Dist):
-    """All ranks call this. Every part is first written whole into out_dir/checkpoint.tmp/:
-    full weights + config (what generate.py reads), tokenizer, the sharded training state. Only
-    then are the parts moved over the previous checkpoint's, train_state.json (the marker of a
-    complete checkpoint) last, so a crash while writing leaves the previous checkpoint intact."""
-    stage = os.path.join(out_dir, "checkpoint.tmp")
-    run = {k: getattr(args, k) for k in RUN_KEYS}
-    full = (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if d.enabled else None)  # gathered onto rank 0 (others get {})
-    if d.main:
-        shutil.rmtree(stage, ignore_errors=True)  # left by a crash during an earlier save
-        save_pretrained(model, stage, extra_config={"run": run, "step": step}, state_dict=full)
-        data.save_encoding(enc, stage)
-    d.barrier()
-    # every rank writes its own shards, as safetensors with the offsets in its JSON header
-    state = {**optimizer_tensors(model, optimizer), "rng_cpu": torch.get_rng_state()}
-    dcp.save(state, storage_writer=HuggingFaceStorageWriter(os.path.join(stage, "train_state"),
-                                                            save_distributed=True))
-    d.barrier()
-    if d.main:
-        with open(os.path.join(stage, "train_state.json.tmp"), "w") as f:
-            json.dump({"step": step, "sampler": sampler.state_dict(), "world_size": d.world}, f)
-        os.replace(os.path.join(stage, "train_state.json.tmp"), os.path.join(stage, "train_state.json"))
-        commit_staged(out_dir)
-    d.barrier()
-
-
-def commit_staged(out_dir):
-    """Move a complete staged checkpoint (its train_state.json is written) over the current one.
-    The old marker is removed first and the new one moved last: a crash in between leaves a mix
-    of parts but no marker in out_dir, and a complete stage that the next --resume finishes."""
-    stage = os.path.join(out_dir, "checkpoint.tmp")
-    marker = os.path.join(out_dir, "train_state.json")
-    if os.path.exists(marker):
-        os.remove(marker)
-    for name in sorted(os.listdir(stage), key=lambda n: n == "train_state.json"):
-        target = os.path.join(out_dir, name)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(stage, name), target)
-    os.rmdir(stage)
-
-
-def load_checkpoint(out_dir, model, optimizer, sampler, args, margs, d: Dist) -> int:
-    """Check that the checkpoint is complete and matches this run, then load weights, optimizer
-    state and RNG. Each rank reads just its own rows (DCP); any saved rank count works."""
-    if d.main and os.path.exists(os.path.join(out_dir, "checkpoint.tmp", "train_state.json")):
-        commit_staged(out_dir)  # a save that was complete but cut short while moving in
-    d.barrier()
-    state_json = os.path.join(out_dir, "train_state.json")
-    if not os.path.exists(state_json):
-        if os.path.exists(os.path.join(out_dir, "train_state.pt")):
-            raise ValueError(f"--resume: {out_dir!r} holds a checkpoint in the older single-file "
-                             f"format (train_state.pt), which this version cannot resume; its "
-                             f"weights still load in generate.py; start a new run in a new --out-dir")
-        raise FileNotFoundError(f"--resume: no checkpoint in {out_dir!r} (train_state.json missing); "
-                                f"drop --resume to start a new run")
-    stray = sorted(f for f in os.listdir(out_dir) if f.endswith(".safetensors") and f != "model.safetensors")
-    if stray:  # DCP's reader would merge every *.safetensors file of the folder into the weights
-        raise ValueError(f"--resume: {out_dir!r} holds other safetensors files beside "
-                         f"model.safetensors ({', '.join(stray)}); move them elsewhere and rerun")
-    with open(os.path.join(out_dir, "config.json")) as f:
-        config = json.load(f)
-    with open(state_json) as f:
-        state = json.load(f)
-    saved = config["model_args"]
-    for k, v in asdict(margs).items():
-        if saved.get(k) != v:
-            raise ValueError(f"--resume: checkpoint model field {k}={saved.get(k)!r} but this run has "
-                             f"{k}={v!r}; use the same preset/overrides or a new --out-dir")
-    for k in RUN_KEYS:
-        if config["run"].get(k) != getattr(args, k):
-            raise ValueError(f"--resume: checkpoint was trained with --{k.replace('_', '-')} "
-                             f"{config['run'].get(k)!r}, this run has {getattr(args, k)!r}")
-    train_dir = os.path.join(out_dir, "train_state")
-    if config["step"] != state["step"] or not os.path.isdir(train_dir):
-        raise ValueError(f"--resume: checkpoint in {out_dir!r} is incomplete (weights at step "
-                         f"{config['step']}, state at step {state['step']}); it was interrupted while saving")
-    weights = model.state_dict()  # plain tensors, or this rank's DTensor shards: filled in place
-    dcp.load(weights, storage_reader=HuggingFaceStorageReader(out_dir))  # reads model.safetensors
-    model.load_state_dict(weights)
-    init_optimizer_state(optimizer)
-    tensors = {**optimizer_tensors(model, optimizer), "rng_cpu": torch.get_rng_state()}
-    dcp.load(tensors, storage_reader=HuggingFaceStorageReader(train_dir))
-    torch.set_rng_state(tensors["rng_cpu"])
-    sampler.load_state_dict(state["sampler"])
-    return state["step"]
 
 
 # ----------------------------------------------------------------------------- one step

@@ -47,6 +47,13 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
 
 
+def metrics(out_dir):
+    """metrics.jsonl of a run: {step: record}."""
+    import json
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
 def train_flags(corpus_dir, cache_dir, out_dir, *extra):
     return ["--data", corpus_dir, "--cache-dir", cache_dir, "--out-dir", str(out_dir), *TINY_FLAGS, *extra]
 

@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 import muonclip
 import train
-from model import load_pretrained
-from conftest import ROOT, train_flags
+from checkpoint import load_pretrained
+from parallel import Dist
+from conftest import ROOT, metrics, train_flags
 
 # QK-Clip must act: a logit threshold the tiny model passes within a few steps at this lr
 MUON_FLAGS = ["--optimizer", "muonclip", "--qk-clip-tau", "0.03", "--lr", "3e-2"]
@@ -54,11 +55,6 @@ def assert_no_gloo_threads_at_exit(r):
     if os.path.isdir("/proc/self/task"):
         exits = [line for line in r.stdout.splitlines() if "threads at exit" in line]
         assert len(exits) == 2 and not any("gloo" in line for line in exits), exits
-
-
-def metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return {r["step"]: r for r in map(json.loads, f)}
 
 
 def assert_same_run(a, b, rtol=1e-5):
@@ -235,7 +231,7 @@ def _muon_worker(rank, world, store, out_path):
     scaled = model.b.weight.full_tensor()
     ref = {n: p.detach() for n, p in ref.named_parameters()}
     del model, opts, q  # the FSDP model holds the process group: free it before close()
-    train.Dist(rank, world, mesh).close()
+    Dist(rank, world, mesh).close()
     threads = thread_names()
     if rank == 0:
         torch.save({"ref": ref, "full": full, "stats": stats, "scaled": scaled, "factors": factors,

@@ -1,0 +1,186 @@
+"""Checkpoints: a model's weights for generate.py, and a training run's state for --resume.
+
+Two kinds, both free of pickles (loading one can never run code):
+  weights      model.safetensors + config.json: save_pretrained / load_pretrained. What
+               generate.py and bench.py read, and what a run leaves behind.
+  train state  the optimizer tensors and the RNG, saved with DCP (torch.distributed.checkpoint)
+               as one safetensors shard per rank, plus train_state.json. A checkpoint saved by N
+               ranks resumes with any number of ranks: DCP reshards on load.
+
+A training run's --out-dir after a save:
+  model.safetensors   full weights (+ router biases)    config.json     model args + run flags
+  tokenizer.json/bpe.tiktoken   the tokenizer            train_state/    optimizer tensors + RNG
+  train_state.json    step + sampler position            (written last: it marks a complete checkpoint)
+  metrics.jsonl       one JSON object per logged step (train.py's; replayed after a resume)
+Nothing is lost to a crash: every part is first written whole into checkpoint.tmp/, then moved in
+(commit_staged), the marker last; --resume finishes a commit that a crash cut short.
+"""
+import json
+import os
+import shutil
+import warnings
+from dataclasses import asdict
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+import data
+from model import ModelArgs, Transformer, build_model
+from parallel import Dist
+
+# DCP works without a process group too (one process); it warns about that on every call.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+
+# ----------------------------------------------------------------------------- weights
+
+def save_pretrained(model: Transformer, folder: str, extra_config: dict | None = None,
+                    state_dict: dict | None = None):
+    """`model.safetensors` + `config.json`, each written to a temporary name and renamed.
+    safetensors holds only tensors: loading it can never run code (unlike a pickle).
+    `state_dict`: full tensors to write instead of model.state_dict() (e.g. gathered from shards)."""
+    os.makedirs(folder, exist_ok=True)
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    tmp = os.path.join(folder, "model.safetensors.tmp")
+    save_file(state, tmp)
+    os.replace(tmp, os.path.join(folder, "model.safetensors"))
+    config = {"model_args": asdict(model.args), **(extra_config or {})}
+    with open(os.path.join(folder, "config.json.tmp"), "w") as f:
+        json.dump(config, f, indent=1)
+    os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
+
+
+def load_pretrained(folder: str, device="cpu") -> Transformer:
+    weights, config = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
+    if not (os.path.exists(weights) and os.path.exists(config)):
+        raise FileNotFoundError(f"no checkpoint in {folder!r} (model.safetensors + config.json); "
+                                f"run `python train.py` first, or pass the folder it wrote to")
+    with open(config) as f:
+        args = ModelArgs(**json.load(f)["model_args"])
+    model = build_model(args, device)
+    model.load_state_dict(load_file(weights, device=str(device)))
+    return model
+
+
+# ----------------------------------------------------------------------------- train state
+
+RUN_KEYS = ("batch_size", "seq_len", "optimizer", "seed", "grad_accum")  # must match to resume
+
+
+def optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer state as a flat dict named after the parameters ("layers.0.attn.wq.weight.
+    momentum_buffer"): DTensor shards under FSDP2, so DCP can reshard them for any rank count."""
+    names = {p: n for n, p in model.named_parameters()}
+    return {f"{names[p]}.{k}": v for p, state in optimizer.state.items()
+            for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+@torch.no_grad()
+def init_optimizer_state(optimizer):
+    """Create the (lazily built) optimizer state so a checkpoint can be loaded into it: one step
+    with zero gradients at lr 0, which changes no weight; the loaded state then replaces it."""
+    if optimizer.state:
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
+def save_checkpoint(out_dir, model, optimizer, step, sampler, args, enc, d: Dist):
+    """All ranks call this. Every part is first written whole into out_dir/checkpoint.tmp/:
+    full weights + config (what generate.py reads), tokenizer, the sharded training state. Only
+    then are the parts moved over the previous checkpoint's, train_state.json (the marker of a
+    complete checkpoint) last, so a crash while writing leaves the previous checkpoint intact."""
+    stage = os.path.join(out_dir, "checkpoint.tmp")
+    run = {k: getattr(args, k) for k in RUN_KEYS}
+    full = (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if d.enabled else None)  # gathered onto rank 0 (others get {})
+    if d.main:
+        shutil.rmtree(stage, ignore_errors=True)  # left by a crash during an earlier save
+        save_pretrained(model, stage, extra_config={"run": run, "step": step}, state_dict=full)
+        data.save_encoding(enc, stage)
+    d.barrier()
+    # every rank writes its own shards, as safetensors with the offsets in its JSON header
+    state = {**optimizer_tensors(model, optimizer), "rng_cpu": torch.get_rng_state()}
+    dcp.save(state, storage_writer=HuggingFaceStorageWriter(os.path.join(stage, "train_state"),
+                                                            save_distributed=True))
+    d.barrier()
+    if d.main:
+        with open(os.path.join(stage, "train_state.json.tmp"), "w") as f:
+            json.dump({"step": step, "sampler": sampler.state_dict(), "world_size": d.world}, f)
+        os.replace(os.path.join(stage, "train_state.json.tmp"), os.path.join(stage, "train_state.json"))
+        commit_staged(out_dir)
+    d.barrier()
+
+
+def commit_staged(out_dir):
+    """Move a complete staged checkpoint (its train_state.json is written) over the current one.
+    The old marker is removed first and the new one moved last: a crash in between leaves a mix
+    of parts but no marker in out_dir, and a complete stage that the next --resume finishes."""
+    stage = os.path.join(out_dir, "checkpoint.tmp")
+    marker = os.path.join(out_dir, "train_state.json")
+    if os.path.exists(marker):
+        os.remove(marker)
+    for name in sorted(os.listdir(stage), key=lambda n: n == "train_state.json"):
+        target = os.path.join(out_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(stage, name), target)
+    os.rmdir(stage)
+
+
+def load_checkpoint(out_dir, model, optimizer, sampler, args, margs, d: Dist) -> int:
+    """Check that the checkpoint is complete and matches this run, then load weights, optimizer
+    state and RNG. Each rank reads just its own rows (DCP); any saved rank count works."""
+    if d.main and os.path.exists(os.path.join(out_dir, "checkpoint.tmp", "train_state.json")):
+        commit_staged(out_dir)  # a save that was complete but cut short while moving in
+    d.barrier()
+    state_json = os.path.join(out_dir, "train_state.json")
+    if not os.path.exists(state_json):
+        if os.path.exists(os.path.join(out_dir, "train_state.pt")):
+            raise ValueError(f"--resume: {out_dir!r} holds a checkpoint in the older single-file "
+                             f"format (train_state.pt), which this version cannot resume; its "
+                             f"weights still load in generate.py; start a new run in a new --out-dir")
+        raise FileNotFoundError(f"--resume: no checkpoint in {out_dir!r} (train_state.json missing); "
+                                f"drop --resume to start a new run")
+    stray = sorted(f for f in os.listdir(out_dir) if f.endswith(".safetensors") and f != "model.safetensors")
+    if stray:  # DCP's reader would merge every *.safetensors file of the folder into the weights
+        raise ValueError(f"--resume: {out_dir!r} holds other safetensors files beside "
+                         f"model.safetensors ({', '.join(stray)}); move them elsewhere and rerun")
+    with open(os.path.join(out_dir, "config.json")) as f:
+        config = json.load(f)
+    with open(state_json) as f:
+        state = json.load(f)
+    saved = config["model_args"]
+    for k, v in asdict(margs).items():
+        if saved.get(k) != v:
+            raise ValueError(f"--resume: checkpoint model field {k}={saved.get(k)!r} but this run has "
+                             f"{k}={v!r}; use the same preset/overrides or a new --out-dir")
+    for k in RUN_KEYS:
+        if config["run"].get(k) != getattr(args, k):
+            raise ValueError(f"--resume: checkpoint was trained with --{k.replace('_', '-')} "
+                             f"{config['run'].get(k)!r}, this run has {getattr(args, k)!r}")
+    train_dir = os.path.join(out_dir, "train_state")
+    if config["step"] != state["step"] or not os.path.isdir(train_dir):
+        raise ValueError(f"--resume: checkpoint in {out_dir!r} is incomplete (weights at step "
+                         f"{config['step']}, state at step {state['step']}); it was interrupted while saving")
+    weights = model.state_dict()  # plain tensors, or this rank's DTensor shards: filled in place
+    dcp.load(weights, storage_reader=HuggingFaceStorageReader(out_dir))  # reads model.safetensors
+    model.load_state_dict(weights)
+    init_optimizer_state(optimizer)
+    tensors = {**optimizer_tensors(model, optimizer), "rng_cpu": torch.get_rng_state()}
+    dcp.load(tensors, storage_reader=HuggingFaceStorageReader(train_dir))
+    torch.set_rng_state(tensors["rng_cpu"])
+    sampler.load_state_dict(state["sampler"])
+    return state["step"]
