@@ -1,4 +1,5 @@
-"""Tests for keepkv.py: ZIP exactness and votes in fp64, model-level decoding, budget invariants."""
+"""Tests for keepkv.py: ZIP exactness and votes in fp64, the slots and the selection against slow
+references, model-level decoding, budget invariants."""
 import math
 import os
 import sys
@@ -8,7 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keepkv  # noqa: E402
-from keepkv import KVConfig, attend_cache, merge_entries  # noqa: E402
+from keepkv import NEG, CacheSlots, KVConfig, attend_cache, merge_entries  # noqa: E402
 from model import build_model, get_args  # noqa: E402
 
 
@@ -170,6 +171,129 @@ def test_cache_bytes_at_budget_0_1():
     cache = keepkv.KeepKVCache(1, 4096, a.n_heads, a.qk_head_dim, a.v_head_dim, cfg)
     full = 1 * 4096 * a.n_heads * (a.qk_head_dim + a.v_head_dim) * 4
     assert cache.capacity == 410 and cache.nbytes() / full <= 0.12
+
+
+@pytest.mark.parametrize("dtype,meta_bytes", [(torch.float64, 8), (torch.bfloat16, 4)])
+def test_slots_nbytes_is_the_sum_of_its_slots(dtype, meta_bytes):
+    B, G, N, dk, dv = 2, 3, 7, 10, 6
+    slots = CacheSlots(B, G, N, dk, dv, dtype)
+    item = torch.tensor([], dtype=dtype).element_size()
+    # keys and values, then ln p and ln S (fp32 at least), then int32 positions; `lengths` is per row
+    assert slots.nbytes() == B * G * N * ((dk + dv) * item + 2 * meta_bytes + 4)
+    cache = keepkv.KeepKVCache(B, 60, G, dk, dv, KVConfig(budget=0.1), dtype=dtype)
+    assert cache.nbytes() == B * G * (cache.capacity + 1) * ((dk + dv) * item + 2 * meta_bytes + 4)
+    assert cache.score is cache.log_score is cache.slots.log_score        # the older name still reads
+
+
+def test_slots_write_token_fills_the_first_free_slot():
+    B, G, N, dk, dv = 2, 3, 6, 5, 4
+    g = torch.Generator().manual_seed(0)
+    slots = CacheSlots(B, G, N, dk, dv, torch.float64)
+    for t in range(4):
+        # a random pattern of free slots, at least one per row
+        lv = torch.randn(B, G, N, generator=g, dtype=torch.float64)
+        lv[torch.rand(B, G, N, generator=g) < 0.5] = NEG
+        lv[..., -1] = NEG
+        slots.log_votes.copy_(lv)
+        slots.log_score.copy_(torch.randn(B, G, N, generator=g, dtype=torch.float64))
+        ref = {n: getattr(slots, n).clone() for n in ("k", "v", "log_votes", "log_score", "pos")}
+        k, v = (torch.randn(B, G, d, generator=g, dtype=torch.float64) for d in (dk, dv))
+        slot = slots.write_token(k, v, torch.tensor(t))
+        for b in range(B):
+            for h in range(G):
+                n = next(i for i in range(N) if ref["log_votes"][b, h, i] == NEG)
+                assert slot[b, h, 0] == n
+                ref["k"][b, h, n], ref["v"][b, h, n] = k[b, h], v[b, h]
+                ref["log_votes"][b, h, n], ref["pos"][b, h, n] = 0.0, t       # one vote; ln S untouched
+        for name, want in ref.items():
+            assert torch.equal(getattr(slots, name), want), name
+    # nothing ever leaves: the first free slot is the position, and the in-order write agrees
+    a, b = CacheSlots(B, G, N, dk, dv), CacheSlots(B, G, N, dk, dv)
+    for t in range(N):
+        k, v = torch.randn(B, G, dk, generator=g), torch.randn(B, G, dv, generator=g)
+        assert (a.write_token(k, v, torch.tensor(t)) == t).all()
+        assert (b.write_token(k, v, torch.tensor(t), in_order=True) == t).all()
+    for name in ("k", "v", "log_votes", "log_score", "pos"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.live().all()
+    a.reset()
+    assert not a.live().any() and (a.log_score == NEG).all()
+
+
+def test_slots_rows_round_trip_and_free():
+    B, G, N = 1, 2, 5
+    slots = CacheSlots(B, G, N, 3, 2, torch.float64)
+    slots.write_prefix(*(torch.randn(B, G, N, d, dtype=torch.float64) for d in (3, 2)),
+                       torch.zeros(B, G, N, dtype=torch.float64), torch.randn(B, G, N, dtype=torch.float64),
+                       torch.arange(N, dtype=torch.int32).expand(B, G, N))
+    idx = torch.tensor([[[3], [1]]])
+    rows = slots.rows(idx)
+    for x, row in zip((slots.k, slots.v, slots.log_votes, slots.log_score), rows):
+        assert torch.equal(row[0, 0, 0], x[0, 0, 3]) and torch.equal(row[0, 1, 0], x[0, 1, 1])
+    before = [x.clone() for x in (slots.k, slots.v, slots.log_votes, slots.log_score)]
+    slots.put_rows(idx, [r + 1 for r in rows])
+    after = [slots.k, slots.v, slots.log_votes, slots.log_score]
+    for x0, x1 in zip(before, after):
+        changed = (x0 != x1).reshape(B, G, N, -1).any(-1)
+        assert changed[0, 0].tolist() == [False, False, False, True, False]
+        assert changed[0, 1].tolist() == [False, True, False, False, False]
+    slots.free(idx, torch.tensor([[[True], [False]]]))
+    assert slots.live()[0, 0].tolist() == [True, True, True, False, True] and slots.live()[0, 1].all()
+
+
+@pytest.mark.parametrize("policy", ["keepkv", "h2o", "streaming"])
+def test_selection_matches_a_slow_reference(policy):
+    cfg = KVConfig(policy=policy, n_sink=2, window=3)
+    g = torch.Generator().manual_seed(2)
+    B, G, T, C = 2, 3, 20, 8
+    pos = torch.arange(T, dtype=torch.int32).expand(B, G, T)
+    lv, ls = torch.randn(B, G, T, generator=g).abs().log1p(), torch.randn(B, G, T, generator=g)
+    live = torch.rand(B, G, T, generator=g) < 0.7
+
+    def hold(b, h, i):
+        return {"keepkv": lv[b, h, i] + ls[b, h, i], "h2o": ls[b, h, i], "streaming": float(i)}[policy]
+
+    keep, leave = keepkv.split_prompt(cfg, lv, ls, pos, T - 1, C)
+    out = keepkv.leaving_slot(cfg, lv, ls, pos, live, T - 1)
+    for b in range(B):
+        for h in range(G):
+            pinned = [i for i in range(T) if i < 2 or i > T - 1 - 3]
+            rest = sorted((i for i in range(T) if i not in pinned), key=lambda i: -hold(b, h, i))
+            assert keep[b, h].tolist() == sorted(pinned + rest[:C - len(pinned)])
+            assert sorted(keep[b, h].tolist() + leave[b, h].tolist()) == list(range(T))
+            cand = [i for i in range(T) if live[b, h, i] and i not in pinned]
+            assert out[b, h, 0] == min(cand, key=lambda i: hold(b, h, i))
+
+
+def test_alpha0_keepkv_step_equals_the_cache_before_removal():
+    """With alpha = 0 a merged step gives what the C + 1 entries before the removal give (not the
+    full cache: earlier steps already merged); convex merging and eviction do not."""
+    B, H, D, P, n = 2, 3, 8, 40, 10
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(4, D, generator=g, dtype=torch.float64)   # clustered keys: merges happen
+    which = torch.randint(0, 4, (B, P + n, H), generator=g)
+    k = centres[which] + 0.3 * torch.randn(B, P + n, H, D, generator=g, dtype=torch.float64)
+    q, v = (torch.randn(B, P + n, H, D, generator=g, dtype=torch.float64) * 3 for _ in range(2))
+    errs = {}
+    for policy in ("keepkv", "convex", "h2o"):
+        cfg = KVConfig(policy=policy, budget=0.3, alpha=0.0, threshold=-1.0)
+        cache = keepkv.KeepKVCache(B, P, H, D, D, cfg, n, torch.float64, track=True)
+        cache.attend(q[:, :P], k[:, :P], v[:, :P], torch.arange(P), D ** -0.5)
+        errs[policy] = 0.0
+        for t in range(P, P + n):
+            # the cache before the removal: every slot as it stands, plus the new token with one vote
+            ck, cv = (torch.cat([c, x[:, t, :, None]], 2) for c, x in ((cache.k, k), (cache.v, v)))
+            clv = torch.cat([cache.log_votes, torch.zeros(B, H, 1, dtype=torch.float64)], 2)
+            ref = attend_cache(q[:, t], ck, cv, clv, torch.tensor([ck.shape[2]] * B), D ** -0.5)
+            step = (x[:, t:t + 1] for x in (q, k, v))
+            out = cache.attend(*step, torch.tensor([t]), D ** -0.5)[:, 0]
+            errs[policy] = max(errs[policy], (out - ref).abs().max().item())
+        stats = keepkv.cache_stats([cache])
+        assert stats["removals"] == n * B * H
+        if policy in keepkv.MERGING:
+            assert stats["merges"] == stats["removals"]
+    assert errs["keepkv"] < 1e-10
+    assert errs["convex"] > 1e-6 and errs["h2o"] > 1e-3
 
 
 def test_config_errors():
