@@ -16,7 +16,8 @@ kernels.py: the three GPU kernels nanoK2 cares about, each beside a readable tor
    A per-key additive bias carries KeepKV's ln(votes) and a per-sequence length hides empty slots.
 3. The symmetric product A = X X^T used by Newton-Schulz (muonclip.py). A is symmetric, so only the
    tiles on or above the diagonal are computed; each is written twice (itself and its mirror),
-   about half the FLOPs of X @ X.mT. Newton-Schulz's A @ A is also X X^T with X = A (A symmetric).
+   about half the FLOPs of X @ X.mT. Newton-Schulz's A @ A equals A A^T (A is symmetric), so this
+   kernel could compute it too; muonclip.py does not use it there: its A @ A is a plain matmul.
 
 For each kernel the file gives (a) the torch reference, (b) the @triton.jit kernel(s), (c) a thin
 wrapper that checks inputs, allocates outputs and launches, and (d) a dispatcher for callers:

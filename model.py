@@ -1,17 +1,53 @@
 """Kimi K2, the model: a DeepSeek-V3-layout Mixture-of-Experts transformer in one file.
 
+Sources: the Kimi K2 report (arXiv 2507.20534) for the configuration; DeepSeek-V3 (arXiv
+2412.19437) for the layout, MLA, the sigmoid router and aux-loss-free balancing; DeepSeek-V2 (arXiv
+2405.04434) for MLA's low-rank keys and values and their absorption; YaRN (arXiv 2309.00071).
+
 Read top to bottom:
   1. ModelArgs + PRESETS: every number of the architecture (DeepSeek-V3 field names).
-  2. RMSNorm and RoPE (rotary embedding on a few dims only, with YaRN for long contexts).
-  3. MLA, Multi-head Latent Attention: keys and values are rebuilt from a small latent `c`, so
-     inference can cache 576 numbers per token instead of 20480 ("absorbed" form).
+  2. RMSNorm and RoPE (on Dr dims of each head only, with YaRN for long contexts).
+  3. MLA, Multi-head Latent Attention: keys and values are rebuilt from a small latent c, so a
+     decode cache can hold C+Dr numbers per token and layer instead of H(Dn+Dr+Dv).
   4. MoE: a sigmoid router whose bias picks experts but never weights them (aux-loss-free
-     balancing), top-k experts run as one grouped matmul, plus an always-on shared expert.
+     balancing), the routed experts as grouped matmuls, an always-on shared expert.
   5. Block and Transformer, built on the meta device, then `to_empty()` + `init_weights()`.
+  6. Plumbing, skip on first read: the grouped matmul as a compilable custom op, the aux-loss hook.
+The model knows nothing about distribution or optimizers: train.py and parallel.py own those.
 
-The model knows nothing about distribution or optimizers: train.py owns those.
-Shape legend used in names: B batch, T query length, S key length, H heads, D model dim,
-E experts, K experts per token, N = T*K routed rows, F expert hidden dim.
+Sizes. Shape comments and shape-suffixed names (x_ND: N tokens by D dims) use these symbols:
+  symbol  meaning                                    ModelArgs field       tiny  kimi-k2
+  D       model dim (residual stream)                dim                    192     7168
+  H       attention heads                            n_heads                  4       64
+  Dn      per-head query/key dims without position   qk_nope_head_dim        32      128
+  Dr      per-head query/key dims with RoPE          qk_rope_head_dim        16       64
+  Dv      per-head value dims                        v_head_dim              32      128
+  C       key/value latent c                         kv_lora_rank            64      512
+  Cq      query latent (0: no wq_a/wq_b, q = wq(x))  q_lora_rank              0     1536
+  E       routed experts                             n_routed_experts         8      384
+  K       experts per token (top-k)                  n_activated_experts      2        8
+  F       expert hidden dim                          moe_inter_dim           96     2048
+  Derived: Dn+Dr (query/key width) 48 / 192; C+Dr (absorbed cache, per token and layer) 80 / 576;
+  H(Dn+Dr+Dv) (naive cache, per token and layer) 320 / 20480.
+  Set at run time: B batch, T query length, S key length (cache slots), V vocabulary. In the MoE:
+  N = B*T tokens, R = N*K routed (token, expert) pairs (the grouped matmul's rows), G expert groups.
+
+Where attention happens: softmax(q.k * scale) v over the visible keys, in five places.
+  1. Training forward (MLA.forward without a cache; also eval): SDPA, causal, on per-head q, k
+     [B, H, T, Dn+Dr] and v [B, H, T, Dv], rebuilt from the latent by `expand_kv`.
+  2. QK-Clip's max-logit path: the same forward, training with `record_max_logits` on (train.py,
+     for MuonClip). kernels.attention_with_max also returns each head's max logit: on CUDA a
+     Triton flash kernel's running max, elsewhere SDPA plus a chunked no-grad pass.
+  3. Naive cached decode (`make_caches(absorbed=False)`): KVCache.attend stores path 1's per-head
+     k and v and runs `attend_naive` over all slots, the unwritten ones masked.
+  4. Absorbed latent decode (`make_caches(absorbed=True)`): the cache holds only c and k_rope.
+     q_nope.(W_kc c) = (W_kc^T q_nope).c, so W_kc is folded into the query and all heads attend
+     over the same c: multi-query attention with one key [c | k_rope], whose c part is also the
+     value; W_v is applied after the weighted sum (`attend_absorbed`). Equal to 3 up to rounding.
+  5. KeepKV's compressed cache (keepkv.KeepKVCache, what generate.py uses): path 3's protocol
+     `attend(q, k, v, input_pos, scale)` over a fixed number of entries per head, each entry's
+     ln(votes) added to its logits.
+`attend_naive` and `attend_absorbed` stand side by side below: read them as a diff.
 """
 import math
 from dataclasses import dataclass, fields
@@ -120,31 +156,33 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32 whatever the activation dtype (bf16 on GPU)
+        # normalise in at least fp32 whatever the activation dtype (bf16 on GPU)
         return F.rms_norm(f32(x), (x.shape[-1],), f32(self.weight), self.eps).type_as(x)
 
 
 def yarn_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """RoPE inverse frequencies for the rope dims, YaRN-interpolated past original_seq_len.
+    """RoPE inverse frequencies, one per rotary pair, YaRN-interpolated past original_seq_len.
 
-    YaRN keeps fast-rotating dims (many turns within the original context) as they are, divides
+    YaRN keeps fast-rotating pairs (many turns within the original context) as they are, divides
     slow ones by `rope_factor` (interpolation), and ramps linearly in between. The ramp edges are
-    the dims that rotate beta_fast resp. beta_slow times over the original context.
+    the pairs that rotate beta_fast resp. beta_slow times over the original context.
     """
     dim, base = args.qk_rope_head_dim, args.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     if args.max_seq_len <= args.original_seq_len:
         return inv_freq
 
-    def dim_of(turns):  # the (fractional) dim index that makes `turns` rotations in original_seq_len
+    def pair_of(turns):  # the (fractional) rotary-pair index i whose frequency base^(-2i/dim)
+        # makes `turns` rotations over original_seq_len
         return dim * math.log(args.original_seq_len / (turns * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(dim_of(args.beta_fast)), 0)
-    high = min(math.ceil(dim_of(args.beta_slow)), dim - 1)
+    # clamped to dim - 1 as DeepSeek-V3's reference does, although pair indices end at dim/2 - 1
+    low = max(math.floor(pair_of(args.beta_fast)), 0)
+    high = min(math.ceil(pair_of(args.beta_slow)), dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
-    keep = 1 - ramp  # 1 for fast dims (unchanged), 0 for slow dims (interpolated)
+    keep = 1 - ramp  # 1 for fast pairs (unchanged), 0 for slow pairs (interpolated)
     return inv_freq / args.rope_factor * (1 - keep) + inv_freq * keep  # fp64; buffers cast it
 
 
@@ -157,7 +195,7 @@ def softmax_scale(args: ModelArgs) -> float:
 
 
 def apply_rope(x, cos, sin):
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... x: [B, T, (H,) R]; cos/sin: [T, R/2]."""
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... x: [B, T, (H,) Dr]; cos/sin: [T, Dr/2]."""
     if x.dim() == 4:
         cos, sin = cos[:, None, :], sin[:, None, :]
     x1, x2 = f32(x)[..., 0::2], f32(x)[..., 1::2]
@@ -166,14 +204,35 @@ def apply_rope(x, cos, sin):
 
 
 # ----------------------------------------------------------------------------- attention (MLA)
+# Cached decode, the two forms side by side (paths 3 and 4 of the docstring). Same steps in the
+# same order; comments mark where the absorbed form differs. Both return at least fp32.
+
+def attend_naive(q, k_all, v_all, input_pos, scale):
+    """q [B, T, H, Dn+Dr] over the cached per-head keys [B, S, H, Dn+Dr] and values [B, S, H, Dv]."""
+    logits = torch.einsum("bthd,bshd->bhts", f32(q), f32(k_all)) * scale           # [B, H, T, S]
+    visible = torch.arange(k_all.shape[1], device=q.device)[None, :] <= input_pos[:, None]
+    probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhts,bshd->bthd", probs, f32(v_all))                      # [B, T, H, Dv]
+
+
+def attend_absorbed(q_nope, q_rope, c_all, kr_all, w_kc, w_v, input_pos, scale):
+    """The same over the cached latent c [B, S, C] and shared rotary key [B, S, Dr] only."""
+    # differs: W_kc is folded into the query, which then lives in latent space
+    q_lat = torch.einsum("bthd,hdc->bthc", f32(q_nope), f32(w_kc))                # [B, T, H, C]
+    # differs: every head scores against the same key [c | k_rope]
+    logits = (torch.einsum("bthc,bsc->bhts", q_lat, f32(c_all))
+              + torch.einsum("bthr,bsr->bhts", f32(q_rope), f32(kr_all))) * scale  # [B, H, T, S]
+    visible = torch.arange(c_all.shape[1], device=q_nope.device)[None, :] <= input_pos[:, None]
+    probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    # differs: the weighted sum runs over c itself, and W_v is applied after it
+    o_lat = torch.einsum("bhts,bsc->bthc", probs, f32(c_all))                      # [B, T, H, C]
+    return torch.einsum("bthc,hvc->bthv", o_lat, f32(w_v))                         # [B, T, H, Dv]
+
 
 class KVCache(nn.Module):
-    """The "naive" MLA cache: per-head keys [.., H, 192] and values [.., H, 128] (K2 sizes).
-
-    Static buffers, written at `input_pos`; attention runs over the whole buffer with a mask, so a
-    compiled decode step sees the same shapes every token. keepkv.py implements the same
-    `attend()` for its compressed cache.
-    """
+    """The naive MLA cache: per-head keys [B, S, H, Dn+Dr] and values [B, S, H, Dv]. Static
+    buffers written at `input_pos`, attended over whole with a mask: a compiled decode step sees
+    the same shapes every token."""
     absorbed = False
 
     def __init__(self, batch, max_len, n_heads, qk_dim, v_dim, dtype=torch.float32, device=None):
@@ -184,14 +243,11 @@ class KVCache(nn.Module):
     def attend(self, q, k, v, input_pos, scale):
         self.k.index_copy_(1, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(1, input_pos, v.to(self.v.dtype))
-        logits = torch.einsum("bthd,bshd->bhts", f32(q), f32(self.k)) * scale  # [B, H, T, S]
-        visible = torch.arange(self.k.shape[1], device=q.device)[None, :] <= input_pos[:, None]
-        probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-        return torch.einsum("bhts,bshd->bthd", probs, f32(self.v)).type_as(q)
+        return attend_naive(q, self.k, self.v, input_pos, scale).type_as(q)
 
 
 class LatentKVCache(nn.Module):
-    """The absorbed MLA cache: the normalised latent c [.., 512] and the shared rotary key [.., 64]."""
+    """The absorbed MLA cache: the normalised latent c [B, S, C] and the rotary key [B, S, Dr]."""
     absorbed = True
 
     def __init__(self, batch, max_len, kv_lora_rank, rope_dim, dtype=torch.float32, device=None):
@@ -208,11 +264,11 @@ class LatentKVCache(nn.Module):
 class MLA(nn.Module):
     """Multi-head Latent Attention.
 
-    query:  q = wq_b(q_norm(wq_a(x)))  -> per head [q_nope (128) | q_rope (64)]
-    kv:     wkv_a(x) = [c (512) | k_rope (64)];  wkv_b(kv_norm(c)) -> per head [k_nope (128) | v (128)]
+    query:  q = wq(x), or wq_b(q_norm(wq_a(x))) when Cq > 0  -> per head [q_nope (Dn) | q_rope (Dr)]
+    kv:     wkv_a(x) = [c (C) | k_rope (Dr)];  wkv_b(kv_norm(c)) -> per head [k_nope (Dn) | v (Dv)]
     key:    per head [k_nope | k_rope], the rotary part shared by all heads.
-    Row layout matters to QK-Clip: wq_b.weight.view(H, 192, q_lora) has W_qc rows then W_qr rows;
-    wkv_b.weight.view(H, 256, kv_lora) has W_kc rows then W_v rows.
+    Row layout matters to QK-Clip: the query weight (wq or wq_b) viewed as [H, Dn+Dr, in] has each
+    head's W_qc rows then its W_qr rows; wkv_b.weight.view(H, Dn+Dv, C) has W_kc rows then W_v rows.
     """
 
     def __init__(self, args: ModelArgs):
@@ -241,14 +297,14 @@ class MLA(nn.Module):
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, T, self.n_heads, self.nope + self.rope)
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
-        return q_nope, apply_rope(q_rope, cos, sin)
+        return q_nope, apply_rope(q_rope, cos, sin)  # [B, T, H, Dn], [B, T, H, Dr]
 
     def latent(self, x, cos, sin):
         c, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
-        return self.kv_norm(c), apply_rope(k_rope, cos, sin)  # [B, T, C], [B, T, R]
+        return self.kv_norm(c), apply_rope(k_rope, cos, sin)  # [B, T, C], [B, T, Dr]
 
     def expand_kv(self, c, k_rope):
-        """Latent -> per-head keys [B, T, H, nope+rope] and values [B, T, H, v]."""
+        """Latent -> per-head keys [B, T, H, Dn+Dr] and values [B, T, H, Dv]."""
         B, T, _ = c.shape
         kv = self.wkv_b(c).view(B, T, self.n_heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
@@ -259,42 +315,26 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         q_nope, q_rope = self.query(x, cos, sin)
         c, k_rope = self.latent(x, cos, sin)
-        if cache is not None and cache.absorbed:
-            out = self._absorbed(q_nope, q_rope, c, k_rope, input_pos, cache)
+        if cache is not None and cache.absorbed:  # path 4: attention on the latent itself
+            w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+            w_kc, w_v = w[:, :self.nope], w[:, self.nope:]                       # [H, Dn, C], [H, Dv, C]
+            c_all, kr_all = cache.update(c, k_rope, input_pos)                  # [B, S, C], [B, S, Dr]
+            out = attend_absorbed(q_nope, q_rope, c_all, kr_all, w_kc, w_v, input_pos,
+                                  self.softmax_scale).type_as(c)
         else:
-            q = torch.cat([q_nope, q_rope], dim=-1)  # [B, T, H, 192]
+            q = torch.cat([q_nope, q_rope], dim=-1)  # [B, T, H, Dn+Dr]
             k, v = self.expand_kv(c, k_rope)
             if cache is None:  # training / full forward: causal attention over the sequence itself
-                qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
-                if self.record_max_logits and self.training:
-                    # QK-Clip needs each head's max logit: the Triton kernel (CUDA) reports it for
-                    # free; the torch path (CPU) is SDPA plus a chunked no-grad pass
+                qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, *]
+                if self.record_max_logits and self.training:  # path 2
                     out, m = attention_with_max(qh, kh, vh, self.softmax_scale)
                     self.max_logits.copy_(torch.maximum(self.max_logits, m.to(self.max_logits.dtype)))
-                else:
+                else:  # path 1
                     out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.softmax_scale)
                 out = out.transpose(1, 2)
-            else:
+            else:  # path 3 (KVCache) or 5 (keepkv.KeepKVCache)
                 out = cache.attend(q, k, v, input_pos, self.softmax_scale)
         return self.wo(out.reshape(B, T, self.n_heads * self.v_dim))
-
-    def _absorbed(self, q_nope, q_rope, c, k_rope, input_pos, cache):
-        """Fold W_kc into the query and W_v into the output: attention runs on the latent itself.
-
-        q_nope . (W_kc c) = (W_kc^T q_nope) . c, so each head's query moves into latent space
-        (512 dims) and every head attends over the same cached c: multi-query attention with one
-        576-dim key [c | k_rope] whose first 512 dims are also the value.
-        """
-        w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
-        w_kc, w_v = w[:, :self.nope], w[:, self.nope:]                       # [H, nope, C], [H, v, C]
-        c_all, kr_all = cache.update(c, k_rope, input_pos)                  # [B, S, C], [B, S, R]
-        q_lat = torch.einsum("bthd,hdc->bthc", f32(q_nope), f32(w_kc))  # [B, T, H, C]
-        logits = (torch.einsum("bthc,bsc->bhts", q_lat, f32(c_all))
-                  + torch.einsum("bthr,bsr->bhts", f32(q_rope), f32(kr_all))) * self.softmax_scale
-        visible = torch.arange(c_all.shape[1], device=c.device)[None, :] <= input_pos[:, None]
-        probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-        o_lat = torch.einsum("bhts,bsc->bthc", probs, f32(c_all))           # [B, T, H, C]
-        return torch.einsum("bthc,hvc->bthv", o_lat, f32(w_v)).type_as(c)   # [B, T, H, v]
 
 
 # ----------------------------------------------------------------------------- MoE
@@ -312,72 +352,9 @@ class MLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-# torch._grouped_mm runs fp32 on the CPU in eager mode, but its compile-time shape check only
-# admits bf16. Wrapping it in a custom op (with its own shape function and backward) lets the
-# compiled MoE call it as an opaque node, in any dtype, with no graph break.
-@torch.library.custom_op("nanok2::grouped_mm", mutates_args=())
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Rows of x sorted by group; group e (rows offs[e-1]:offs[e]) is multiplied by w[e].
-    x [N, I], w [E, I, O], offs [E] int32 cumulative row ends -> [N, O]."""
-    if x.dtype == torch.float64:  # not supported by _grouped_mm: per-row weights (tests only)
-        return torch.bmm(x[:, None, :], w[_group_of_rows(offs, x.shape[0])])[:, 0]
-    return torch._grouped_mm(x, w, offs=offs)
-
-
-def _group_of_rows(offs, n):
-    return torch.searchsorted(offs, torch.arange(n, device=offs.device, dtype=offs.dtype), right=True)
-
-
-@grouped_mm.register_fake
-def _(x, w, offs):
-    return x.new_empty(x.shape[0], w.shape[-1])
-
-
-@torch.library.custom_op("nanok2::grouped_mm_wgrad", mutates_args=())
-def grouped_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Per-group x_e^T @ grad_e: the weight gradient of grouped_mm. -> [E, I, O]."""
-    if x.dtype == torch.float64:
-        out = x.new_zeros(offs.shape[0], x.shape[1], grad.shape[1])
-        return out.index_add_(0, _group_of_rows(offs, x.shape[0]), x[:, :, None] * grad[:, None, :])
-    return torch._grouped_mm(x.t(), grad, offs=offs)
-
-
-@grouped_mm_wgrad.register_fake
-def _(x, grad, offs):
-    return x.new_empty(offs.shape[0], x.shape[1], grad.shape[1])
-
-
-def _grouped_mm_backward(ctx, grad):
-    x, w, offs = ctx.saved_tensors
-    grad = grad.contiguous()
-    gx = grouped_mm(grad, w.transpose(-2, -1).contiguous(), offs) if ctx.needs_input_grad[0] else None
-    gw = grouped_mm_wgrad(x, grad, offs) if ctx.needs_input_grad[1] else None
-    return gx, gw, None
-
-
-def _grouped_mm_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
-
-
-class _AuxLoss(torch.autograd.Function):
-    """Identity on y whose backward also sends gradient 1 into `aux`: adds an auxiliary loss to
-    the training objective without threading it through every module's return value."""
-
-    @staticmethod
-    def forward(ctx, y, aux):
-        ctx.aux_shape = aux.shape
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, torch.ones(ctx.aux_shape, device=grad.device, dtype=grad.dtype)
-
-
 class Gate(nn.Module):
-    """The router. Sigmoid scores in fp32; `bias` (not trained by gradient) only picks experts."""
+    """The router. Sigmoid scores in (at least) fp32; `bias` (not trained by gradient) only picks
+    experts."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -387,20 +364,20 @@ class Gate(nn.Module):
         # a buffer, so no optimizer touches it; saved in checkpoints; counted as a parameter
         self.register_buffer("bias", torch.zeros(args.n_routed_experts))
 
-    def forward(self, x_TD):
-        scores_TE = F.linear(f32(x_TD), f32(self.weight)).sigmoid()
-        choice_TE = scores_TE + self.bias
+    def forward(self, x_ND):
+        scores_NE = F.linear(f32(x_ND), f32(self.weight)).sigmoid()
+        choice_NE = scores_NE + self.bias
         if self.n_groups > 1:  # keep the n_limited_groups groups with the best top-2 sums
-            T = x_TD.shape[0]
-            groups = choice_TE.view(T, self.n_groups, -1)
-            group_score = groups.topk(2, dim=-1).values.sum(-1)                    # [T, G]
+            N = x_ND.shape[0]
+            groups = choice_NE.view(N, self.n_groups, -1)                          # [N, G, E/G]
+            group_score = groups.topk(2, dim=-1).values.sum(-1)                    # [N, G]
             keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(
                 1, group_score.topk(self.topk_groups, dim=-1).indices, True)
-            choice_TE = groups.masked_fill(~keep[..., None], float("-inf")).view(T, -1)
-        idx_TK = choice_TE.topk(self.topk, dim=-1).indices
-        w_TK = scores_TE.gather(1, idx_TK)                 # weights come from the unbiased scores
-        w_TK = w_TK / w_TK.sum(-1, keepdim=True) * self.route_scale
-        return w_TK, idx_TK, scores_TE
+            choice_NE = groups.masked_fill(~keep[..., None], float("-inf")).view(N, -1)
+        idx_NK = choice_NE.topk(self.topk, dim=-1).indices
+        w_NK = scores_NE.gather(1, idx_NK)                 # weights come from the unbiased scores
+        w_NK = w_NK / w_NK.sum(-1, keepdim=True) * self.route_scale
+        return w_NK, idx_NK, scores_NE
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor, speed: float):
@@ -409,7 +386,8 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed experts stored stacked ([E, out, in]) plus a shared expert every token passes."""
+    """Routed experts stored stacked ([E, out, in]) plus a shared expert every token passes.
+    Works on the N = B*T tokens as one flat batch."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -420,51 +398,53 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E, D, F_))
         self.w3 = nn.Parameter(torch.empty(E, F_, D))
         self.shared = MLP(D, args.n_shared_experts * F_)
-        # tokens routed to each expert since the last bias update (read by train.py)
+        # (token, expert) pairs routed to each expert since the last bias update (read by
+        # Transformer.update_router_bias, or all-reduced first by parallel.py)
         self.register_buffer("expert_load", torch.zeros(E), persistent=False)
         self.use_loop = False  # the readable reference path (tests compare the two)
 
     def forward(self, x):
         B, T, D = x.shape
-        x_TD = x.reshape(-1, D)
-        w_TK, idx_TK, scores_TE = self.gate(x_TD)
+        x_ND = x.reshape(-1, D)
+        w_NK, idx_NK, scores_NE = self.gate(x_ND)
         if self.training:
             self.expert_load += torch.zeros_like(self.expert_load).index_add_(
-                0, idx_TK.flatten(), torch.ones_like(idx_TK.flatten(), dtype=self.expert_load.dtype))
+                0, idx_NK.flatten(), torch.ones_like(idx_NK.flatten(), dtype=self.expert_load.dtype))
         routed = self.experts_loop if self.use_loop else self.experts_grouped
-        y_TD = routed(x_TD, w_TK, idx_TK) + self.shared(x_TD)
-        if self.training and self.aux_alpha > 0:
-            y_TD = _AuxLoss.apply(y_TD, self.balance_loss(scores_TE.view(B, T, -1), idx_TK.view(B, T, -1)))
-        return y_TD.view(B, T, D)
+        y_ND = routed(x_ND, w_NK, idx_NK) + self.shared(x_ND)
+        if self.training and self.aux_alpha > 0:  # the balance loss joins the objective in backward
+            y_ND = _AuxLoss.apply(y_ND, self.balance_loss(scores_NE.view(B, T, -1), idx_NK.view(B, T, -1)))
+        return y_ND.view(B, T, D)
 
-    def experts_grouped(self, x_TD, w_TK, idx_TK):
-        """Sort the T*K (token, expert) pairs by expert, run every expert as one grouped matmul,
-        then scatter-add the weighted outputs back. No host sync: offsets stay on the device."""
-        T, K = idx_TK.shape
-        flat_N = idx_TK.flatten()
-        order_N = torch.argsort(flat_N, stable=True)
-        token_N = order_N // K                                           # source token of each row
-        counts_E = torch.zeros(self.n_experts, dtype=torch.int32, device=x_TD.device).index_add_(
-            0, flat_N, torch.ones_like(flat_N, dtype=torch.int32))
-        offs_E = counts_E.cumsum(0, dtype=torch.int32)
-        x_ND = x_TD[token_N]
-        dt = torch.bfloat16 if x_TD.is_cuda else x_TD.dtype  # CUDA grouped GEMM wants bf16
-        gmm = lambda a, w: grouped_mm(a.to(dt), w.to(dt).transpose(-2, -1), offs_E)
-        h_NF = F.silu(gmm(x_ND, self.w1)) * gmm(x_ND, self.w3)
-        y_ND = gmm(h_NF, self.w2).to(x_TD.dtype)
-        y_ND = y_ND * w_TK.flatten()[order_N, None].to(y_ND.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+    def experts_grouped(self, x_ND, w_NK, idx_NK):
+        """Sort the R = N*K (token, expert) pairs by expert, run each projection of every expert as
+        one grouped matmul, then scatter-add the weighted outputs back to their tokens. No host
+        sync: the group offsets stay on the device. Pair p is token p // K's (p % K)-th choice."""
+        K = idx_NK.shape[1]
+        expert_of_pair = idx_NK.flatten()                                    # [R]
+        pair_of_row = torch.argsort(expert_of_pair, stable=True)            # [R] rows grouped by expert
+        token_of_row = pair_of_row // K                                      # [R]
+        counts_E = torch.zeros(self.n_experts, dtype=torch.int32, device=x_ND.device).index_add_(
+            0, expert_of_pair, torch.ones_like(expert_of_pair, dtype=torch.int32))
+        offs_E = counts_E.cumsum(0, dtype=torch.int32)                       # end row of each group
+        x_RD = x_ND[token_of_row]
+        dt = torch.bfloat16 if x_ND.is_cuda else x_ND.dtype  # CUDA grouped GEMM wants bf16
+        gmm = lambda a, w: grouped_mm(a.to(dt), w.to(dt).transpose(-2, -1), offs_E)  # plumbing below
+        h_RF = F.silu(gmm(x_RD, self.w1)) * gmm(x_RD, self.w3)
+        y_RD = gmm(h_RF, self.w2).to(x_ND.dtype)
+        y_RD = y_RD * w_NK.flatten()[pair_of_row, None].to(y_RD.dtype)
+        return torch.zeros_like(x_ND).index_add_(0, token_of_row, y_RD)
 
-    def experts_loop(self, x_TD, w_TK, idx_TK):
+    def experts_loop(self, x_ND, w_NK, idx_NK):
         """Reference: one plain SwiGLU per expert over the tokens that picked it."""
-        y_TD = torch.zeros_like(x_TD)
+        y_ND = torch.zeros_like(x_ND)
         for e in range(self.n_experts):
-            tok, slot = torch.where(idx_TK == e)
+            tok, slot = torch.where(idx_NK == e)
             if tok.numel() == 0:
                 continue
-            h = F.silu(x_TD[tok] @ self.w1[e].T) * (x_TD[tok] @ self.w3[e].T)
-            y_TD.index_add_(0, tok, (h @ self.w2[e].T) * w_TK[tok, slot, None].to(x_TD.dtype))
-        return y_TD
+            h = F.silu(x_ND[tok] @ self.w1[e].T) * (x_ND[tok] @ self.w3[e].T)
+            y_ND.index_add_(0, tok, (h @ self.w2[e].T) * w_NK[tok, slot, None].to(x_ND.dtype))
+        return y_ND
 
     def balance_loss(self, scores_BTE, idx_BTK):
         """DeepSeek-V3 sequence-wise balance loss: alpha * sum_e f_e * P_e per sequence, mean over
@@ -546,7 +526,7 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, input_pos, None if caches is None else caches[i])
         return f32(self.head(self.norm(h)))
 
-    # --- helpers used by train.py, generate.py, muonclip.py ---------------------------------
+    # --- helpers for the training loop (train.py, parallel.py), decoding and the tests ----
 
     def make_caches(self, batch: int, max_len: int, absorbed: bool = False, dtype=None):
         a, dev = self.args, self.embed.weight.device
@@ -598,9 +578,69 @@ def count_params(model: Transformer) -> tuple[int, int]:
 def build_model(args: ModelArgs, device="cpu", seed: int | None = None) -> Transformer:
     """Meta-device construction (no memory), then allocate on `device` and initialise. With a
     seed the weights are drawn on the CPU and then moved, so a seed gives the same model on any
-    device (and in train.py's FSDP2 seed checkpoint)."""
+    device (and in parallel.py's FSDP2 seed checkpoint)."""
     with torch.device("meta"):
         model = Transformer(args)
     model.to_empty(device="cpu" if seed is not None else device)
     model.init_weights(seed)
     return model.to(device)
+
+
+# ----------------------------------------------------------------------------- plumbing
+# Skip on first read: mechanics the MoE above calls, none of them part of the architecture.
+
+# torch._grouped_mm runs fp32 on the CPU in eager mode, but its compile-time shape check only
+# admits bf16. Wrapping it in a custom op (with its own shape function and backward) lets the
+# compiled MoE call it as an opaque node, in any dtype, with no graph break.
+@torch.library.custom_op("nanok2::grouped_mm", mutates_args=())
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by group; group e (rows offs[e-1]:offs[e]) is multiplied by w[e].
+    x [R, I], w [E, I, O], offs [E] int32 cumulative row ends -> [R, O]."""
+    if x.dtype == torch.float64:  # not supported by _grouped_mm: per-row weights (tests only)
+        return torch.bmm(x[:, None, :], w[_group_of_rows(offs, x.shape[0])])[:, 0]
+    return torch._grouped_mm(x, w, offs=offs)
+
+
+def _group_of_rows(offs, n):
+    return torch.searchsorted(offs, torch.arange(n, device=offs.device, dtype=offs.dtype), right=True)
+
+
+grouped_mm.register_fake(lambda x, w, offs: x.new_empty(x.shape[0], w.shape[-1]))
+
+
+@torch.library.custom_op("nanok2::grouped_mm_wgrad", mutates_args=())
+def grouped_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Per-group x_e^T @ grad_e: the weight gradient of grouped_mm. -> [E, I, O]."""
+    if x.dtype == torch.float64:
+        out = x.new_zeros(offs.shape[0], x.shape[1], grad.shape[1])
+        return out.index_add_(0, _group_of_rows(offs, x.shape[0]), x[:, :, None] * grad[:, None, :])
+    return torch._grouped_mm(x.t(), grad, offs=offs)
+
+
+grouped_mm_wgrad.register_fake(lambda x, grad, offs: x.new_empty(offs.shape[0], x.shape[1], grad.shape[1]))
+
+
+def _grouped_mm_backward(ctx, grad):
+    x, w, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    gx = grouped_mm(grad, w.transpose(-2, -1).contiguous(), offs) if ctx.needs_input_grad[0] else None
+    gw = grouped_mm_wgrad(x, grad, offs) if ctx.needs_input_grad[1] else None
+    return gx, gw, None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward,
+                             setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
+
+
+class _AuxLoss(torch.autograd.Function):
+    """Identity on y whose backward also sends gradient 1 into `aux`: adds an auxiliary loss to
+    the training objective without threading it through every module's return value."""
+
+    @staticmethod
+    def forward(ctx, y, aux):
+        ctx.aux_shape = aux.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.ones(ctx.aux_shape, device=grad.device, dtype=grad.dtype)

@@ -1,23 +1,29 @@
 """MuonClip: Muon for the hidden matrices, AdamW for the rest, and QK-Clip after every step.
 
+Sources: the Kimi K2 report (arXiv 2507.20534), Algorithm 1: MuonClip = Muon with weight decay and
+the RMS-matched update scale, then per-head QK-Clip. Moonlight, "Muon is Scalable for LLM
+Training" (arXiv 2502.16982): the 0.2 sqrt(max(n, m)) update scale and decoupled weight decay.
+Keller Jordan, "Muon: An optimizer for hidden layers in neural networks" (blog post, 2024,
+kellerjordan.github.io/posts/muon): the Newton-Schulz coefficients and Nesterov momentum (K2's
+Algorithm 1 writes plain momentum, `nesterov=False` here).
+
 Read top to bottom:
-  1. Newton-Schulz 5 (`zeropower_ns5`): pushes every singular value of a matrix towards 1, so an
-     update moves all directions of a weight matrix by about the same amount.
+  1. Newton-Schulz 5 (`zeropower_ns5`): pushes the singular values of a matrix towards 1 (all but
+     the very smallest end in [0.68, 1.21]), so an update moves all directions of a weight matrix
+     by about the same amount.
   2. The Muon update (`muon_update`): Nesterov momentum, orthogonalise, scale so the update has
-     the RMS AdamW's updates have (0.2), which lets Muon reuse AdamW's learning rate and decay.
+     about the RMS AdamW's updates have (0.2), which lets Muon reuse AdamW's learning rate and decay.
   3. The step math as pure functions over lists of tensors (`muon_step_`, `adamw_step_`). The
      learning rate and weight decay come in as 0-d tensors: a compiled step sees a new value, not
      a new constant, so changing the schedule never recompiles.
   4. The parameter split (`split_params`): which tensor gets Muon and which AdamW.
   5. QK-Clip (`qk_clip_`): rescale the query/key rows of every head whose attention logits passed
      tau, so the logits of that head shrink by exactly tau / S_max.
-  6. `MuonClip`, the thin optimizer class, and `build_optimizer`, what train.py calls.
-  7. Muon under FSDP2 (`muon_step_sharded_`): Newton-Schulz needs whole matrices, but FSDP2 gives
+  6. Muon under FSDP2 (`muon_step_sharded_`): Newton-Schulz needs whole matrices, but FSDP2 gives
      each rank a block of rows. Whole matrices are dealt out to the ranks with all_to_all, each
      rank orthogonalises its share, and the results go back the same way.
-
-Algorithm: Kimi K2 report, Algorithm 1 (MuonClip); Moonlight for the update scaling and Nesterov
-form. See REFERENCE.md section 2. Shapes: H heads, E experts, n x m a matrix (rows x cols).
+  7. `MuonClip`, the thin optimizer class over 1-6, and `build_optimizer`, what train.py calls.
+Shapes: H heads, E experts, n x m a matrix (rows x cols).
 """
 import math
 
@@ -44,8 +50,13 @@ def gram(X: Tensor) -> Tensor:
 
 def zeropower_ns5(G: Tensor, steps: int = 5, eps: float = 1e-7, *, coeffs=NS_COEFFS,
                   dtype: torch.dtype | None = None, sym_matmul=gram) -> Tensor:
-    """Approximately orthogonalise G [..., n, m] (batched over leading dims): U S V^T -> U S' V^T
-    with every S' in roughly [0.7, 1.2]. The quintic is tuned for speed, not to converge to 1.
+    """Approximately orthogonalise G [..., n, m] (batched over leading dims): U S V^T -> U S' V^T.
+
+    Each singular value of G / ||G||_F, s = sigma / ||G||_F <= 1, goes through the quintic
+    p(s) = a s + b s^3 + c s^5 once per step: S' = p(p(p(p(p(s))))). The quintic is tuned for
+    speed (slope a = 3.4 at 0), not to converge to 1. In exact arithmetic every s >= 1.6e-3 ends in
+    [0.68, 1.21], but smaller ones stay small, near a^5 s = 485 s (1e-3 -> 0.47, 1e-4 -> 0.05);
+    tests/test_muonclip.py measures both.
 
     Runs in bf16 on the GPU (NS is robust to it), at least fp32 elsewhere; returns G's dtype.
     """
@@ -78,6 +89,18 @@ def muon_scale(shape) -> float:
     return RMS_MATCH * math.sqrt(max(shape[-2], shape[-1]))
 
 
+def momentum_(grad: Tensor, momentum_buf: Tensor, beta: float, nesterov: bool) -> Tensor:
+    """M = beta M + G (in place); returns U = G + beta M (Nesterov) or M. Elementwise: a block
+    of rows gives that block of U (what each rank does under FSDP2, section 6)."""
+    momentum_buf.mul_(beta).add_(grad)
+    return grad.add(momentum_buf, alpha=beta) if nesterov else momentum_buf
+
+
+def orthogonal_update(u: Tensor, ns_steps: int = 5, sym_matmul=gram) -> Tensor:
+    """NS5(U) * 0.2 sqrt(max(n, m)): needs whole matrices (or whole experts of a stack)."""
+    return zeropower_ns5(u, ns_steps, sym_matmul=sym_matmul) * muon_scale(u.shape)
+
+
 def muon_update(grad: Tensor, momentum_buf: Tensor, beta: float = 0.95, nesterov: bool = True,
                 ns_steps: int = 5, sym_matmul=gram) -> Tensor:
     """One Muon direction, without the learning rate. Updates `momentum_buf` in place.
@@ -87,18 +110,6 @@ def muon_update(grad: Tensor, momentum_buf: Tensor, beta: float = 0.95, nesterov
     A [E, n, m] expert stack is orthogonalised per expert (batched), never as one flat matrix.
     """
     return orthogonal_update(momentum_(grad, momentum_buf, beta, nesterov), ns_steps, sym_matmul)
-
-
-def momentum_(grad: Tensor, momentum_buf: Tensor, beta: float, nesterov: bool) -> Tensor:
-    """M = beta M + G (in place); returns U = G + beta M (Nesterov) or M. Elementwise: a block
-    of rows gives that block of U (what each rank does under FSDP2, section 7)."""
-    momentum_buf.mul_(beta).add_(grad)
-    return grad.add(momentum_buf, alpha=beta) if nesterov else momentum_buf
-
-
-def orthogonal_update(u: Tensor, ns_steps: int = 5, sym_matmul=gram) -> Tensor:
-    """NS5(U) * 0.2 sqrt(max(n, m)): needs whole matrices (or whole experts of a stack)."""
-    return zeropower_ns5(u, ns_steps, sym_matmul=sym_matmul) * muon_scale(u.shape)
 
 
 # ----------------------------------------------------------------------------- 3. step math
@@ -184,6 +195,17 @@ def qk_clip_factors(max_logits: Tensor, tau: float) -> Tensor:
 
 
 @torch.no_grad()
+def scale_rows_(w: Tensor, factors: Tensor) -> None:
+    """w[r, :] *= factors[r]. Under FSDP2, w is a DTensor holding a block of rows on each rank:
+    the factor vector is split the same way (no communication) and each rank scales its rows."""
+    factors = factors[:, None]
+    if isinstance(w, DTensor):
+        factors = distribute_tensor(factors, w.device_mesh, w.placements, src_data_rank=None).to_local()
+        w = w.to_local()
+    w.mul_(factors.to(w.dtype))
+
+
+@torch.no_grad()
 def qk_clip_(attn: MLA, gamma: Tensor) -> None:
     """Scale one MLA layer so that every logit of head h becomes gamma[h] times what it was.
 
@@ -206,18 +228,83 @@ def qk_clip_(attn: MLA, gamma: Tensor) -> None:
     scale_rows_(attn.wkv_b.weight, kv_rows)                                   # [H*(nope+v), kv_lora]
 
 
+# ----------------------------------------------------------------------------- 6. Muon under FSDP2
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's block of a DTensor (a view: in-place ops change the DTensor), or t itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shard_rows(n: int, world: int) -> list[int]:
+    """Rows of an n-row tensor on each rank under Shard(0): torch.chunk's split (ceil(n / world)
+    per rank, the last ranks get what is left, possibly nothing)."""
+    per = -(-n // world)
+    return [max(0, min(per, n - r * per)) for r in range(world)]
+
+
 @torch.no_grad()
-def scale_rows_(w: Tensor, factors: Tensor) -> None:
-    """w[r, :] *= factors[r]. Under FSDP2, w is a DTensor holding a block of rows on each rank:
-    the factor vector is split the same way (no communication) and each rank scales its rows."""
-    factors = factors[:, None]
-    if isinstance(w, DTensor):
-        factors = distribute_tensor(factors, w.device_mesh, w.placements, src_data_rank=None).to_local()
-        w = w.to_local()
-    w.mul_(factors.to(w.dtype))
+def muon_step_sharded_(params: list[DTensor], grads: list[DTensor], bufs: list[DTensor], lr: Tensor,
+                       weight_decay: Tensor, beta: float = 0.95, nesterov: bool = True,
+                       ns_steps: int = 5) -> Tensor:
+    """muon_step_ for FSDP2 parameters (DTensors sharded on dim 0): the same update, bit for bit
+    the same Newton-Schulz input, without any rank orthogonalising every matrix.
+
+    - Momentum and Nesterov are elementwise: each rank updates its own rows.
+    - A 3-D expert stack [E, n, m] is sharded on E, so each rank holds whole experts and
+      orthogonalises them where they are: no communication at all.
+    - A 2-D matrix is sharded by rows. Matrices are dealt out W at a time (largest first, so each
+      round's work is even): in a round, rank j owns matrix j. One all_to_all sends every rank's
+      rows of matrix j to rank j, which orthogonalises the whole matrix; a second all_to_all sends
+      each rank its rows of the result. Compute per rank ~ 1/W of the total, traffic ~ 2x the
+      matrices' size, versus all-gathering every matrix everywhere (W x the compute).
+    Returns this rank's sum of squared applied updates (the caller all-reduces it).
+    """
+    group = params[0].device_mesh.get_group()  # the ranks the parameters are sharded over
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    updates: dict[int, Tensor] = {}
+    matrices = []
+    for i, (g, buf) in enumerate(zip(grads, bufs)):
+        u = momentum_(_local(g), _local(buf), beta, nesterov)
+        if u.ndim == 3:
+            updates[i] = orthogonal_update(u, ns_steps)
+        else:
+            matrices.append((i, u))
+    matrices.sort(key=lambda iu: -params[iu[0]].numel())  # same order on every rank
+    for start in range(0, len(matrices), world):
+        round_ = matrices[start:start + world]
+        mine = round_[rank] if rank < len(round_) else None
+        # out: my rows of each matrix, to its owner. in: every rank's rows of the matrix I own.
+        send_splits = [u.numel() for _, u in round_] + [0] * (world - len(round_))
+        if mine is not None:
+            n, m = params[mine[0]].shape
+            recv_splits = [rows * m for rows in shard_rows(n, world)]
+        else:
+            recv_splits = [0] * world
+        sample = round_[0][1]
+        whole = sample.new_empty(sum(recv_splits))
+        dist.all_to_all_single(whole, torch.cat([u.reshape(-1) for _, u in round_]),
+                               recv_splits, send_splits, group=group)
+        if mine is not None:
+            o = orthogonal_update(whole.view(n, m), ns_steps).reshape(-1)
+        else:
+            o = sample.new_empty(0)
+        back = sample.new_empty(sum(send_splits))
+        dist.all_to_all_single(back, o.to(sample.dtype), send_splits, recv_splits, group=group)
+        for (i, u), rows in zip(round_, back.split(send_splits[:len(round_)])):
+            updates[i] = rows.view_as(u)
+    sq = torch.zeros((), device=lr.device)
+    for i, p in enumerate(params):
+        sq = sq + apply_update_(_local(p), updates[i], lr, weight_decay)
+    return sq
 
 
-# ----------------------------------------------------------------------------- 6. the optimizer
+# ----------------------------------------------------------------------------- 7. the optimizer
+
+def check_tau(tau: float | None) -> None:
+    if tau is not None and not (tau > 0 and math.isfinite(tau)):
+        raise ValueError(f"qk_clip_tau must be a positive number, got {tau}; "
+                         f"use --no-qk-clip to turn the clip off")
+
 
 class MuonClip(torch.optim.Optimizer):
     """Muon (hidden matrices) + AdamW (embedding, head, norms, biases) + QK-Clip.
@@ -227,7 +314,7 @@ class MuonClip(torch.optim.Optimizer):
     Internally lr and decay are copied into 0-d tensors each step (no recompile, no host sync).
     State holds tensors only: momentum for Muon; exp_avg, exp_avg_sq, step for AdamW.
     Under FSDP2 the parameters are DTensors and the same class works unchanged: Muon goes through
-    `muon_step_sharded_` (section 7), AdamW runs on each rank's rows, and `qk_clip` scales the rows
+    `muon_step_sharded_` (section 6), AdamW runs on each rank's rows, and `qk_clip` scales the rows
     each rank holds. The caller passes max logits already all-reduced (MAX) over the ranks.
     """
 
@@ -331,12 +418,6 @@ class MuonClip(torch.optim.Optimizer):
         return out
 
 
-def check_tau(tau: float | None) -> None:
-    if tau is not None and not (tau > 0 and math.isfinite(tau)):
-        raise ValueError(f"qk_clip_tau must be a positive number, got {tau}; "
-                         f"use --no-qk-clip to turn the clip off")
-
-
 OPTIMIZERS = ("muonclip", "adamw")
 
 
@@ -358,73 +439,3 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8,
                                  **({"fused": True} if on_fused_device else {"foreach": True}))
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-
-
-# ----------------------------------------------------------------------------- 7. Muon under FSDP2
-
-def _local(t: Tensor) -> Tensor:
-    """This rank's block of a DTensor (a view: in-place ops change the DTensor), or t itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def shard_rows(n: int, world: int) -> list[int]:
-    """Rows of an n-row tensor on each rank under Shard(0): torch.chunk's split (ceil(n / world)
-    per rank, the last ranks get what is left, possibly nothing)."""
-    per = -(-n // world)
-    return [max(0, min(per, n - r * per)) for r in range(world)]
-
-
-@torch.no_grad()
-def muon_step_sharded_(params: list[DTensor], grads: list[DTensor], bufs: list[DTensor], lr: Tensor,
-                       weight_decay: Tensor, beta: float = 0.95, nesterov: bool = True,
-                       ns_steps: int = 5) -> Tensor:
-    """muon_step_ for FSDP2 parameters (DTensors sharded on dim 0): the same update, bit for bit
-    the same Newton-Schulz input, without any rank orthogonalising every matrix.
-
-    - Momentum and Nesterov are elementwise: each rank updates its own rows.
-    - A 3-D expert stack [E, n, m] is sharded on E, so each rank holds whole experts and
-      orthogonalises them where they are: no communication at all.
-    - A 2-D matrix is sharded by rows. Matrices are dealt out W at a time (largest first, so each
-      round's work is even): in a round, rank j owns matrix j. One all_to_all sends every rank's
-      rows of matrix j to rank j, which orthogonalises the whole matrix; a second all_to_all sends
-      each rank its rows of the result. Compute per rank ~ 1/W of the total, traffic ~ 2x the
-      matrices' size, versus all-gathering every matrix everywhere (W x the compute).
-    Returns this rank's sum of squared applied updates (the caller all-reduces it).
-    """
-    group = params[0].device_mesh.get_group()  # the ranks the parameters are sharded over
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    updates: dict[int, Tensor] = {}
-    matrices = []
-    for i, (g, buf) in enumerate(zip(grads, bufs)):
-        u = momentum_(_local(g), _local(buf), beta, nesterov)
-        if u.ndim == 3:
-            updates[i] = orthogonal_update(u, ns_steps)
-        else:
-            matrices.append((i, u))
-    matrices.sort(key=lambda iu: -params[iu[0]].numel())  # same order on every rank
-    for start in range(0, len(matrices), world):
-        round_ = matrices[start:start + world]
-        mine = round_[rank] if rank < len(round_) else None
-        # out: my rows of each matrix, to its owner. in: every rank's rows of the matrix I own.
-        send_splits = [u.numel() for _, u in round_] + [0] * (world - len(round_))
-        if mine is not None:
-            n, m = params[mine[0]].shape
-            recv_splits = [rows * m for rows in shard_rows(n, world)]
-        else:
-            recv_splits = [0] * world
-        sample = round_[0][1]
-        whole = sample.new_empty(sum(recv_splits))
-        dist.all_to_all_single(whole, torch.cat([u.reshape(-1) for _, u in round_]),
-                               recv_splits, send_splits, group=group)
-        if mine is not None:
-            o = orthogonal_update(whole.view(n, m), ns_steps).reshape(-1)
-        else:
-            o = sample.new_empty(0)
-        back = sample.new_empty(sum(send_splits))
-        dist.all_to_all_single(back, o.to(sample.dtype), send_splits, recv_splits, group=group)
-        for (i, u), rows in zip(round_, back.split(send_splits[:len(round_)])):
-            updates[i] = rows.view_as(u)
-    sq = torch.zeros((), device=lr.device)
-    for i, p in enumerate(params):
-        sq = sq + apply_update_(_local(p), updates[i], lr, weight_decay)
-    return sq

@@ -147,7 +147,8 @@ def test_sequence_balance_loss_formula_and_gradient():
 
 
 def _independent_count(a):
-    """Parameter count from the architecture description (REFERENCE.md section 1)."""
+    """Parameter count written from the architecture as the DeepSeek-V3 report (arXiv 2412.19437,
+    MLA and MoE) and the released K2 config describe it, independently of model.py's modules."""
     qk = a.qk_nope_head_dim + a.qk_rope_head_dim
     if a.q_lora_rank:
         q = a.dim * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * a.n_heads * qk
@@ -194,14 +195,15 @@ def test_k2_per_layer_counts():
 
 @pytest.mark.parametrize("preset", ["kimi-k2", "deepseek-v3"])
 def test_yarn_frequencies(preset):
-    """YaRN against a scalar re-derivation: per dim pair, rotations over the original context decide
-    between keeping the frequency (fast dims), dividing it by the factor (slow dims), or a blend."""
+    """YaRN (arXiv 2309.00071) against a scalar re-derivation: per rotary pair, rotations over the
+    original context decide between keeping the frequency (fast pairs), dividing it by the factor
+    (slow pairs), or a blend."""
     a = get_args(preset)
     d, base = a.qk_rope_head_dim, a.rope_theta
     got = yarn_inv_freq(a).double()
     for i in range(d // 2):
         theta = base ** (-2 * i / d)
-        # dim index at which a pair completes r rotations within original_seq_len
+        # (fractional) index of the rotary pair that completes r rotations within original_seq_len
         dim_for = lambda r: d * math.log(a.original_seq_len / (2 * math.pi * r)) / (2 * math.log(base))
         lo, hi = max(math.floor(dim_for(a.beta_fast)), 0), min(math.ceil(dim_for(a.beta_slow)), d - 1)
         hi = hi + 0.001 if hi == lo else hi

@@ -44,9 +44,46 @@ def test_ns5_singular_values_in_band(shape):
     s = torch.linalg.svdvals(O)
     # NS5's quintic is tuned to be fast, not to converge: singular values land in about
     # [0.7, 1.2]. (A square Gaussian has singular values near 0 that 5 steps cannot lift that
-    # far: exempt the 2 smallest there. Gradients are rarely square and full rank.)
+    # far: exempt the 2 smallest there. Gradients are rarely square and full rank. Where exactly
+    # the band starts: test_ns5_follows_the_scalar_quintic.)
     lo = s[:-2] if shape[0] == shape[1] else s
     assert lo.min() > 0.65 and s.max() < 1.2, (s.min(), s.max())
+
+
+def ns5_scalar(s: float, steps: int = 5) -> float:
+    """What NS5 does to one singular value of G / ||G||_F, on plain Python floats (the
+    coefficients typed again here, from Keller Jordan's Muon, not imported)."""
+    for _ in range(steps):
+        s = 3.4445 * s - 4.7750 * s ** 3 + 2.0315 * s ** 5
+    return s
+
+
+@pytest.mark.parametrize("tall", [False, True])
+def test_ns5_follows_the_scalar_quintic(tall):
+    """zeropower_ns5 maps each singular value through the scalar quintic, and the band its
+    docstring states holds exactly where it says: [0.68, 1.21] for s >= 1.6e-3, far below for less."""
+    # s = sigma / ||G||_F; the grid's extremes sit near 4.1e-3 (1.2024) and 9.3e-3 (0.6818)
+    s = [1e-4, 3e-4, 1e-3, 1.5e-3, 1.6e-3, 2e-3, 3e-3, 4.1e-3, 9.3e-3, 0.03, 0.1, 0.3, 0.5]
+    s.append(math.sqrt(1 - sum(x * x for x in s)))  # sum s^2 = 1, so ||U diag(s) V^T||_F = 1
+    n, m = len(s), 40
+    g = torch.Generator().manual_seed(7)
+    U = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64))[0]   # [m, n], V^T V = I
+    G = 1000.0 * U @ torch.diag(torch.tensor(s, dtype=torch.float64)) @ V.T      # 1000: eps is negligible
+    O = zeropower_ns5(G.mT).mT if tall else zeropower_ns5(G)
+    S_out = U.T @ O @ V                                     # diagonal: NS keeps the singular vectors
+    got = torch.diagonal(S_out)
+    torch.testing.assert_close(S_out - torch.diag(got), torch.zeros(n, n, dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+    expect = torch.tensor([ns5_scalar(x) for x in s], dtype=torch.float64)
+    torch.testing.assert_close(got, expect, rtol=1e-9, atol=1e-12)
+    for x, y in zip(s, got.tolist()):
+        assert (0.68 <= y <= 1.21) == (x >= 1.6e-3), (x, y)
+    assert got[0] < 0.05 and got[2] < 0.5           # s = 1e-4 -> 0.048, 1e-3 -> 0.47
+    # the band over the whole range s in [1.6e-3, 1] (log grid), and how tight its edges are
+    finals = [ns5_scalar(1.6e-3 ** (1 - i / 20000)) for i in range(20001)]
+    assert 0.68 <= min(finals) and max(finals) <= 1.21, (min(finals), max(finals))
+    assert max(finals) > 1.2 and min(finals) < 0.69 and ns5_scalar(1.5e-3) < 0.68
 
 
 def test_ns5_rectangular_both_ways_and_scale_invariant():
