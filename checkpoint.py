@@ -55,14 +55,30 @@ def save_pretrained(model: Transformer, folder: str, extra_config: dict | None =
 
 
 def load_pretrained(folder: str, device="cpu") -> Transformer:
+    """The model in `folder`. A missing, corrupt or mismatched file is a clear error, never a
+    half-loaded model: FileNotFoundError when nothing is there, ValueError otherwise."""
     weights, config = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
     if not (os.path.exists(weights) and os.path.exists(config)):
         raise FileNotFoundError(f"no checkpoint in {folder!r} (model.safetensors + config.json); "
                                 f"run `python train.py` first, or pass the folder it wrote to")
-    with open(config) as f:
-        args = ModelArgs(**json.load(f)["model_args"])
+    try:
+        with open(config) as f:
+            args = ModelArgs(**json.load(f)["model_args"])
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, no model_args, unknown fields
+        raise ValueError(f"{config} is not a nanoK2 model config ({type(e).__name__}: {e}); "
+                         f"point at a folder written by train.py") from e
+    try:
+        state = load_file(weights, device=str(device))
+    except Exception as e:  # safetensors raises its own error type for a truncated/garbled file
+        raise ValueError(f"{weights} is not a readable safetensors file ({e}); it is truncated or "
+                         f"corrupt: restore it, or train again") from e
     model = build_model(args, device)
-    model.load_state_dict(load_file(weights, device=str(device)))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # missing/unexpected keys or wrong shapes
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"{weights} does not match {config} ({first}); the two files come from "
+                         f"different models: restore the pair written together") from e
     return model
 
 

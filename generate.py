@@ -11,6 +11,7 @@ decode speed, lengths and the cache's bytes against what the full per-head cache
 """
 import argparse
 import codecs
+import os
 import sys
 import time
 
@@ -44,6 +45,14 @@ def parse_args(argv=None):
         p.error(f"--kv-budget must be in (0, 1] (the fraction of the prompt kept), got {args.kv_budget}")
     if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
         p.error("need --max-new-tokens >= 1, --temperature >= 0 and --top-k >= 0")
+    if not 0 <= args.kv_alpha < 1:
+        p.error(f"--kv-alpha must be in [0, 1) (the weight of the past in the predicted score; "
+                f"0 = the current query only), got {args.kv_alpha:g}")
+    if args.kv_window < 1:
+        p.error(f"--kv-window must be at least 1 (the recent tokens always kept), got {args.kv_window}")
+    if args.prompt_file is not None and not os.path.isfile(args.prompt_file):
+        p.error(f"--prompt-file {args.prompt_file!r}: no such file; pass an existing file, "
+                f"--prompt TEXT, or the prompt on stdin")
     return args
 
 
@@ -82,7 +91,7 @@ def main(argv=None):
     try:
         model = load_pretrained(args.out, args.device).eval()
         enc = data.load_encoding(args.out)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # no checkpoint, or a corrupt / mismatched one
         sys.exit(f"error: {e}")
     ctx = model.args.max_seq_len
     ids = enc.encode_ordinary(read_prompt(args)) or [enc.eot_token]   # empty prompt: start a document

@@ -185,6 +185,7 @@ def main(argv=None):
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     if args.max_steps < 1:
         raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}")
+    model_args_from(args, args.vocab_size)  # preset and overrides checked before the corpus is read
     d, device = setup_distributed(args)
     try:
         return train(args, d, device)

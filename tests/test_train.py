@@ -85,6 +85,14 @@ def test_bad_input_gives_a_clear_error(corpus_dir, cache_dir, tmp_path, flags, m
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
+def test_bad_model_flags_fail_before_the_corpus_is_read(corpus_dir, tmp_path):
+    """An unknown preset is reported at once, not after training a tokenizer and encoding the corpus."""
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        train.main(train_flags(corpus_dir, str(cache), tmp_path / "out", "--preset", "nope"))
+    assert not cache.exists() or not any(cache.iterdir())
+
+
 def test_zero_steps_is_refused(corpus_dir, cache_dir, tmp_path):
     with pytest.raises(ValueError, match="--max-steps must be at least 1"):
         train.main(train_flags(corpus_dir, cache_dir, tmp_path, "--max-steps", "0"))
