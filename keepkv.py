@@ -105,6 +105,9 @@ class KVConfig:
             raise ValueError(f"alpha must be in [0, 1), got {self.alpha}")
         if self.n_sink < 0 or self.window < 1 or self.obs_window < 1 or self.pool < 1:
             raise ValueError("need n_sink >= 0, window >= 1, obs_window >= 1, pool >= 1")
+        if self.pool % 2 == 0:  # an even kernel with padding pool // 2 yields T + 1 pooled scores
+            raise ValueError(f"pool must be odd (a window centred on each key), got {self.pool}; "
+                             f"use {self.pool + 1}")
 
 
 def capacity(prompt_len: int, cfg: KVConfig, max_new_tokens: int = 0) -> int:

@@ -302,3 +302,8 @@ def test_config_errors():
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="budget"):
             KVConfig(budget=bad)
+    with pytest.raises(ValueError, match="pool must be odd.*use 3"):
+        KVConfig(pool=2)
+    # what the check prevents: an even kernel pools T keys into T + 1 scores
+    mass = torch.rand(1, 1, 7)
+    assert torch.nn.functional.avg_pool1d(mass, 2, stride=1, padding=1).shape[-1] == 8
