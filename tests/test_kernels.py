@@ -238,14 +238,6 @@ def test_sym_matmul_input_checks():
         kernels.sym_matmul(torch.randn(20, 30).half())
 
 
-@needs_triton
-def test_kernel_errors_report():  # what bench_kernels prints and saves on a CPU
-    errs = kernels.kernel_errors(torch.float32, "small")
-    assert set(errs) == {"attn_out", "attn_max_logits", "attn_dq", "attn_dk", "attn_dv",
-                         "decode_out", "decode_logits", "sym_matmul"}
-    assert all(err < 1e-5 for err in errs.values()), errs
-
-
 # ----------------------------------------------------------------------------- without triton
 
 def test_forcing_triton_without_triton_raises(monkeypatch):

@@ -1,0 +1,63 @@
+"""What every benchmark shares: JSON output with the machine's description, plain-text tables, and
+the FLOP counting and GPU peaks behind the MFU figures of `bench.py train` and `bench.py dist`."""
+import json
+import os
+import platform
+
+import torch
+
+from model import Transformer, count_params
+
+
+def write_json(name: str, payload: dict, out_dir: str = "out/bench") -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    payload = {"machine": machine_info(), **payload}
+    with open(path + ".tmp", "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+    return path
+
+
+def machine_info() -> dict:
+    info = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def print_table(rows: list[dict], cols: list[str]):
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths)))
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+# dense bf16 tensor-core peaks (no sparsity), for MFU on a GPU
+GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+
+
+def train_flops_per_token(args, seq_len: int) -> float:
+    """Useful FLOPs of one trained token: 6 per weight a token multiplies (2 forward, 4 backward),
+    plus causal attention (q.k and p.v over on average seq_len/2 keys, times 3 for the backward).
+    The embedding lookup is not a matmul; the QK-Clip max-logit pass is overhead, not counted."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    _, active = count_params(model)
+    matmul_params = active - args.vocab_size * args.dim - sum(m.gate.bias.numel() for m in model.moe_layers())
+    attn = 2 * args.n_heads * (args.qk_head_dim + args.v_head_dim) * (seq_len / 2) * args.n_layers
+    return 6 * matmul_params + 3 * attn
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+

@@ -1,0 +1,100 @@
+"""bench.py optim: AdamW vs MuonClip at equal tokens. Each run is a real train.py run (tiny preset,
+same seed and batches), each optimizer at the best lr of a small sweep; reported: val loss and
+bits/byte, the optimizer's share of the step time, the max attention logit. The claim it checks:
+MuonClip reaches a lower loss than AdamW for the same tokens (Moonlight/K2). Then the QK-Clip
+demonstration: a run made to grow its logits (high lr, no weight decay, small tau) with and without
+the clip, which must hold the max logit near tau."""
+import json
+import os
+
+from benchmarks.common import print_table, write_json
+
+
+def _train_run(flags: list[str], out_dir: str) -> list[dict]:
+    """One real `train.py` run (same loop users run); returns its metrics.jsonl records."""
+    import train
+    train.main(flags + ["--out-dir", out_dir])
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def bench_optim(a):
+    """AdamW vs MuonClip on the tiny preset: same seed, data and tokens, each at the best lr of a
+    small sweep; then QK-Clip on a run made to grow its logits (high lr, no decay, small tau)."""
+    import tempfile
+    common = ["--preset", a.preset, "--max-steps", str(a.steps), "--batch-size", str(a.batch_size),
+              "--seq-len", str(a.seq_len), "--seed", str(a.seed), "--eval-every", str(a.steps),
+              "--log-every", str(max(1, a.steps // 4)), "--save-every", str(10**9), "--no-compile"]
+    tmp = tempfile.mkdtemp(prefix="bench-optim-")
+    runs = []
+    for opt, lrs in (("adamw", a.adamw_lrs), ("muonclip", a.muon_lrs)):
+        for lr in lrs:
+            recs = _train_run(common + ["--optimizer", opt, "--lr", str(lr)], os.path.join(tmp, f"{opt}-{lr}"))
+            steady = recs[1:]  # the first step pays one-off costs
+            runs.append({"optimizer": opt, "lr": lr, "val_loss": recs[-1]["val_loss"],
+                         "val_bpb": recs[-1]["val_bpb"],
+                         "opt_frac_of_step": sum(r["opt_ms"] for r in steady) / sum(r["ms"] for r in steady),
+                         "max_logit": max((r["max_logit"] for r in recs if "max_logit" in r), default=None),
+                         "tok_s": sum(r["tok_s"] for r in steady) / len(steady)})
+    best = {o: min((r for r in runs if r["optimizer"] == o), key=lambda r: r["val_loss"]) for o in ("adamw", "muonclip")}
+    for r in runs:
+        r["best"] = "*" if r is best[r["optimizer"]] else ""
+    print(f"\nsweep: {a.steps} steps x {a.batch_size} x {a.seq_len} tokens each; * = best lr "
+          f"(picked on the same val split it is reported on)")
+    print_table(runs, ["optimizer", "lr", "val_loss", "val_bpb", "opt_frac_of_step", "max_logit", "tok_s", "best"])
+    gap = best["muonclip"]["val_loss"] - best["adamw"]["val_loss"]
+    print(f"tuned MuonClip - tuned AdamW: {gap:+.4f} val loss")
+
+    demo = {}
+    demo_flags = common[:] + ["--optimizer", "muonclip", "--lr", str(a.demo_lr), "--weight-decay", "0"]
+    demo_flags[demo_flags.index("--max-steps") + 1] = str(a.demo_steps)
+    demo_flags[demo_flags.index("--eval-every") + 1] = str(a.demo_steps)
+    for name, extra in (("no_clip", ["--no-qk-clip"]), ("clip", ["--qk-clip-tau", str(a.demo_tau)])):
+        recs = _train_run(demo_flags + extra, os.path.join(tmp, f"demo-{name}"))
+        demo[name] = {"max_logit": [r["max_logit"] for r in recs],
+                      "heads_clipped": [r["heads_clipped"] for r in recs], "val_loss": recs[-1]["val_loss"]}
+    c, n = demo["clip"], demo["no_clip"]
+    print(f"\nQK-Clip demo: lr {a.demo_lr}, weight decay 0, tau {a.demo_tau}, {a.demo_steps} steps")
+    print("step  max logit (no clip)  max logit (clip)  heads clipped")
+    for i in range(0, a.demo_steps, max(1, a.demo_steps // 16)):
+        print(f"{i + 1:4d}  {n['max_logit'][i]:19.2f}  {c['max_logit'][i]:16.2f}  {c['heads_clipped'][i]:13d}")
+    over = [m / a.demo_tau for m in c["max_logit"] if m > a.demo_tau]
+    print(f"peak max logit: {max(n['max_logit']):.2f} without the clip, {max(c['max_logit']):.2f} with it; "
+          f"{sum(c['heads_clipped'])} head clips; val loss {n['val_loss']:.4f} / {c['val_loss']:.4f}.\n"
+          f"The clip uses the logits of the forward before the update it follows, so a head can "
+          f"re-enter a step above tau by that step's own growth: worst {max(over, default=1):.3f} x tau.")
+    _plot_demo(demo, a.demo_tau)
+    write_json("optim", {"sweep": runs, "gap_val_loss": gap, "demo": demo, "args": vars(a) | {"fn": None}})
+
+
+def _plot_demo(demo, tau):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+        return
+    plt.figure(figsize=(6, 3.5))
+    for name, d in demo.items():
+        plt.plot(range(1, len(d["max_logit"]) + 1), d["max_logit"], label=name.replace("_", " "))
+    plt.axhline(tau, ls="--", c="gray", label=f"tau = {tau}")
+    plt.xlabel("step"), plt.ylabel("max attention logit"), plt.legend(), plt.tight_layout()
+    os.makedirs("out/bench", exist_ok=True)
+    plt.savefig("out/bench/optim_max_logit.png", dpi=120)
+    print("wrote out/bench/optim_max_logit.png")
+
+
+def add_parser(sub):
+    o = sub.add_parser("optim", help=bench_optim.__doc__)
+    o.add_argument("--preset", default="tiny")
+    o.add_argument("--steps", type=int, default=150)
+    o.add_argument("--batch-size", type=int, default=8)
+    o.add_argument("--seq-len", type=int, default=128)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    o.add_argument("--muon-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    o.add_argument("--demo-steps", type=int, default=80)
+    o.add_argument("--demo-lr", type=float, default=3e-2)
+    o.add_argument("--demo-tau", type=float, default=10.0)
+    o.set_defaults(fn=bench_optim)

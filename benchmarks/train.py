@@ -1,0 +1,94 @@
+"""bench.py train: tokens/s of one training step (AdamW, random tokens) on the tiny preset, eager
+vs every block compiled, and the FLOP/s that makes, as a fraction of this machine's own 2048^3
+GEMM rate (and, on a GPU, of its bf16 peak: MFU). The claim it checks: whether torch.compile pays
+for the model on this device, which sets train.py's --compile default (on for CUDA, off for CPU)."""
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import GPU_BF16_PEAK, _sync, print_table, train_flops_per_token, write_json
+from model import build_model, get_args
+
+
+def matmul_rate(device, dtype, n=2048, reps=5) -> float:
+    """This machine's own dense matmul FLOP/s: the denominator of an honest CPU "MFU"."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def bench_train(a):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args = get_args(a.preset, vocab_size=8192)
+    seq, batch = a.seq_len, a.batch_size
+    flops_tok = train_flops_per_token(args, seq)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rate = matmul_rate(device, dtype)
+    rows = []
+    for mode in a.modes.split(","):
+        torch.manual_seed(0)
+        model = build_model(args, device, seed=0)
+        model.set_record_max_logits(True)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        if mode == "compiled":
+            for layer in model.layers:
+                layer.compile()
+        x = torch.randint(0, args.vocab_size, (batch, seq), device=device)
+        y = torch.randint(0, args.vocab_size, (batch, seq), device=device)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+        def step():
+            with autocast:
+                logits = model(x)
+            F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            model.pop_max_logits()
+            model.update_router_bias()
+
+        t0 = time.perf_counter()
+        for _ in range(a.warmup):
+            step()
+        _sync(device)
+        warm_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            step()
+        _sync(device)
+        dt = (time.perf_counter() - t0) / a.steps
+        tok_s = batch * seq / dt
+        row = {"mode": mode, "ms_per_step": dt * 1e3, "tok_s": tok_s, "warmup_s": warm_s,
+               "achieved_gflops": tok_s * flops_tok / 1e9,
+               "frac_of_matmul_rate": tok_s * flops_tok / rate}
+        if device.type == "cuda":
+            peak = next((v for k, v in GPU_BF16_PEAK.items() if k in torch.cuda.get_device_name()), None)
+            row["mfu_vs_bf16_peak"] = tok_s * flops_tok / peak if peak else None
+        rows.append(row)
+        print_table([row], list(row))
+    if len(rows) == 2:
+        rows[1]["speedup_vs_eager"] = rows[1]["tok_s"] / rows[0]["tok_s"]
+    print(f"\n{a.preset} preset, batch {batch} x {seq}, {flops_tok / 1e6:.1f} MFLOP/token, "
+          f"{device} {dtype} matmul rate {rate / 1e9:.1f} GFLOP/s (2048^3 GEMM, same run)")
+    print_table(rows, list(rows[-1]))
+    write_json("train", {"preset": a.preset, "batch_size": batch, "seq_len": seq,
+                         "flops_per_token": flops_tok, "matmul_flops": rate, "device": str(device),
+                         "rows": rows})
+
+
+
+def add_parser(sub):
+    t = sub.add_parser("train", help=bench_train.__doc__)
+    t.add_argument("--preset", default="tiny")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--steps", type=int, default=10)
+    t.add_argument("--warmup", type=int, default=3)
+    t.add_argument("--modes", default="eager,compiled")
+    t.set_defaults(fn=bench_train)

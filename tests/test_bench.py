@@ -1,0 +1,45 @@
+"""bench.py and benchmarks/: every subcommand is wired to its module, the paths the benchmarks
+re-invoke (bench.py dist-worker, the kernel checks' child process) are valid, and the kernel checks
+that `bench.py kernels` prints and saves on a CPU pass. The benchmarks themselves are run by hand.
+
+TRITON_INTERPRET=1 is set before triton or kernels.py is imported, as in tests/test_kernels.py."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the imports of triton / kernels
+
+import pytest
+import torch
+
+import bench
+import benchmarks.dist
+from benchmarks.kernels import _kernel_errors_in_child, kernel_errors
+from test_kernels import interpreter, needs_triton  # noqa: F401 (interpreter: a fixture)
+
+KERNEL_CHECKS = {"attn_out", "attn_max_logits", "attn_dq", "attn_dk", "attn_dv",
+                 "decode_out", "decode_logits", "sym_matmul"}
+
+
+@pytest.mark.parametrize("name", ["train", "optim", "kv", "kernels", "dist", "dist-worker"])
+def test_every_benchmark_has_its_subcommand(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main([name, "--help"])
+    assert e.value.code == 0
+    assert f" {name} [-h]" in capsys.readouterr().out.split("\n")[0]  # usage: PROG NAME [-h] ...
+
+
+def test_dist_workers_run_bench_py():  # bench.py dist launches `BENCH_PY dist-worker` per config
+    assert os.path.samefile(benchmarks.dist.BENCH_PY, bench.__file__)
+
+
+@needs_triton
+def test_kernel_errors_report():  # what bench_kernels prints and saves on a CPU
+    errs = kernel_errors(torch.float32, "small")
+    assert set(errs) == KERNEL_CHECKS
+    assert all(err < 1e-5 for err in errs.values()), errs
+
+
+@needs_triton
+def test_kernel_errors_in_child():  # bench_kernels on a CPU runs them in a fresh interpreter process
+    errs = _kernel_errors_in_child("float32")
+    assert set(errs) == KERNEL_CHECKS
+    assert all(err < 1e-5 for err in errs.values()), errs
