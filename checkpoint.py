@@ -10,11 +10,15 @@ Two kinds, both free of pickles (loading one can never run code):
 A training run's --out-dir after a save:
   model.safetensors   full weights (+ router biases)    config.json     model args + run flags
   tokenizer.json/bpe.tiktoken   the tokenizer            train_state/    optimizer tensors + RNG
-  train_state.json    step + sampler position            (written last: it marks a complete checkpoint)
+  train_state.json    step, sampler position, size of each file --resume reads (written last:
+                      it marks a complete checkpoint)
   metrics.jsonl       one JSON object per logged step (train.py's; replayed after a resume)
 Nothing is lost to a crash: every part is first written whole into checkpoint.tmp/, then moved in
-(commit_staged), the marker last; --resume finishes a commit that a crash cut short.
+(commit_staged), the marker last; --resume finishes a commit that a crash cut short. The fault
+battery in tests/test_checkpoint.py kills a run at every filesystem call of a save, before and
+after it (2 ranks: a sample of them), and checks that --resume continues exactly or refuses clearly.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -23,8 +27,10 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import data
@@ -133,8 +139,14 @@ def save_checkpoint(out_dir, model, optimizer, step, sampler, args, enc, d: Dist
                                                             save_distributed=True))
     d.barrier()
     if d.main:
+        # the marker also records the size of each file --resume reads: a file truncated or
+        # swapped after the save is then named by the resume, not found by DCP mid-load
+        shards = sorted(os.listdir(os.path.join(stage, "train_state")))
+        files = {name: os.path.getsize(os.path.join(stage, *name.split("/")))
+                 for name in ["config.json", "model.safetensors", *(f"train_state/{f}" for f in shards)]}
         with open(os.path.join(stage, "train_state.json.tmp"), "w") as f:
-            json.dump({"step": step, "sampler": sampler.state_dict(), "world_size": d.world}, f)
+            json.dump({"step": step, "sampler": sampler.state_dict(), "world_size": d.world,
+                       "files": files}, f)
         os.replace(os.path.join(stage, "train_state.json.tmp"), os.path.join(stage, "train_state.json"))
         commit_staged(out_dir)
     d.barrier()
@@ -158,7 +170,10 @@ def commit_staged(out_dir):
 
 def load_checkpoint(out_dir, model, optimizer, sampler, args, margs, d: Dist) -> int:
     """Check that the checkpoint is complete and matches this run, then load weights, optimizer
-    state and RNG. Each rank reads just its own rows (DCP); any saved rank count works."""
+    state and RNG. Each rank reads just its own rows (DCP); any saved rank count works.
+    Whatever is wrong with the folder (a missing, truncated, corrupt or swapped file, another
+    model's config) is one ValueError (FileNotFoundError: no checkpoint at all) that names the
+    file and the fix, raised alike on every rank, never a traceback from DCP or safetensors."""
     if d.main and os.path.exists(os.path.join(out_dir, "checkpoint.tmp", "train_state.json")):
         commit_staged(out_dir)  # a save that was complete but cut short while moving in
     d.barrier()
@@ -174,10 +189,11 @@ def load_checkpoint(out_dir, model, optimizer, sampler, args, margs, d: Dist) ->
     if stray:  # DCP's reader would merge every *.safetensors file of the folder into the weights
         raise ValueError(f"--resume: {out_dir!r} holds other safetensors files beside "
                          f"model.safetensors ({', '.join(stray)}); move them elsewhere and rerun")
-    with open(os.path.join(out_dir, "config.json")) as f:
-        config = json.load(f)
-    with open(state_json) as f:
-        state = json.load(f)
+    state = _read_json(state_json, {"step": int, "sampler": dict})
+    train_dir = os.path.join(out_dir, "train_state")
+    if "files" in state:  # (checkpoints saved before the sizes were recorded skip this check)
+        _check_files(out_dir, state["files"], state_json)
+    config = _read_json(os.path.join(out_dir, "config.json"), {"model_args": dict, "run": dict, "step": int})
     saved = config["model_args"]
     for k, v in asdict(margs).items():
         if saved.get(k) != v:
@@ -187,16 +203,86 @@ def load_checkpoint(out_dir, model, optimizer, sampler, args, margs, d: Dist) ->
         if config["run"].get(k) != getattr(args, k):
             raise ValueError(f"--resume: checkpoint was trained with --{k.replace('_', '-')} "
                              f"{config['run'].get(k)!r}, this run has {getattr(args, k)!r}")
-    train_dir = os.path.join(out_dir, "train_state")
     if config["step"] != state["step"] or not os.path.isdir(train_dir):
         raise ValueError(f"--resume: checkpoint in {out_dir!r} is incomplete (weights at step "
                          f"{config['step']}, state at step {state['step']}); it was interrupted while saving")
     weights = model.state_dict()  # plain tensors, or this rank's DTensor shards: filled in place
-    dcp.load(weights, storage_reader=HuggingFaceStorageReader(out_dir))  # reads model.safetensors
+    with _named_errors(out_dir, ["model.safetensors"]):
+        dcp.load(weights, storage_reader=HuggingFaceStorageReader(out_dir))  # reads model.safetensors
     model.load_state_dict(weights)
     init_optimizer_state(optimizer)
     tensors = {**optimizer_tensors(model, optimizer), "rng_cpu": torch.get_rng_state()}
-    dcp.load(tensors, storage_reader=HuggingFaceStorageReader(train_dir))
+    with _named_errors(train_dir, sorted(f for f in os.listdir(train_dir) if f.endswith(".safetensors"))):
+        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(train_dir))
     torch.set_rng_state(tensors["rng_cpu"])
     sampler.load_state_dict(state["sampler"])
     return state["step"]
+
+
+_FIX = "restore the checkpoint's files as the save left them, or start a new run in a new --out-dir"
+
+
+def _read_json(path, keys: dict) -> dict:
+    """A JSON file of the checkpoint, with `keys` of the given types, or a ValueError naming it."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"--resume: {path} is missing; {_FIX}") from None
+    except ValueError as e:  # not JSON, not UTF-8: truncated or garbled
+        raise ValueError(f"--resume: {path} is not readable JSON ({e}); it is truncated or "
+                         f"corrupt: {_FIX}") from None
+    bad = [k for k, t in keys.items() if not (isinstance(obj, dict) and isinstance(obj.get(k), t))]
+    if bad:
+        raise ValueError(f"--resume: {path} is not a checkpoint file written by train.py (no valid "
+                         f"{', '.join(bad)}); it comes from another program or model: {_FIX}")
+    return obj
+
+
+def _check_files(out_dir, recorded: dict, state_json):
+    """Each file --resume reads has the size the save recorded; train_state/ holds no other shard."""
+    if not (isinstance(recorded, dict) and all(isinstance(v, int) for v in recorded.values())):
+        raise ValueError(f"--resume: {state_json} is not a checkpoint file written by train.py "
+                         f"(its files entry is not a list of sizes): {_FIX}")
+    for name, size in recorded.items():
+        path = os.path.join(out_dir, *name.split("/"))
+        have = os.path.getsize(path) if os.path.isfile(path) else None
+        if have != size:
+            what = "is missing" if have is None else f"has {have:,} bytes"
+            raise ValueError(f"--resume: {path} {what}, but the checkpoint saved {size:,}: it was "
+                             f"truncated or replaced after the save; {_FIX}")
+    train_dir = os.path.join(out_dir, "train_state")
+    extra = sorted(f for f in os.listdir(train_dir) if f"train_state/{f}" not in recorded
+                   and f.endswith(".safetensors")) if os.path.isdir(train_dir) else []
+    if extra:  # DCP's reader would merge them into the optimizer state
+        raise ValueError(f"--resume: {train_dir} holds shards this checkpoint did not write "
+                         f"({', '.join(extra)}); move them elsewhere and rerun")
+
+
+@contextlib.contextmanager
+def _named_errors(folder, files: list[str]):
+    """Read safetensors `files` of `folder` with DCP, or fail with one ValueError that names the
+    file. Each file's header is checked first: DCP would log a traceback for an unreadable one
+    before failing. What DCP itself then raises (tensors of another model, missing keys) comes
+    wrapped in CheckpointException, a BaseException: caught by name."""
+    if not files:
+        raise ValueError(f"--resume: {folder} holds no .safetensors shard; {_FIX}")
+    for name in files:
+        path = os.path.join(folder, name)
+        try:
+            with safe_open(path, "pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error type for a truncated/garbled file
+            raise ValueError(f"--resume: {path} is not a readable safetensors file ({e}); it is "
+                             f"truncated or corrupt: {_FIX}") from None
+    try:
+        yield
+    except (Exception, CheckpointException) as e:
+        cause = e
+        if isinstance(e, CheckpointException) and e.failures:
+            cause = next(iter(e.failures.values()))[0]  # (exception, traceback) of the first rank
+        first_line = (str(cause).strip().splitlines() or [""])[0]
+        where = os.path.join(folder, files[0]) if len(files) == 1 else f"the shards in {folder}"
+        raise ValueError(f"--resume: the tensors in {where} do not fit this model "
+                         f"({type(cause).__name__}: {first_line}); they come from another model "
+                         f"or run: {_FIX}") from None

@@ -157,28 +157,54 @@ def _atomic_write(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def fingerprint(pat_str: str, mergeable_ranks: dict, special_tokens: dict) -> str:
+    """A hash of everything that decides which ids a text becomes: the ranks, the split pattern
+    and the special tokens. Two tokenizers with the same fingerprint encode every text alike."""
+    ranks = sorted(mergeable_ranks.items(), key=lambda kv: kv[1])
+    h = hashlib.sha1(json.dumps([pat_str, sorted(special_tokens.items())]).encode())
+    h.update(b"".join(len(t).to_bytes(4, "little") + t + r.to_bytes(4, "little") for t, r in ranks))
+    return h.hexdigest()[:16]
+
+
+def encoding_fingerprint(enc: tiktoken.Encoding) -> str:
+    return fingerprint(enc._pat_str, enc._mergeable_ranks, enc._special_tokens)
+
+
 def save_tokenizer(folder: str, name: str, spec: dict) -> None:
-    """Ranks in tiktoken's format ("base64(token) rank" lines) + pattern/specials as JSON."""
+    """Ranks in tiktoken's format ("base64(token) rank" lines) + pattern/specials as JSON.
+    tokenizer.json is written last, with the fingerprint of the whole: its presence means the
+    ranks beside it are complete, and the fingerprint catches a ranks file changed since."""
     os.makedirs(folder, exist_ok=True)
     ranks = sorted(spec["mergeable_ranks"].items(), key=lambda kv: kv[1])
     lines = "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks)
     _atomic_write(os.path.join(folder, "bpe.tiktoken"), lines.encode())
-    info = {"name": name, "pat_str": spec["pat_str"], "special_tokens": spec["special_tokens"]}
+    info = {"name": name, "pat_str": spec["pat_str"], "special_tokens": spec["special_tokens"],
+            "fingerprint": fingerprint(**spec)}
     _atomic_write(os.path.join(folder, "tokenizer.json"), json.dumps(info, indent=1).encode())
 
 
 def load_tokenizer(folder: str) -> tiktoken.Encoding:
+    """The inverse of save_tokenizer. A truncated or garbled file is a ValueError naming it."""
     # Parsed by hand: tiktoken.load.load_tiktoken_bpe would also copy the file into tiktoken's
     # own cache keyed by path, and could then serve a stale copy after the file changed.
-    with open(os.path.join(folder, "tokenizer.json")) as f:
-        info = json.load(f)
-    ranks = {}
-    with open(os.path.join(folder, "bpe.tiktoken"), "rb") as f:
-        for line in f:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    return tiktoken.Encoding(name=info["name"], pat_str=info["pat_str"], mergeable_ranks=ranks,
-                             special_tokens=info["special_tokens"])
+    path = os.path.join(folder, "tokenizer.json")
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        spec = {"pat_str": info["pat_str"], "special_tokens": info["special_tokens"],
+                "mergeable_ranks": {}}
+        path = os.path.join(folder, "bpe.tiktoken")
+        with open(path, "rb") as f:
+            for line in f:
+                token, rank = line.split()
+                spec["mergeable_ranks"][base64.b64decode(token, validate=True)] = int(rank)
+        fp = fingerprint(**spec)  # (tokenizer.json files written before it was recorded: no check)
+        if info.get("fingerprint", fp) != fp:
+            raise ValueError(f"its ranks do not match the fingerprint in {folder}/tokenizer.json")
+        return tiktoken.Encoding(name=info["name"], **spec)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # binascii.Error is a ValueError
+        raise ValueError(f"the tokenizer file {path} is missing or corrupt ({type(e).__name__}: "
+                         f"{e}); delete {folder} to train the tokenizer again, or restore it") from None
 
 
 def save_encoding(enc: tiktoken.Encoding, folder: str) -> None:
@@ -270,19 +296,29 @@ def _open_tokens(path: str, dtype: str, n: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
 
 
-def _cached_meta(folder: str) -> dict | None:
-    # meta.json is written last, so its presence means the files next to it are complete; the
-    # size checks also catch a cache that was tampered with or truncated.
+def _cached_meta(folder: str, enc_fingerprint: str) -> tuple[dict | None, str | None]:
+    """(meta, None) for a complete cache made by this tokenizer, else (None, why it is not).
+    meta.json is written last, so its presence means the files next to it are complete; the
+    size checks also catch a cache truncated since, and the tokenizer's fingerprint a cache
+    whose ids come from another tokenizer (the same name, trained again differently)."""
+    if not os.path.exists(os.path.join(folder, "meta.json")):
+        return None, None  # never built, or a build cut short: nothing to report
     try:
         with open(os.path.join(folder, "meta.json")) as f:
             meta = json.load(f)
+        if "tokenizer_fingerprint" not in meta:  # written before data.py recorded it
+            return None, "it does not record which tokenizer made it"
+        if meta["tokenizer_fingerprint"] != enc_fingerprint:
+            return None, "it was made by another tokenizer"
         item = np.dtype(meta["dtype"]).itemsize
-        ok = all(os.path.getsize(os.path.join(folder, f"{s}.bin")) == meta[s]["n_tokens"] * item
-                 for s in ("train", "val"))
-        ok = ok and os.path.getsize(os.path.join(folder, "val.txt")) == meta["val"]["n_bytes"]
-        return meta if ok else None
-    except (OSError, ValueError, KeyError):
-        return None
+        for s in ("train", "val"):
+            if os.path.getsize(os.path.join(folder, f"{s}.bin")) != meta[s]["n_tokens"] * item:
+                return None, f"{s}.bin is truncated"
+        if os.path.getsize(os.path.join(folder, "val.txt")) != meta["val"]["n_bytes"]:
+            return None, "val.txt is truncated"
+        return meta, None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"{type(e).__name__}: {e}"
 
 
 def load_dataset(data_path: str | None = None, tokenizer: str | None = None,
@@ -326,15 +362,23 @@ def load_dataset(data_path: str | None = None, tokenizer: str | None = None,
         enc, tok_id = named_encoding(tokenizer), tokenizer
 
     folder = os.path.join(cache_dir, f"tokens-{corpus_key}-{tok_id}")
-    meta = _cached_meta(folder)
+    enc_fingerprint = encoding_fingerprint(enc)
+    meta, stale = _cached_meta(folder, enc_fingerprint)
     if meta is None:
+        if stale:
+            log(f"data: the token cache {folder} is stale ({stale}); encoding again")
         train_docs, val_docs = splits()
         log(f"data: encoding {len(train_docs)} train / {len(val_docs)} val documents with "
             f"{tok_id}...", end="", flush=True)
         t0 = time.time()
         os.makedirs(folder, exist_ok=True)
+        # meta.json vouches for the files beside it: it goes before any of them is replaced, so
+        # a rebuild cut short can never leave an old meta.json beside some new files
+        if os.path.exists(os.path.join(folder, "meta.json")):
+            os.remove(os.path.join(folder, "meta.json"))
         dtype = "uint16" if enc.n_vocab <= 2**16 else "uint32"  # half the disk/RAM when it fits
-        meta = {"tokenizer": tok_id, "vocab_size": enc.n_vocab, "dtype": dtype,
+        meta = {"tokenizer": tok_id, "tokenizer_fingerprint": enc_fingerprint,
+                "vocab_size": enc.n_vocab, "dtype": dtype,
                 "source": root if data_path is not None else "stdlib"}
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
             n_tok = _encode_to_file(enc, split_docs, os.path.join(folder, f"{split}.bin"), dtype)

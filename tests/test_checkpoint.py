@@ -1,15 +1,21 @@
 """checkpoint.py: weights that load back exactly, a resume with exactly the losses of an
 uninterrupted run (also after a crash mid-save), no pickles, and clear refusals."""
+import contextlib
+import io
 import json
 import os
+import re
+import shutil
+import sysconfig
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import faults as faults_mod
 import train
 from checkpoint import load_pretrained, save_pretrained
-from conftest import metrics as losses, train_flags
+from conftest import TINY_FLAGS, metrics as losses, train_flags
 from test_model import small_model
 
 
@@ -100,3 +106,181 @@ def test_resume_with_different_config_names_the_field(corpus_dir, cache_dir, tra
     with pytest.raises(ValueError, match="--seq-len 32.*16"):
         train.main(train_flags(corpus_dir, cache_dir, trained_checkpoint, "--optimizer", "adamw",
                                "--seq-len", "16", "--resume", "--max-steps", "31"))
+
+
+def test_corrupt_or_foreign_checkpoint_files_are_one_clear_error(trained_checkpoint, corpus_dir,
+                                                                  cache_dir, tmp_path, capfd):
+    """--resume over a damaged checkpoint: one ValueError that names the file and the fix, never
+    a traceback from DCP or safetensors (nor one logged on the way). With the file sizes the save
+    recorded (new checkpoints) and without them (older ones), where DCP has to find the damage."""
+    def shard(d):
+        return d / "train_state" / sorted(os.listdir(d / "train_state"))[0]
+
+    def truncate(path):
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+    def garble(path):  # same size, header bytes overwritten
+        b = bytearray(path.read_bytes())
+        b[9:40] = b"\xff" * 31
+        path.write_bytes(bytes(b))
+
+    def foreign_weights(d):  # another model's weights under the same name
+        model = small_model(torch.float32)
+        save_pretrained(model, str(tmp_path / "other"))
+        os.replace(tmp_path / "other" / "model.safetensors", d / "model.safetensors")
+
+    damages = [
+        ("truncated shard", lambda d: truncate(shard(d)), "shard-00001.*(has .* bytes|not a readable)"),
+        ("garbled shard", lambda d: garble(shard(d)), "shard-00001.*not a readable safetensors"),
+        ("truncated weights", lambda d: truncate(d / "model.safetensors"), "model.safetensors (has|is not)"),
+        ("garbled weights", lambda d: garble(d / "model.safetensors"), "model.safetensors is not a readable"),
+        ("another model's weights", foreign_weights, "model.safetensors (has|do not fit)"),
+        ("truncated config", lambda d: truncate(d / "config.json"), "config.json (has|is not readable JSON)"),
+        ("another program's config", lambda d: (d / "config.json").write_text('{"hidden_size": 32}'),
+         "config.json (has|is not a checkpoint file)"),
+        ("truncated marker", lambda d: truncate(d / "train_state.json"),
+         "train_state.json is not readable JSON"),
+        ("missing shard", lambda d: os.remove(shard(d)), "(shard-00001.*is missing|holds no .safetensors)"),
+        ("extra shard", lambda d: shutil.copy(shard(d), d / "train_state" / "shard-00009-x.safetensors"),
+         "shard-00009-x.safetensors"),
+    ]
+    flags = ["--resume", "--max-steps", "31"]
+    for legacy in (False, True):
+        for name, damage, message in damages:
+            if legacy and name == "extra shard":  # without the record, no shard is known to be extra
+                continue
+            ckpt = tmp_path / f"{name}{' (legacy)' * legacy}"
+            shutil.copytree(trained_checkpoint, ckpt)
+            if legacy:  # a marker without the recorded file sizes, as older saves wrote it
+                state = json.loads((ckpt / "train_state.json").read_text())
+                del state["files"]
+                (ckpt / "train_state.json").write_text(json.dumps(state))
+            damage(ckpt)
+            with pytest.raises(ValueError, match=message) as e:
+                train.main(train_flags(corpus_dir, cache_dir, ckpt, *flags))
+            assert str(e.value).startswith("--resume: ") and str(ckpt) in str(e.value), (name, e.value)
+            assert "restore" in str(e.value) or "move them elsewhere" in str(e.value), e.value
+            assert "Traceback" not in capfd.readouterr().err, (name, legacy)
+
+
+# ----------------------------------------------------------------------------- fault battery
+# SIGKILL the training process at every filesystem call of a save, before and after it (see
+# tests/faults.py), then --resume: each time it must continue with exactly the losses and
+# weights of an uninterrupted run, or refuse with a clear message; a mix of two steps, or a
+# refusal although the checkpoint before the save was complete, counts as lost.
+
+BATTERY = ["--max-steps", "3", "--save-every", "1", "--eval-every", "100"]
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="the fault battery forks processes")
+
+
+@pytest.fixture(scope="module")
+def battery_corpus(tmp_path_factory):
+    """One stdlib file, split by position: its val split is small, so each run's final eval
+    over the whole of it (the exact val loss the battery compares) is short."""
+    d = tmp_path_factory.mktemp("battery_corpus")
+    shutil.copy(os.path.join(sysconfig.get_paths()["stdlib"], "argparse.py"), d / "argparse.py")
+    return str(d / "argparse.py")
+
+
+def judge(out_dir, ref, save_step, error=None, log=""):
+    """The outcome of a --resume in out_dir after a fault in the save of save_step: ("resumed
+    exactly", the step it resumed from), ("refused cleanly", message) or ("lost", why)."""
+    prior = save_step - 1  # the checkpoint complete before the save began (0: none)
+    if error is not None:  # an exception, or the message train.py printed for one
+        clear = isinstance(error, (str, ValueError, FileNotFoundError))
+        if not (clear and str(error).startswith("--resume: ")):
+            return "lost", f"not a clear refusal: {type(error).__name__}: {error}"
+        if prior:
+            return "lost", f"refused, although the step-{prior} checkpoint was complete: {error}"
+        return "refused cleanly", str(error)
+    found = re.search(r"resumed from .* at step (\d+)", log)
+    step = int(found.group(1)) if found else None
+    a, b = losses(ref), losses(out_dir)
+    if sorted(b) != sorted(a):
+        return "lost", f"steps {sorted(b)} logged, not {sorted(a)}"
+    diff = [s for s in a if (a[s]["loss"], a[s].get("val_loss")) != (b[s]["loss"], b[s].get("val_loss"))]
+    wa, wb = (load_file(os.path.join(d, "model.safetensors")) for d in (ref, out_dir))
+    if diff or wa.keys() != wb.keys() or not all(torch.equal(wa[k], wb[k]) for k in wa):
+        return "lost", f"resumed from step {step} with other losses (steps {diff}) or weights"
+    if step not in {prior, save_step} - {0}:
+        return "lost", f"resumed from step {step}, not from {prior} or {save_step}"
+    return "resumed exactly", step
+
+
+def tally(name, faults, outcome_of, tmp_path_factory, detail):
+    """Counts, a summary line (pytest -s shows it) and fault_battery.json in pytest's base temp."""
+    counts = {"faults injected": len(faults), "resumed exactly": 0, "refused cleanly": 0, "lost": 0}
+    lost = []
+    for f in faults:
+        outcome, info = outcome_of(f)
+        counts[outcome] += 1
+        if outcome == "lost":
+            lost.append((f["op"], f["when"], info))
+    counts.update(detail)
+    faults_mod.report(str(tmp_path_factory.getbasetemp()), name, counts)
+    assert not lost, lost[:5]
+
+
+@needs_fork
+def test_kill_anywhere_in_a_save_one_rank(battery_corpus, cache_dir, tmp_path, tmp_path_factory, one_thread):
+    """Every point of the first save (step 1: nothing to fall back on) and of the next one
+    (step 2: the step-1 checkpoint must survive), each in a forked copy of the training process
+    (faults.py train); the process itself then runs on uninterrupted: the reference."""
+    ref, root = tmp_path / "ref", tmp_path / "faults"
+    os.makedirs(root)
+    spec = {"fork_steps": [1, 2], "root": str(root), "results": str(tmp_path / "results.json")}
+    res = faults_mod.run("train", spec, train_flags(battery_corpus, cache_dir, ref, *BATTERY))
+    assert res["exit"] == 0 and sorted(losses(ref)) == [1, 2, 3]
+    checkpoint_files = {"model.safetensors", "config.json", "tokenizer.json", "bpe.tiktoken",
+                        "train_state.json", *os.listdir(ref / "train_state")}
+    for step in ("1", "2"):  # every file of the checkpoint was written by calls the battery saw
+        ops = " ".join(res["ops"][step])
+        assert all(f in ops for f in checkpoint_files), (checkpoint_files, res["ops"][step])
+    outcomes = {}
+    for f in res["faults"]:
+        f["tree"] = faults_mod.tree_hash(f["dir"])  # all hashed before any resume changes a folder
+    for f in res["faults"]:
+        if f["tree"] in outcomes:
+            continue
+        out, err = io.StringIO(), None
+        try:
+            with contextlib.redirect_stdout(out):
+                train.main(train_flags(battery_corpus, cache_dir, f["dir"], *BATTERY, "--resume"))
+        except Exception as e:  # judged: only a clear ValueError/FileNotFoundError is a refusal
+            err = e
+        outcomes[f["tree"]] = judge(f["dir"], str(ref), f["step"], err, out.getvalue())
+    tally("1 rank", res["faults"], lambda f: outcomes[f["tree"]], tmp_path_factory,
+          {"calls per save": {s: len(o) for s, o in res["ops"].items()},
+           "distinct folders resumed": len(outcomes)})
+    first = [outcomes[f["tree"]] for f in res["faults"] if f["step"] == 1]
+    assert ("resumed exactly", 1) in first and any(o[0] == "refused cleanly" for o in first)
+    second = [outcomes[f["tree"]] for f in res["faults"] if f["step"] == 2]
+    assert {o for o in second} == {("resumed exactly", 1), ("resumed exactly", 2)}
+    shutil.rmtree(root)  # 136 checkpoints: kept only when the test fails
+
+
+@needs_fork
+def test_kill_in_a_save_two_ranks(battery_corpus, cache_dir, tmp_path, tmp_path_factory):
+    """Two ranks (faults.py ranks2: forked as torchrun starts them; the other rank gets SIGTERM
+    as torchrun would send it). The save of step 2: every point of rank 1 (it writes its own
+    shard only) and every 5th of rank 0's (alternately before and after a call), to keep the
+    test short (NANOK2_FAULTS=all: every point of both); each resumed with two ranks and
+    compared with the uninterrupted 2-rank run."""
+    every = os.environ.get("NANOK2_FAULTS") == "all"
+    spec = {"step": 2, "root": str(tmp_path), "results": str(tmp_path / "results.json"),
+            "stride": {"0": 1 if every else 5, "1": 1}}
+    flags = ["--data", battery_corpus, "--cache-dir", cache_dir, *TINY_FLAGS, *BATTERY]
+    res = faults_mod.run("ranks2", spec, flags)
+    assert len(res["ops"]["1"]) >= 3 and len(res["ops"]["0"]) > 20, res["ops"]
+
+    def outcome_of(f):
+        r = res["resumes"][f["tree"]]
+        ok = r["status"]["0"] == 0 and r["status"]["1"] == 0
+        err = re.search(r"^error: (--resume: .*)$", r["logs"]["0"], re.M)
+        if not ok and not (r["status"]["0"] == 2 and err):
+            return "lost", f"resume failed: {r['status']}: {r['logs']['0'][-2000:]}"
+        return judge(f["dir"], res["ref"], 2, err and err.group(1), r["logs"]["0"])
+    tally("2 ranks", res["faults"], outcome_of, tmp_path_factory,
+          {"calls in the save": {r: len(o) for r, o in res["ops"].items()},
+           "points tried": {r: sum(f["rank"] == int(r) for f in res["faults"]) for r in "01"},
+           "distinct folders resumed": len(res["resumes"])})

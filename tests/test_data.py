@@ -1,6 +1,8 @@
 """Tests for data.py: small synthetic corpora and a tiny vocab, so the whole file runs in seconds."""
 
+import contextlib
 import gzip
+import io
 import lzma
 import math
 import os
@@ -221,3 +223,95 @@ def test_compression_baselines():
     assert base["gzip-9"] == len(gzip.compress(payload, 9)) * 8 / len(payload)
     assert base["xz-9"] == len(lzma.compress(payload, preset=9)) * 8 / len(payload)
     assert 0 < base["xz-9"] < 8
+
+
+# --- crashes and stale caches ---------------------------------------------------------------------
+
+def _load(corpus, cache):
+    """load_dataset, and what it printed: whether it trained the tokenizer / encoded the corpus."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ds = data.load_dataset(str(corpus), cache_dir=str(cache), vocab_size=VOCAB)
+    return ds, out.getvalue()
+
+
+def _same(a, b) -> bool:
+    return (a.enc.name == b.enc.name and a.enc._mergeable_ranks == b.enc._mergeable_ranks
+            and a.enc._special_tokens == b.enc._special_tokens and a.enc._pat_str == b.enc._pat_str
+            and np.array_equal(a.train, b.train) and np.array_equal(a.val, b.val)
+            and a.val_text_bytes == b.val_text_bytes and a.train.dtype == b.train.dtype)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the fault battery forks processes")
+def test_kill_anywhere_in_tokenizer_training_and_cache_build(corpus, tmp_path, tmp_path_factory):
+    """SIGKILL a cold load_dataset at every filesystem call, before and after it (tests/faults.py
+    data: tokenizer training and saving, then the token cache), each in a forked process with
+    its own cache folder. Loading again must train/encode what is missing or reuse what is
+    complete, and give exactly the tokenizer and tokens of an uninterrupted build (another
+    process's), never read a partial file. Then the cache is complete: a third load rebuilds nothing."""
+    import faults
+    spec = {"corpus": str(corpus), "root": str(tmp_path), "vocab_size": VOCAB,
+            "results": str(tmp_path / "results.json")}
+    res = faults.run("data", spec, [])
+    ops = " ".join(res["ops"])
+    for f in ("bpe.tiktoken", "tokenizer.json", "train.bin", "val.bin", "val.txt", "meta.json"):
+        assert f in ops, (f, res["ops"])  # every file of the cache is written by calls it saw
+    ref, log = _load(corpus, res["clean"])
+    assert log == ""  # the uninterrupted build is complete: reused as it is
+    outcomes, counts = {}, {"faults injected": len(res["faults"]), "rebuilt or reused exactly": 0,
+                            "refused cleanly": 0, "lost": 0}
+    for f in res["faults"]:
+        f["tree"] = faults.tree_hash(f["dir"])
+    lost = []
+    for f in res["faults"]:
+        if f["tree"] not in outcomes:
+            try:
+                ds, _ = _load(corpus, f["dir"])
+                again, log = _load(corpus, f["dir"])
+                ok = _same(ds, ref) and _same(again, ref) and log == ""
+                outcomes[f["tree"]] = "rebuilt or reused exactly" if ok else "lost"
+            except Exception as e:  # noqa: BLE001 - any error after a crash is a loss here
+                outcomes[f["tree"]] = f"lost: {type(e).__name__}: {e}"
+        outcome = outcomes[f["tree"]]
+        counts["lost" if outcome.startswith("lost") else outcome] += 1
+        if outcome.startswith("lost"):
+            lost.append((f["op"], f["when"], outcome))
+    counts.update({"calls": len(res["ops"]), "distinct folders reloaded": len(outcomes)})
+    faults.report(str(tmp_path_factory.getbasetemp()), "token cache + tokenizer", counts)
+    assert not lost, lost[:5]
+
+
+def test_truncated_or_foreign_token_cache_is_rebuilt(corpus, tmp_path):
+    """A token file truncated after the build, or ids made by another tokenizer under the same
+    name (the tokenizer folder trained again differently): detected, said, and encoded again."""
+    ds, _ = _load(corpus, tmp_path)
+    ds.train, ds.val = np.array(ds.train), np.array(ds.val)  # copies: the files are damaged next
+    folder = next(p for p in tmp_path.iterdir() if p.name.startswith("tokens-"))
+    train_bin = folder / "train.bin"
+    train_bin.write_bytes(train_bin.read_bytes()[:-2])
+    again, log = _load(corpus, tmp_path)
+    assert "is stale (train.bin is truncated); encoding again" in log and _same(again, ds)
+    # another tokenizer in the tokenizer folder: the ranks of a smaller vocabulary
+    tok_dir = next(p for p in tmp_path.iterdir() if p.name.startswith("bpe"))
+    other = data.load_dataset(str(corpus), cache_dir=str(tmp_path / "other"), vocab_size=VOCAB - 50,
+                              verbose=False).enc
+    spec = {"pat_str": other._pat_str, "mergeable_ranks": other._mergeable_ranks,
+            "special_tokens": other._special_tokens}
+    data.save_tokenizer(str(tok_dir), ds.enc.name, spec)
+    foreign, log = _load(corpus, tmp_path)
+    assert "is stale (it was made by another tokenizer); encoding again" in log
+    assert foreign.vocab_size == other.n_vocab
+    assert data.token_bytes(foreign.enc, foreign.val) == foreign.val_text_bytes  # its own ids
+
+
+def test_corrupt_tokenizer_is_one_clear_error(corpus, tmp_path):
+    _load(corpus, tmp_path)
+    tok_dir = next(p for p in tmp_path.iterdir() if p.name.startswith("bpe"))
+    ranks = tok_dir / "bpe.tiktoken"
+    lines = ranks.read_bytes().splitlines(keepends=True)
+    ranks.write_bytes(b"".join(lines[:-3]))  # cut at a line boundary: parses, but is not the same
+    with pytest.raises(ValueError, match=r"bpe.tiktoken is missing or corrupt.*fingerprint.*delete"):
+        _load(corpus, tmp_path)
+    ranks.write_bytes(b"".join(lines[:-3]) + b"not-base64!! 7\n")
+    with pytest.raises(ValueError, match=r"bpe.tiktoken is missing or corrupt \(Error: .*delete"):
+        _load(corpus, tmp_path)
