@@ -232,6 +232,10 @@ def train(args, d: Dist, device):
     if args.resume:
         step = load_checkpoint(args.out_dir, model, optimizer, sampler, args, margs, d)
         log(f"resumed from {args.out_dir} at step {step}")
+        if step >= args.max_steps:
+            log(f"nothing to train: the checkpoint is at step {step} and --max-steps is "
+                f"{args.max_steps}; pass a larger --max-steps to train on")
+            return None
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     if d.main:
         _truncate_metrics(metrics_path, step)  # lines logged after the checkpoint are replayed exactly
@@ -313,12 +317,22 @@ def train(args, d: Dist, device):
 
 
 def _truncate_metrics(path, step):
+    """Keep the lines up to the checkpoint's step; the later ones are logged again as the run
+    replays them. A line cut short by a kill (the last one) is dropped. Rewritten through a
+    temporary file, so a kill here cannot lose the history."""
     if not os.path.exists(path):
         return
+    keep = []
     with open(path) as f:
-        keep = [line for line in f if json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except ValueError:  # a partial line: written when the process was killed
+                break
+    with open(path + ".tmp", "w") as f:
         f.writelines(keep)
+    os.replace(path + ".tmp", path)
 
 
 def _fmt_time(seconds):

@@ -96,3 +96,21 @@ def test_bad_model_flags_fail_before_the_corpus_is_read(corpus_dir, tmp_path):
 def test_zero_steps_is_refused(corpus_dir, cache_dir, tmp_path):
     with pytest.raises(ValueError, match="--max-steps must be at least 1"):
         train.main(train_flags(corpus_dir, cache_dir, tmp_path, "--max-steps", "0"))
+
+
+def test_resume_of_a_finished_run_and_a_metrics_line_cut_short(trained_checkpoint, tmp_path,
+                                                                corpus_dir, cache_dir):
+    """A kill while a metrics line was being written leaves half a line: --resume drops it. A
+    checkpoint already at --max-steps has nothing to train: a clear line, nothing changed."""
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_checkpoint, ckpt)
+    before = (ckpt / "metrics.jsonl").read_text()
+    assert train.main(train_flags(corpus_dir, cache_dir, ckpt, "--resume", "--max-steps", "30")) is None
+    assert (ckpt / "metrics.jsonl").read_text() == before
+    with open(ckpt / "metrics.jsonl", "a") as f:
+        f.write('{"step": 31, "lo')
+    train.main(train_flags(corpus_dir, cache_dir, ckpt, "--resume", "--max-steps", "31",
+                           "--eval-every", "100", "--log-every", "100"))
+    steps = sorted(losses(ckpt))
+    assert steps[-1] == 31 and (ckpt / "metrics.jsonl").read_text().startswith(before)
