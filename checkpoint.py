@@ -55,9 +55,7 @@ def save_pretrained(model: Transformer, folder: str, extra_config: dict | None =
     save_file(state, tmp)
     os.replace(tmp, os.path.join(folder, "model.safetensors"))
     config = {"model_args": asdict(model.args), **(extra_config or {})}
-    with open(os.path.join(folder, "config.json.tmp"), "w") as f:
-        json.dump(config, f, indent=1)
-    os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
+    data.atomic_write(os.path.join(folder, "config.json"), json.dumps(config, indent=1).encode())
 
 
 def load_pretrained(folder: str, device="cpu") -> Transformer:
@@ -144,10 +142,8 @@ def save_checkpoint(out_dir, model, optimizer, step, sampler, args, enc, d: Dist
         shards = sorted(os.listdir(os.path.join(stage, "train_state")))
         files = {name: os.path.getsize(os.path.join(stage, *name.split("/")))
                  for name in ["config.json", "model.safetensors", *(f"train_state/{f}" for f in shards)]}
-        with open(os.path.join(stage, "train_state.json.tmp"), "w") as f:
-            json.dump({"step": step, "sampler": sampler.state_dict(), "world_size": d.world,
-                       "files": files}, f)
-        os.replace(os.path.join(stage, "train_state.json.tmp"), os.path.join(stage, "train_state.json"))
+        state = {"step": step, "sampler": sampler.state_dict(), "world_size": d.world, "files": files}
+        data.atomic_write(os.path.join(stage, "train_state.json"), json.dumps(state).encode())
         commit_staged(out_dir)
     d.barrier()
 

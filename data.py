@@ -148,7 +148,7 @@ def train_bpe(docs: list[str], vocab_size: int) -> dict:
             "special_tokens": {EOT: len(ranks)}}
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: str, data: bytes) -> None:
     # Write under a temporary name, then rename: a crash (or a second process doing the same work
     # at the same time) can never leave a half-written file under the real name.
     tmp = f"{path}.tmp{os.getpid()}"
@@ -177,10 +177,10 @@ def save_tokenizer(folder: str, name: str, spec: dict) -> None:
     os.makedirs(folder, exist_ok=True)
     ranks = sorted(spec["mergeable_ranks"].items(), key=lambda kv: kv[1])
     lines = "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks)
-    _atomic_write(os.path.join(folder, "bpe.tiktoken"), lines.encode())
+    atomic_write(os.path.join(folder, "bpe.tiktoken"), lines.encode())
     info = {"name": name, "pat_str": spec["pat_str"], "special_tokens": spec["special_tokens"],
             "fingerprint": fingerprint(**spec)}
-    _atomic_write(os.path.join(folder, "tokenizer.json"), json.dumps(info, indent=1).encode())
+    atomic_write(os.path.join(folder, "tokenizer.json"), json.dumps(info, indent=1).encode())
 
 
 def load_tokenizer(folder: str) -> tiktoken.Encoding:
@@ -212,7 +212,7 @@ def save_encoding(enc: tiktoken.Encoding, folder: str) -> None:
     encoding is saved by name only (its files live in tiktoken's cache); a trained BPE in full."""
     if enc.name in tiktoken.list_encoding_names():
         os.makedirs(folder, exist_ok=True)
-        _atomic_write(os.path.join(folder, "tokenizer.json"), json.dumps({"tiktoken_name": enc.name}).encode())
+        atomic_write(os.path.join(folder, "tokenizer.json"), json.dumps({"tiktoken_name": enc.name}).encode())
         return
     spec = {"pat_str": enc._pat_str, "mergeable_ranks": enc._mergeable_ranks,
             "special_tokens": enc._special_tokens}
@@ -384,8 +384,8 @@ def load_dataset(data_path: str | None = None, tokenizer: str | None = None,
             n_tok = _encode_to_file(enc, split_docs, os.path.join(folder, f"{split}.bin"), dtype)
             n_bytes = len(DOC_SEP) * (len(split_docs) - 1) + sum(len(d.encode()) for d in split_docs)
             meta[split] = {"n_tokens": n_tok, "n_bytes": n_bytes, "n_docs": len(split_docs)}
-        _atomic_write(os.path.join(folder, "val.txt"), DOC_SEP.join(val_docs).encode())
-        _atomic_write(os.path.join(folder, "meta.json"), json.dumps(meta, indent=1).encode())
+        atomic_write(os.path.join(folder, "val.txt"), DOC_SEP.join(val_docs).encode())
+        atomic_write(os.path.join(folder, "meta.json"), json.dumps(meta, indent=1).encode())
         log(f" done in {time.time() - t0:.1f}s")
 
     tr, va = meta["train"], meta["val"]

@@ -330,9 +330,7 @@ def _truncate_metrics(path, step):
                     keep.append(line)
             except ValueError:  # a partial line: written when the process was killed
                 break
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    data.atomic_write(path, "".join(keep).encode())
 
 
 def _fmt_time(seconds):

@@ -47,6 +47,10 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
 
 
+# the fault batteries (tests/faults.py) fork the process at each fault point
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="the fault battery forks processes")
+
+
 def metrics(out_dir):
     """metrics.jsonl of a run: {step: record}."""
     import json

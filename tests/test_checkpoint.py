@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import faults as faults_mod
 import train
 from checkpoint import load_pretrained, save_pretrained
-from conftest import TINY_FLAGS, metrics as losses, train_flags
+from conftest import needs_fork, TINY_FLAGS, metrics as losses, train_flags
 from test_model import small_model
 
 
@@ -170,7 +170,6 @@ def test_corrupt_or_foreign_checkpoint_files_are_one_clear_error(trained_checkpo
 # refusal although the checkpoint before the save was complete, counts as lost.
 
 BATTERY = ["--max-steps", "3", "--save-every", "1", "--eval-every", "100"]
-needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="the fault battery forks processes")
 
 
 @pytest.fixture(scope="module")

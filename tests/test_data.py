@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+from conftest import needs_fork  # noqa: E402
 
 VOCAB = 400
 
@@ -242,7 +243,7 @@ def _same(a, b) -> bool:
             and a.val_text_bytes == b.val_text_bytes and a.train.dtype == b.train.dtype)
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="the fault battery forks processes")
+@needs_fork
 def test_kill_anywhere_in_tokenizer_training_and_cache_build(corpus, tmp_path, tmp_path_factory):
     """SIGKILL a cold load_dataset at every filesystem call, before and after it (tests/faults.py
     data: tokenizer training and saving, then the token cache), each in a forked process with

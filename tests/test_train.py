@@ -39,7 +39,7 @@ def test_cli_run_loss_falls(corpus_dir, cache_dir, tmp_path):
     assert m[40]["val_loss"] < m[20]["val_loss"] + 0.05 and "val_bpb" in m[40]
     for f in ("model.safetensors", "config.json", "tokenizer.json", "train_state.json", "train_state"):
         assert os.path.exists(tmp_path / f)
-    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
 def test_ctrl_c_saves_a_checkpoint(corpus_dir, cache_dir, tmp_path):
