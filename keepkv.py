@@ -16,9 +16,10 @@ the attention output. KeepKV (arXiv 2504.09936) changes it by nothing, for the q
    All of it is computed relative to the largest ln w_i, so exp never sees a large number. When
    lbar is near 0 (0/0) or the rescale L / lbar would flip or blow up the key, a guarded form keeps
    k_r = kbar and moves the difference into the vote, ln p_r = ln sum p_i + L - lbar: also exact.
-   A convex merge (k_r = kbar with the same weights, as the authors' released code does) gets the
-   logit lbar >= L instead (ln of a mean <= the tilted mean), so it draws more attention than its
-   parts.
+   Its stored score is then ln S_r = lbar, the logit kbar really has (L on the main path), so
+   p_r S_r = sum w either way. A convex merge (k_r = kbar with the same weights, as the authors'
+   released code does) gets the logit lbar >= L instead (ln of a mean <= the tilted mean), so it
+   draws more attention than its parts.
 3. Predicting s. ZIP is exact only for the query whose scores it used. Later queries differ, so
    KeepKV merges with a predicted score S in place of s: an exponential moving average per entry,
    S_t = alpha S_{t-1} + (1 - alpha) s_t, kept as ln S (`log_score`, via logaddexp) so exp never
@@ -38,22 +39,27 @@ the attention output. KeepKV (arXiv 2504.09936) changes it by nothing, for the q
    target: the formulas above are n-way.
 
 Policies on this one cache: "keepkv" (above), "convex" (same selection and targets, convex key
-merge with votes: the released code's merge), "h2o" (H2O, arXiv 2306.14048: accumulated softmax
-attention of every query), "snapkv" (SnapKV, arXiv 2404.14469: attention of the last obs_window
-prompt queries, average-pooled over `pool` keys; SnapKV proper stops at prefill, here decoding keeps
-accumulating like H2O to hold the budget), "streaming" (StreamingLLM, arXiv 2309.17453: attention
-sinks + the most recent tokens) and "full" (no compression). All compressing policies keep the
-sinks and the recent window, so the table compares scoring and merging, not window sizes.
+merge with votes: the released code's merge), "streaming" (StreamingLLM, arXiv 2309.17453: attention
+sinks + the most recent tokens), "full" (no compression), and, each as its paper has it, no sinks:
+- "h2o" (H2O, arXiv 2306.14048): accumulated softmax attention of every query; half the budget
+  holds the most recent C // 2 tokens, the other C - C // 2 the heaviest of the rest.
+- "snapkv" (SnapKV, arXiv 2404.14469, its code's defaults): the last snap_window = 32 prompt queries
+  vote (softmax attention, summed) on the keys before them, votes average-pooled over `pool` = 5
+  keys (zero padding counted); the top C - 32 stay beside the whole window (C < 32: the last C).
+  Once, at prefill: decoding only appends, so the cache ends at C + new tokens.
+- "snapkv-decode", this project's earlier variant: votes of the last obs_window queries (pooled
+  without the padding), then accumulating like H2O while decoding, to hold C.
+keepkv, convex, streaming and snapkv-decode keep the n_sink first and the last `window` tokens.
 
-Budget = fraction of the prompt KEPT: capacity C = max(ceil(budget * prompt), n_sink + window).
-Compression runs once at the end of prefill, then once per decoded token: the new token takes the
-one free slot (C + 1 slots in all), and if C + 1 entries are now live one leaves (merged or
-evicted) BEFORE the new query attends. Compressing before attending means the query that chose
-the merge is also the first to see it: with alpha = 0, a KeepKV step whose leaving entry is merged
-(not evicted) returns exactly what the C + 1 entries before the removal give. That is the full
-cache only while nothing has left yet (the first step after a prefill that kept the whole prompt).
-The price is a second pass over the cache per step (the first yields the logits that update S).
-Shapes are static and nothing syncs with the host, so the decode step compiles.
+Budget = fraction of the prompt KEPT: capacity C = max(ceil(budget * prompt), n_sink + window),
+the same C for every policy. Compression runs once at the end of prefill, then (but for "snapkv")
+once per decoded token: the new token takes the one free slot (C + 1 slots in all), and if C + 1
+entries are now live one leaves (merged or evicted) BEFORE the new query attends. So the query
+that chose the merge is also the first to see it: with alpha = 0, a KeepKV step whose leaving
+entry is merged (not evicted) returns exactly what the C + 1 entries before the removal give.
+That is the full cache only while nothing has left yet (the first step after a prefill that kept
+the whole prompt). The price is a second pass over the cache per step (the first yields the
+logits that update S). Shapes are static and nothing syncs with the host: the decode step compiles.
 
 The code follows the seams of the idea: attention over the cache, the ZIP merge, scoring (ln S),
 selection (who leaves), the merge step (where it goes), storage (`CacheSlots`, which knows no
@@ -64,9 +70,9 @@ MLA: this cache holds the per-head keys and values the naive MLA path builds (G 
 merge is exact per head. On the absorbed latent cache one latent serves all heads (one key group,
 G = 1) and a single merge cannot be exact for every head at once; this file does not attempt it.
 
-Shape legend: B batch, H heads, G key groups (H here), T prompt tokens, W observing queries
-(min(obs_window, T)), N cache slots, C kept entries (N = C + 1 but for "full"), M leaving entries,
-Dqk / Dv key / value widths, D either width; `..` stands for leading dimensions (B, G).
+Shape legend: B batch, H heads, G key groups (H here), T prompt tokens, W observing queries, N
+cache slots, C kept entries (N = C + 1; C + new for "full", "snapkv"), M leaving entries, Dqk / Dv
+key / value widths, D either width; `..` stands for leading dimensions (B, G).
 """
 import math
 from dataclasses import dataclass
@@ -77,8 +83,9 @@ import torch.nn.functional as F
 
 from kernels import decode_attention_auto
 
-POLICIES = ("keepkv", "convex", "h2o", "snapkv", "streaming", "full")
+POLICIES = ("keepkv", "convex", "h2o", "snapkv", "snapkv-decode", "streaming", "full")
 MERGING = ("keepkv", "convex")
+GROWING = ("snapkv", "full")   # nothing leaves after the prefill: each new token takes a new slot
 NEG = float("-inf")
 
 
@@ -86,12 +93,13 @@ NEG = float("-inf")
 class KVConfig:
     policy: str = "keepkv"
     budget: float = 0.1        # fraction of the prompt kept (capacity, at least n_sink + window)
-    n_sink: int = 4            # first tokens always kept (attention sinks)
-    window: int = 8            # most recent tokens always kept
+    n_sink: int = 4            # first tokens always kept (attention sinks; h2o, snapkv: none)
+    window: int = 8            # most recent tokens always kept (h2o, snapkv: their own share)
     alpha: float = 0.8         # EMA of the predicted score; 0 = the current query only
-    obs_window: int = 16       # prompt queries that seed the prediction (SnapKV: its window)
+    obs_window: int = 16       # prompt queries that seed the EMA (and snapkv-decode's votes)
     threshold: float = 0.8     # cosine similarity above which a leaving entry merges (paper: T)
-    pool: int = 5              # SnapKV average-pooling kernel over keys
+    snap_window: int = 32      # SnapKV: the last prompt queries that vote, all kept (its default)
+    pool: int = 5              # SnapKV average-pooling kernel over keys (its default)
     zip_eps: float = 1e-3      # |lbar| below this: guarded fall-back instead of the key rescale
     gamma_max: float = 16.0    # ... and also when the key rescale L/lbar leaves [1/g, g]
 
@@ -103,19 +111,19 @@ class KVConfig:
                              f"got {self.budget}")
         if not 0 <= self.alpha < 1:
             raise ValueError(f"alpha must be in [0, 1), got {self.alpha}")
-        if self.n_sink < 0 or self.window < 1 or self.obs_window < 1 or self.pool < 1:
-            raise ValueError("need n_sink >= 0, window >= 1, obs_window >= 1, pool >= 1")
+        if self.n_sink < 0 or min(self.window, self.obs_window, self.snap_window, self.pool) < 1:
+            raise ValueError("need n_sink >= 0, window >= 1, obs_window >= 1, snap_window >= 1, pool >= 1")
         if self.pool % 2 == 0:  # an even kernel with padding pool // 2 yields T + 1 pooled scores
             raise ValueError(f"pool must be odd (a window centred on each key), got {self.pool}; "
                              f"use {self.pool + 1}")
 
 
 def capacity(prompt_len: int, cfg: KVConfig, max_new_tokens: int = 0) -> int:
-    """Entries a cache holds after prefill and keeps holding while decoding."""
-    if cfg.policy == "full":
-        return prompt_len + max_new_tokens
+    """The most entries a cache holds at once. C, kept at prefill and held while decoding, but
+    C + max_new_tokens for the policies that only add after prefill (GROWING; "full": C = prompt)."""
     kept = math.ceil(cfg.budget * prompt_len - 1e-9)  # 0.1 * 250 is 25.000000000000004 in floats
-    return max(kept, cfg.n_sink + cfg.window)
+    kept = prompt_len if cfg.policy == "full" else max(kept, cfg.n_sink + cfg.window)
+    return kept + (max_new_tokens if cfg.policy in GROWING else 0)
 
 
 def _compute_dtype(x):
@@ -179,6 +187,8 @@ def merge_entries(k, v, log_votes, log_score, k_in, v_in, log_votes_in, log_scor
     when L and lbar differ in sign, and explodes as lbar -> 0. Outside |lbar| > eps and
     1/gamma_max < gamma < gamma_max, keep k_r = kbar and put the missing mass into the vote,
     ln p_r = ln sum p + L - lbar: p_r exp(lbar) = sum w still, so it is exact for the same query.
+    The stored ln S_r is the logit k_r has when ln S are one query's logits (linear in k): L, or
+    lbar for the fall-back and for "convex". So ZIP keeps ln p_r + ln S_r = ln sum w in both forms.
     """
     cdt = _compute_dtype(k)
     kf, vf, kin, vin = k.to(cdt), v.to(cdt), k_in.to(cdt), v_in.to(cdt)
@@ -205,16 +215,17 @@ def merge_entries(k, v, log_votes, log_score, k_in, v_in, log_votes_in, log_scor
         ok = safe & (gamma > 1 / gamma_max) & (gamma < gamma_max)
         k_new = kbar * torch.where(ok, gamma, torch.ones_like(gamma))[..., None]
         ln_p_new = torch.where(ok, ln_sum_p, ln_sum_p + L - lbar)
+        ln_s_new = torch.where(ok, L, lbar)                        # the logit k_new has: gamma lbar
         fallback = ~ok
     elif mode == "convex":
-        k_new, ln_p_new = kbar, ln_sum_p
+        k_new, ln_p_new, ln_s_new = kbar, ln_sum_p, lbar
     else:
         raise ValueError(f"unknown merge mode {mode!r}")
     touched = _to_targets(torch.zeros_like(a), mask.to(cdt), target) > 0       # got >= 1 entry
     t4 = touched[..., None]
     return (torch.where(t4, k_new, kf).to(k.dtype), torch.where(t4, vbar, vf).to(v.dtype),
             torch.where(touched, ln_p_new, ln_p).to(log_votes.dtype),
-            torch.where(touched, L, ln_s).to(log_score.dtype), touched & fallback)
+            torch.where(touched, ln_s_new, ln_s).to(log_score.dtype), touched & fallback)
 
 
 # ----------------------------------------------------------------------------- scoring: ln S per entry
@@ -250,28 +261,38 @@ def attention_mass(q, k, scale, first_query, chunk=256):
     return total
 
 
+def _avg_pool(x, kernel, count_pad):
+    """Mean over `kernel` keys centred on each, x [B, G, T] -> [B, G, T]; count_pad: padding counts."""
+    B, G, T = x.shape
+    return F.avg_pool1d(x.reshape(B * G, 1, T), kernel, stride=1, padding=kernel // 2,
+                        count_include_pad=count_pad).reshape(B, G, T)
+
+
 def prefill_log_scores(cfg, q, k, scale):
     """ln S per prompt entry at the end of prefill, by policy: q, k [B, G, T, D] -> [B, G, T]."""
+    T = q.shape[2]
     if cfg.policy in MERGING:
         return ema_window_scores(q, k, scale, cfg.alpha, cfg.obs_window)
     if cfg.policy == "h2o":
         return attention_mass(q, k, scale, 0).log()
-    if cfg.policy == "snapkv":
-        mass = attention_mass(q, k, scale, max(0, q.shape[2] - cfg.obs_window))
-        B, G, T = mass.shape
-        pooled = F.avg_pool1d(mass.reshape(B * G, 1, T), cfg.pool, stride=1, padding=cfg.pool // 2,
-                              count_include_pad=False)
-        return pooled.reshape(B, G, T).log()
+    if cfg.policy == "snapkv":  # votes land on the keys before the window only; its keys stay anyway
+        W = min(cfg.snap_window, T)
+        mass = attention_mass(q, k, scale, T - W)
+        mass[..., T - W:] = 0.0                                    # = the zero padding past the end
+        return _avg_pool(mass, cfg.pool, True).log()
+    if cfg.policy == "snapkv-decode":
+        return _avg_pool(attention_mass(q, k, scale, max(0, T - cfg.obs_window)), cfg.pool, False).log()
     return torch.zeros_like(q[..., 0])                             # streaming / full: unused
 
 
 def observe_(cfg, log_score, log_votes, logits, is_new):
-    """Fold one query's logits [B, G, N] into ln S (in place); entries where is_new start afresh."""
+    """Fold one query's logits [B, G, N] into ln S (in place); entries where is_new start afresh.
+    Nothing to fold for "snapkv" (nothing leaves), "streaming" (recency decides) and "full"."""
     if cfg.policy in MERGING:   # EMA of s in log space; a new entry starts at its first score
         log_alpha = math.log(cfg.alpha) if cfg.alpha > 0 else NEG
         ema = torch.logaddexp(log_score + log_alpha, logits + math.log(1 - cfg.alpha))
         log_score.copy_(torch.where(is_new, logits, ema))
-    elif cfg.policy in ("h2o", "snapkv"):   # accumulated softmax attention (votes included)
+    elif cfg.policy in ("h2o", "snapkv-decode"):   # accumulated softmax attention (votes included)
         log_attn = torch.log_softmax(logits + log_votes, -1)
         log_score.copy_(torch.where(is_new, log_attn, torch.logaddexp(log_score, log_attn)))
 
@@ -288,24 +309,33 @@ def keep_priority(cfg, log_votes, log_score, pos):
     return log_score
 
 
-def pinned(cfg, pos, t):
-    """Entries no policy removes while t is the newest position: the n_sink first, the last `window`."""
+def pinned(cfg, pos, t, capacity=None):
+    """Entries the policy never removes while t is the newest position: the n_sink first and the
+    last `window`; for "h2o" the last C // 2 and for "snapkv" the last min(snap_window, C), no sinks
+    (their papers' recent parts, so they need capacity = C: an int, or a tensor broadcasting to pos)."""
+    if cfg.policy in ("h2o", "snapkv"):
+        if capacity is None:
+            raise ValueError(f"pinned: policy {cfg.policy!r} needs capacity= (its recent part is part of C)")
+        C = torch.as_tensor(capacity)
+        return pos > t - (C // 2 if cfg.policy == "h2o" else C.clamp(max=cfg.snap_window))
     return (pos < cfg.n_sink) | (pos > t - cfg.window)
 
 
 def split_prompt(cfg, log_votes, log_score, pos, t, C):
     """End of prefill (t: the last prompt position): the C entries that stay, in slot order, and
     the T - C that leave: [B, G, C], [B, G, T - C]."""
-    priority = keep_priority(cfg, log_votes, log_score, pos).masked_fill(pinned(cfg, pos, t), math.inf)
+    priority = keep_priority(cfg, log_votes, log_score, pos).masked_fill(pinned(cfg, pos, t, C), math.inf)
     order = priority.sort(dim=-1, descending=True, stable=True).indices
     return order[..., :C].sort(-1).values, order[..., C:]
 
 
-def leaving_slot(cfg, log_votes, log_score, pos, live, t):
+def leaving_slot(cfg, log_votes, log_score, pos, live, t, capacity=None):
     """Decode (t: the new token's position): the live, unpinned slot with the weakest hold [B, G, 1].
-    It leaves only if the cache is over capacity; that is the caller's to decide."""
+    It leaves only if the cache is over capacity, C + 1 live; that is the caller's to decide. So
+    capacity, if not given, is taken as the live count less one: C whenever it matters."""
+    capacity = live.sum(-1, keepdim=True) - 1 if capacity is None else capacity
     priority = keep_priority(cfg, log_votes, log_score, pos)
-    return priority.masked_fill(~live | pinned(cfg, pos, t), math.inf).argmin(-1, keepdim=True)
+    return priority.masked_fill(~live | pinned(cfg, pos, t, capacity), math.inf).argmin(-1, keepdim=True)
 
 
 # ----------------------------------------------------------------------------- the merge step
@@ -382,13 +412,13 @@ class CacheSlots(nn.Module):
         self.log_score[:, :, :T] = log_score
         self.pos[:, :, :T] = pos
 
-    def write_token(self, k, v, t, in_order=False):
+    def write_token(self, k, v, t, in_order=False, offset=0):
         """One token (k [B, G, Dqk], v [B, G, Dv], position t: a 0-d tensor) with one vote, into the
         first free slot (the caller keeps one free); returns that slot [B, G, 1]. in_order: nothing
-        ever leaves, so the first free slot is t: an in-place row write, no scatter. ln S is left
-        to the policy."""
+        leaves any more (the prefill dropped `offset` positions), so that is slot t - offset: an
+        in-place row write, no scatter (past the last slot: an index error). ln S: the policy's."""
         if in_order:
-            idx = t.reshape(1)
+            idx = t.reshape(1) - offset
             self.k.index_copy_(2, idx, k[:, :, None].to(self.k.dtype))
             self.v.index_copy_(2, idx, v[:, :, None].to(self.v.dtype))
             self.log_votes.index_fill_(2, idx, 0.0)
@@ -432,8 +462,10 @@ class KeepKVCache(nn.Module):
         super().__init__()
         self.cfg, self.track = cfg, track
         self.capacity = capacity(prompt_len, cfg, max_new_tokens)
-        N = self.capacity + (0 if cfg.policy == "full" else 1)    # + the slot a new token lands in
+        self.kept = capacity(prompt_len, cfg)                      # entries the prefill keeps
+        N = self.capacity + (0 if cfg.policy in GROWING else 1)   # + the slot a new token lands in
         self.slots = CacheSlots(batch, n_heads, N, qk_dim, v_dim, dtype, device)
+        self.offset = 0                 # GROWING: prompt positions the prefill dropped
         # decode: steps, removals, merges, fall-backs, sum of the relative change of the attention
         # output over removals and over merges only; prefill: entries that left, and merged
         self.register_buffer("stats", torch.zeros(8, dtype=torch.float64, device=device))
@@ -470,7 +502,7 @@ class KeepKVCache(nn.Module):
 
     @torch.no_grad()
     def _prefill(self, q, k, v, input_pos, scale):
-        cfg, C, slots = self.cfg, self.capacity, self.slots
+        cfg, C, slots = self.cfg, self.kept, self.slots
         self.reset()
         cdt = _compute_dtype(q)
         qh, kh, vh = (x.transpose(1, 2).to(cdt) for x in (q, k, v))                  # [B, H, T, D]
@@ -483,7 +515,7 @@ class KeepKVCache(nn.Module):
         log_votes = torch.zeros(B, H, T, dtype=slots.log_votes.dtype, device=q.device)
         pos = input_pos.to(torch.int32).expand(B, H, T)
         rows = (kh, vh, log_votes, log_score)
-        if T > C:  # keep sinks + recent + the top predicted weights; the rest merge or leave
+        if T > C:  # keep the pinned and the top priorities; the rest merge or leave
             keep, leave = split_prompt(cfg, log_votes, log_score, pos, int(input_pos[-1]), C)
             kept, pos = [_take(x, keep) for x in rows], _take(pos, keep)
             if cfg.policy in MERGING:
@@ -495,6 +527,7 @@ class KeepKVCache(nn.Module):
                     self.stats[7] += merge.sum()
             rows = kept
         slots.write_prefix(*rows, pos)
+        self.offset = T - rows[0].shape[2]
         self.prefilled = True
         return out.transpose(1, 2).to(q.dtype)
 
@@ -515,8 +548,8 @@ class KeepKVCache(nn.Module):
     def _decode(self, q, k, v, t, scale):
         """q, k [B, H, Dqk], v [B, H, Dv], t: this token's position (0-d tensor) -> [B, H, Dv]."""
         cfg, s = self.cfg, self.slots
-        if cfg.policy == "full":
-            s.write_token(k, v, t, in_order=True)
+        if cfg.policy in GROWING:
+            s.write_token(k, v, t, in_order=True, offset=self.offset)
             return attend_cache(q, s.k, s.v, s.log_votes, s.lengths, scale)
         slot = s.write_token(k, v, t)
         out_before, logits = attend_cache(q, s.k, s.v, s.log_votes, s.lengths, scale, True)
@@ -524,7 +557,7 @@ class KeepKVCache(nn.Module):
         observe_(cfg, s.log_score, s.log_votes, logits.to(s.log_score.dtype), is_new)
         live = s.live()
         over = live.sum(-1, keepdim=True) > self.capacity                           # [B, H, 1]
-        leave = leaving_slot(cfg, s.log_votes, s.log_score, s.pos, live, t)          # [B, H, 1]
+        leave = leaving_slot(cfg, s.log_votes, s.log_score, s.pos, live, t, self.capacity)  # [B, H, 1]
         merged = fb = torch.zeros_like(over)
         if cfg.policy in MERGING:
             merged, fb = self._merge_one(leave, over, live)

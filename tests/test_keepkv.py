@@ -1,5 +1,5 @@
 """Tests for keepkv.py: ZIP exactness and votes in fp64, the slots and the selection against slow
-references, model-level decoding, budget invariants."""
+references, H2O and SnapKV against slow simulations, model-level decoding, budget invariants."""
 import math
 import os
 import sys
@@ -70,17 +70,72 @@ def test_votes_equal_copies():
     assert (voted - copies).abs().max() < 1e-12
 
 
-def test_zip_safe_with_huge_and_tiny_logits():
-    # logits in the hundreds: exp overflows fp32 above ~88, the log-space merge must not
-    q, k, v, lv, scale = random_cache(dtype=torch.float32, logit_scale=200.0)
-    full = attend_cache(q, k, v, lv, torch.tensor([12]), scale)
-    out, _ = merged_output(q, k, v, lv, scale, [3, 8, 11], [0, 1, 1], "zip")
-    assert torch.isfinite(out).all() and (out - full).abs().max() < 1e-3
-    # logits near 0: the key rescale is 0/0, the guarded fall-back must stay exact
-    q, k, v, lv, scale = random_cache(logit_scale=1e-6)
-    full = attend_cache(q, k, v, lv, torch.tensor([12]), scale)
-    out, fb = merged_output(q, k, v, lv, scale, [3, 8], [0, 0], "zip")
-    assert fb.any() and torch.isfinite(out).all() and (out - full).abs().max() < 1e-10
+def keys_with_logits(q, logits, scale, seed=0, noise=1.0):
+    """Keys [1, 1, n, d] with q.k * scale = logits exactly (in exact arithmetic), plus random parts
+    orthogonal to q [1, 1, d]."""
+    g = torch.Generator().manual_seed(seed)
+    u = q[0, 0] / q[0, 0].norm()
+    r = torch.randn(len(logits), q.shape[-1], generator=g, dtype=q.dtype) * noise
+    r = r - (r @ u)[:, None] * u
+    along = torch.tensor(logits, dtype=q.dtype)[:, None] / (scale * q[0, 0].norm())
+    return (along * u + r)[None, None]
+
+
+@pytest.mark.parametrize("logits,fallback", [([5.0, 6.0, 4.0], False),         # the key rescale
+                                             ([0.5, -3.0, -2.0], True),        # L < 0 < lbar: a flip
+                                             ([4e-4, -4e-4, 5e-4], True)])     # |lbar| < eps: 0/0
+def test_merge_stores_the_logit_the_merged_key_has(logits, fallback):
+    """alpha = 0: ln S are one query's logits. The stored ln S_r must be the logit k_r really has
+    (L on the main path, lbar for the fall-back and convex), and for ZIP ln p_r + ln S_r must be
+    ln sum p_i S_i, the mass the parts had, in both branches (the fall-back used to store L)."""
+    g = torch.Generator().manual_seed(0)
+    d = 8
+    q = torch.randn(1, 1, d, generator=g, dtype=torch.float64)
+    scale = d ** -0.5
+    k = keys_with_logits(q, logits, scale)
+    v = torch.randn(1, 1, 3, 4, generator=g, dtype=torch.float64)
+    lv = torch.tensor([2.0, 1.0, 3.0], dtype=torch.float64).log().view(1, 1, 3)
+    ls = torch.einsum("bhd,bhnd->bhn", q, k) * scale
+    assert (ls[0, 0] - torch.tensor(logits, dtype=torch.float64)).abs().max() < 1e-12
+    mass = math.log(sum(math.exp(lv[0, 0, i].item() + ls[0, 0, i].item()) for i in range(3)))
+    kept, leaving = [x[:, :, :1] for x in (k, v, lv, ls)], [x[:, :, 1:] for x in (k, v, lv, ls)]
+    target = torch.zeros(1, 1, 2, dtype=torch.long)
+    for mode in ("zip", "convex"):
+        everything = torch.ones_like(target, dtype=torch.bool)
+        nk, _, nlv, nls, fb = merge_entries(*kept, *leaving, target, everything, mode)
+        assert abs(scale * (q[0, 0] @ nk[0, 0, 0]).item() - nls.item()) < 1e-10, mode
+        if mode == "zip":
+            assert fb.item() == fallback
+            assert abs(nlv.item() + nls.item() - mass) < 1e-10
+
+
+@pytest.mark.parametrize("leaving", ["near-duplicate", "dominant"])
+def test_zip_exact_at_huge_logits_when_the_dominant_entry_merges(leaving):
+    """Logits near 1.5e3 (exp overflows even fp64 above ~709). Entry 0 has the largest logit and
+    entry 1 is its near-duplicate key; one of the two leaves into the other. ZIP keeps the output
+    to 1e-10, nothing goes inf or nan; convex merging and eviction move it by more than 1e-2."""
+    d, scale = 16, 16 ** -0.5
+    q = torch.randn(1, 1, d, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    logits = [1500.0, 1499.0, 1499.6, 1498.7, 1499.3, 1497.5, 1200.0, -1300.0]
+    k = keys_with_logits(q, logits, scale, noise=0.5)
+    k[:, :, 1] = k[:, :, 0] + (logits[1] - logits[0]) / (scale * q.norm() ** 2) * q  # entry 0 moved along q
+    n = len(logits)
+    v = torch.randn(1, 1, n, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    lv = torch.zeros(1, 1, n, dtype=torch.float64)
+    logit = torch.einsum("bhd,bhnd->bhn", q, k) * scale
+    assert logit.argmax() == 0 and logit.abs().max() > 1e3
+    full = attend_cache(q, k, v, lv, torch.tensor([n]), scale)
+    leave, target = ([1], [0]) if leaving == "near-duplicate" else ([0], [0])   # kept index 0: entry 0 or 1
+    zip_out, fb = merged_output(q, k, v, lv, scale, leave, target, "zip")
+    convex, _ = merged_output(q, k, v, lv, scale, leave, target, "convex")
+    keep = [i for i in range(n) if i not in leave]
+    evicted = attend_cache(q, k[:, :, keep], v[:, :, keep], lv[:, :, keep], torch.tensor([len(keep)]), scale)
+    rel = lambda o: ((o - full).norm() / full.norm()).item()  # noqa: E731
+    assert all(torch.isfinite(o).all() for o in (full, zip_out, convex, evicted))
+    assert not fb.any() and rel(zip_out) < 1e-10
+    assert rel(convex) > 1e-2 and rel(evicted) > 1e-2
+    out32, _ = merged_output(*(x.float() for x in (q, k, v, lv)), scale, leave, target, "zip")
+    assert torch.isfinite(out32).all() and rel(out32.double()) < 1e-3     # fp32: finite, fp32-close
 
 
 def test_prefill_ema_matches_the_decode_recurrence():
@@ -144,24 +199,27 @@ def test_alpha0_merge_step_equals_full_cache_fp64():
     assert (convex[:, P] - ref[:, P]).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("policy", ["keepkv", "convex", "h2o", "snapkv", "streaming"])
+@pytest.mark.parametrize("policy", [p for p in keepkv.POLICIES if p != "full"])
 def test_budget_invariants(policy):
     model = tiny_model()
-    P, n_new, cfg = 60, 6, KVConfig(policy=policy, budget=0.3)
+    P, n_new, cfg = 60, 6, KVConfig(policy=policy, budget=0.3, snap_window=8)
     C = keepkv.capacity(P, cfg)
-    assert C == 18
+    assert C == 18 and keepkv.capacity(P, cfg, n_new) == C + n_new * (policy == "snapkv")
     tokens = torch.randint(0, 300, (2, P + n_new), generator=torch.Generator().manual_seed(0))
-    caches = keepkv.make_caches(model, 2, P, cfg)
+    caches = keepkv.make_caches(model, 2, P, cfg, n_new)
     with torch.no_grad():
         model(tokens[:, :P], torch.arange(P), caches)
         for t in range(P - 1, P + n_new):
             if t >= P:
                 model(tokens[:, t:t + 1], torch.tensor([t]), caches)
+            grown = (t - P + 1) * (policy == "snapkv")                # snapkv only adds after prefill
+            recent = {"h2o": C // 2, "snapkv": cfg.snap_window + grown}.get(policy, cfg.window)
+            sinks = 0 if policy in ("h2o", "snapkv") else cfg.n_sink  # as in their papers
             for c in caches:
                 live = c.live()
-                assert (live.sum(-1) == C).all()                     # compressed to, then held at, C
+                assert (live.sum(-1) == C + grown).all()             # compressed to C, then held there
                 pos = c.pos.masked_fill(~live, -1)
-                for must in list(range(cfg.n_sink)) + list(range(t + 1 - cfg.window, t + 1)):
+                for must in list(range(sinks)) + list(range(t + 1 - recent, t + 1)):
                     assert (pos == must).any(-1).all(), f"position {must} missing at step {t}"
 
 
@@ -241,9 +299,9 @@ def test_slots_rows_round_trip_and_free():
     assert slots.live()[0, 0].tolist() == [True, True, True, False, True] and slots.live()[0, 1].all()
 
 
-@pytest.mark.parametrize("policy", ["keepkv", "h2o", "streaming"])
+@pytest.mark.parametrize("policy", ["keepkv", "h2o", "snapkv", "snapkv-decode", "streaming"])
 def test_selection_matches_a_slow_reference(policy):
-    cfg = KVConfig(policy=policy, n_sink=2, window=3)
+    cfg = KVConfig(policy=policy, n_sink=2, window=3, snap_window=5)
     g = torch.Generator().manual_seed(2)
     B, G, T, C = 2, 3, 20, 8
     pos = torch.arange(T, dtype=torch.int32).expand(B, G, T)
@@ -251,13 +309,15 @@ def test_selection_matches_a_slow_reference(policy):
     live = torch.rand(B, G, T, generator=g) < 0.7
 
     def hold(b, h, i):
-        return {"keepkv": lv[b, h, i] + ls[b, h, i], "h2o": ls[b, h, i], "streaming": float(i)}[policy]
+        return {"keepkv": lv[b, h, i] + ls[b, h, i], "streaming": float(i)}.get(policy, ls[b, h, i])
 
     keep, leave = keepkv.split_prompt(cfg, lv, ls, pos, T - 1, C)
-    out = keepkv.leaving_slot(cfg, lv, ls, pos, live, T - 1)
+    out = keepkv.leaving_slot(cfg, lv, ls, pos, live, T - 1, capacity=C)
+    recent = {"h2o": C // 2, "snapkv": 5}.get(policy, 3)           # h2o: half of C; snapkv: its window
+    sinks = 0 if policy in ("h2o", "snapkv") else 2
     for b in range(B):
         for h in range(G):
-            pinned = [i for i in range(T) if i < 2 or i > T - 1 - 3]
+            pinned = [i for i in range(T) if i < sinks or i > T - 1 - recent]
             rest = sorted((i for i in range(T) if i not in pinned), key=lambda i: -hold(b, h, i))
             assert keep[b, h].tolist() == sorted(pinned + rest[:C - len(pinned)])
             assert sorted(keep[b, h].tolist() + leave[b, h].tolist()) == list(range(T))
@@ -304,6 +364,120 @@ def test_config_errors():
             KVConfig(budget=bad)
     with pytest.raises(ValueError, match="pool must be odd.*use 3"):
         KVConfig(pool=2)
+    with pytest.raises(ValueError, match="pool must be odd.*use 5"):
+        KVConfig(pool=4)
+    with pytest.raises(ValueError, match="snap_window >= 1"):
+        KVConfig(snap_window=0)
+    for policy in ("h2o", "snapkv"):  # their recent part is a share of C: no silent default
+        with pytest.raises(ValueError, match="needs capacity"):
+            keepkv.pinned(KVConfig(policy=policy), torch.arange(5), 4)
     # what the check prevents: an even kernel pools T keys into T + 1 scores
     mass = torch.rand(1, 1, 7)
     assert torch.nn.functional.avg_pool1d(mass, 2, stride=1, padding=1).shape[-1] == 8
+
+
+def random_qkv(B, T, H, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, T, H, D, generator=g, dtype=torch.float64) * 2 for _ in range(3)]
+
+
+def slow_softmax_row(q, k, scale, entries):
+    """Attention of query q [D] over the keys k [T, D] at `entries` (a list of positions), explicit."""
+    logits = [(q @ k[j]).item() * scale for j in entries]
+    m = max(logits)
+    e = [math.exp(x - m) for x in logits]
+    return {j: w / sum(e) for j, w in zip(entries, e)}
+
+
+def live_positions(cache, b, h):
+    return sorted(cache.pos[b, h][cache.live()[b, h]].tolist())
+
+
+def test_h2o_half_recent_half_heavy_matches_a_slow_simulation():
+    """H2O as its paper has it: the most recent C // 2 and the C - C // 2 largest accumulated
+    attentions among the rest (every prompt query's softmax, summed), no sinks; then each decoded
+    token's attention adds on, and the lightest entry outside the recent C // 2 leaves."""
+    B, H, D, P, n = 2, 2, 8, 30, 6
+    q, k, v = random_qkv(B, P + n, H, D, seed=5)
+    scale = D ** -0.5
+    cfg = KVConfig(policy="h2o", budget=0.4)
+    C = keepkv.capacity(P, cfg)
+    R = C // 2
+    assert (C, R) == (12, 6)
+    cache = keepkv.KeepKVCache(B, P, H, D, D, cfg, n, torch.float64)
+    cache.attend(q[:, :P], k[:, :P], v[:, :P], torch.arange(P), scale)
+    sims = {}
+    for b in range(B):
+        for h in range(H):
+            acc = dict.fromkeys(range(P), 0.0)
+            for i in range(P):
+                for j, a in slow_softmax_row(q[b, i, h], k[b, :, h], scale, list(range(i + 1))).items():
+                    acc[j] += a
+            heavy = sorted(range(P - R), key=lambda j: -acc[j])[:C - R]
+            assert live_positions(cache, b, h) == sorted(heavy + list(range(P - R, P)))
+            sims[b, h] = {j: acc[j] for j in live_positions(cache, b, h)}
+    for t in range(P, P + n):
+        cache.attend(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], torch.tensor([t]), scale)
+        for (b, h), acc in sims.items():
+            acc[t] = 0.0
+            for j, a in slow_softmax_row(q[b, t, h], k[b, :, h], scale, sorted(acc)).items():
+                acc[j] += a
+            del acc[min((j for j in acc if j <= t - R), key=lambda j: acc[j])]
+            assert live_positions(cache, b, h) == sorted(acc), f"step {t}"
+
+
+@pytest.mark.parametrize("budget", [0.6, 0.25])  # C = 48 > snap_window = 32; C = 20 < 32
+def test_snapkv_prefill_matches_a_slow_reference(budget):
+    """SnapKV as its code has it: the last 32 prompt queries' softmax attention summed on each key
+    before them, average-pooled over 5 keys (zero padding counted), the top C - 32 kept with the
+    whole window (C < 32: the last C)."""
+    B, H, D, P = 1, 2, 8, 80
+    q, k, v = random_qkv(B, P, H, D, seed=6)
+    scale = D ** -0.5
+    cfg = KVConfig(policy="snapkv", budget=budget)
+    C, W = keepkv.capacity(P, cfg), cfg.snap_window
+    cache = keepkv.KeepKVCache(B, P, H, D, D, cfg, 0, torch.float64)
+    cache.attend(q, k, v, torch.arange(P), scale)
+    for b in range(B):
+        for h in range(H):
+            votes = [0.0] * (P - W)
+            for i in range(P - W, P):
+                for j, a in slow_softmax_row(q[b, i, h], k[b, :, h], scale, list(range(i + 1))).items():
+                    if j < P - W:
+                        votes[j] += a
+            pooled = [sum(votes[u] for u in range(j - 2, j + 3) if 0 <= u < P - W) / 5 for j in range(P - W)]
+            top = sorted(range(P - W), key=lambda j: -pooled[j])[:max(0, C - W)]
+            want = sorted(top + list(range(P - min(W, C), P)))
+            assert live_positions(cache, b, h) == want
+            assert torch.equal(cache.k[b, h, :C], k[b, want, h])
+            assert torch.equal(cache.v[b, h, :C], v[b, want, h])
+
+
+def test_snapkv_decode_only_appends():
+    """After the prefill SnapKV removes nothing: every kept prompt entry stays as it was, the cache
+    holds C + steps entries, each step attends exactly over them, and the slots (bytes) are sized
+    C + max_new_tokens up front."""
+    B, H, D, P, n = 2, 2, 8, 80, 5
+    q, k, v = random_qkv(B, P + n, H, D, seed=7)
+    scale = D ** -0.5
+    cfg = KVConfig(policy="snapkv", budget=0.5)
+    C = keepkv.capacity(P, cfg)
+    cache = keepkv.KeepKVCache(B, P, H, D, D, cfg, n, torch.float64)
+    assert cache.capacity == keepkv.capacity(P, cfg, n) == C + n == cache.k.shape[2]
+    assert cache.nbytes() == B * H * (C + n) * (2 * D * 8 + 2 * 8 + 4)
+    cache.attend(q[:, :P], k[:, :P], v[:, :P], torch.arange(P), scale)
+    kept = [[live_positions(cache, b, h) for h in range(H)] for b in range(B)]
+    before = cache.k[:, :, :C].clone(), cache.v[:, :, :C].clone()
+    for step, t in enumerate(range(P, P + n), 1):
+        out = cache.attend(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], torch.tensor([t]), scale)[:, 0]
+        assert (cache.live().sum(-1) == C + step).all()
+        assert torch.equal(cache.k[:, :, :C], before[0]) and torch.equal(cache.v[:, :, :C], before[1])
+        for b in range(B):
+            for h in range(H):
+                seen = kept[b][h] + list(range(P, t + 1))
+                assert live_positions(cache, b, h) == seen
+                a = slow_softmax_row(q[b, t, h], k[b, :, h], scale, seen)
+                ref = sum(a[j] * v[b, j, h] for j in seen)
+                assert (out[b, h] - ref).abs().max() < 1e-12
+    with pytest.raises((IndexError, RuntimeError)):  # past the slots it was sized for: an error, no overwrite
+        cache.attend(q[:, :1], k[:, :1], v[:, :1], torch.tensor([P + n]), scale)
