@@ -1,13 +1,18 @@
-"""generate.py: sample from the checkpoint in out/ with a compressed (KeepKV) KV cache.
+"""generate.py: sample from the checkpoint in out/ with a compressed (KeepKV) latent KV cache.
 
     python generate.py --prompt "def fib(n):" --kv-budget 0.1            # keep 10% of the prompt
     python generate.py --prompt-file some.py --kv-policy h2o --max-new-tokens 200
     echo "import os" | python generate.py --kv-policy full --temperature 0
+    python generate.py --kv-cache per-head --kv-budget 0.1              # the per-head cache instead
 
+It decodes from the absorbed MLA latent cache, as DeepSeek-V3's own inference does: per token and
+layer the normalised latent c and the rotary key (keepkv_latent.py); `--kv-policy full` is that
+cache uncompressed. `--kv-cache per-head` runs the same policies on the per-head keys and values
+instead (keepkv.py), for teaching and comparison: it is H(Dn+Dr+Dv) / (C+Dr) times larger per entry.
 The prompt is prefilled in one pass (exact attention), compressed once to the budget, and every
-new token then enters the cache while one entry leaves (see keepkv.py). The decode step has
-static shapes, so --compile compiles it once. The text streams to stdout; a last line reports
-decode speed, lengths and the cache's bytes against what the full per-head cache would take.
+new token then enters the cache while one entry leaves. The decode step has static shapes, so
+--compile compiles it once. The text streams to stdout; a last line reports decode speed, lengths
+and the cache's bytes against the full latent cache and against the full per-head cache.
 """
 import argparse
 import codecs
@@ -19,6 +24,7 @@ import torch
 
 import data
 import keepkv
+import keepkv_latent
 from checkpoint import load_pretrained
 
 
@@ -34,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-policy", default="keepkv", choices=keepkv.POLICIES)
+    p.add_argument("--kv-cache", default="latent", choices=["latent", "per-head"],
+                   help="which cache to decode from and compress (default: the absorbed latent)")
     p.add_argument("--kv-budget", type=float, default=0.1,
                    help="fraction of the prompt the cache keeps, in (0, 1]")
     p.add_argument("--kv-alpha", type=float, default=keepkv.KVConfig.alpha, help="EMA of the predicted score")
@@ -105,7 +113,8 @@ def main(argv=None):
               file=sys.stderr)
     cfg = keepkv.KVConfig(policy=args.kv_policy, budget=args.kv_budget, alpha=args.kv_alpha,
                           window=args.kv_window)
-    caches = keepkv.make_caches(model, 1, P, cfg, max_new_tokens=n_new)
+    make = keepkv_latent.make_caches if args.kv_cache == "latent" else keepkv.make_caches
+    caches = make(model, 1, P, cfg, max_new_tokens=n_new)
     step = torch.compile(decode_step, fullgraph=True) if args.compile else decode_step
 
     gen = torch.Generator(args.device).manual_seed(args.seed)
@@ -128,10 +137,13 @@ def main(argv=None):
     print(utf8.decode(b"", final=True))
     speed = f"{steps / (time.perf_counter() - t0):.1f} tok/s" if steps else "n/a (too few steps)"
     used = sum(c.nbytes() for c in caches)
-    full = keepkv.full_cache_bytes(model, 1, P + n_new)
+    latent = keepkv_latent.full_latent_bytes(model, 1, P + n_new)
+    per_head = keepkv.full_cache_bytes(model, 1, P + n_new)
     name = args.kv_policy if args.kv_policy == "full" else f"{args.kv_policy} (budget {args.kv_budget:g})"
-    print(f"[generate] decode {speed} | prompt {P} tokens, generated {n} | KV cache {name}: "
-          f"{_kb(used)} vs full {_kb(full)} ({used / full:.1%}; votes, scores, positions included)")
+    print(f"[generate] decode {speed} | prompt {P} tokens, generated {n} | {args.kv_cache} KV cache "
+          f"{name}: {_kb(used)} = {used / latent:.1%} of the full latent cache ({_kb(latent)}), "
+          f"{used / per_head:.1%} of the full per-head cache ({_kb(per_head)}); votes, scores, "
+          f"positions included")
 
 
 if __name__ == "__main__":

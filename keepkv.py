@@ -67,8 +67,8 @@ policy), and `KeepKVCache`, which runs the policy over its slots. All but the at
 key groups, not on heads as such.
 
 MLA: this cache holds the per-head keys and values the naive MLA path builds (G = H), where a
-merge is exact per head. On the absorbed latent cache one latent serves all heads (one key group,
-G = 1) and a single merge cannot be exact for every head at once; this file does not attempt it.
+merge is exact per head, at H(Dn+Dr+Dv) numbers per entry. A model serves from its latent cache
+(C+Dr per entry, 35.6x fewer on K2): keepkv_latent.py runs these policies there, per-head votes.
 
 Shape legend: B batch, H heads, G key groups (H here), T prompt tokens, W observing queries, N
 cache slots, C kept entries (N = C + 1; C + new for "full", "snapkv"), M leaving entries, Dqk / Dv

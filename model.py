@@ -32,7 +32,7 @@ Sizes. Shape comments and shape-suffixed names (x_ND: N tokens by D dims) use th
   Set at run time: B batch, T query length, S key length (cache slots), V vocabulary. In the MoE:
   N = B*T tokens, R = N*K routed (token, expert) pairs (the grouped matmul's rows), G expert groups.
 
-Where attention happens: softmax(q.k * scale) v over the visible keys, in five places.
+Where attention happens: softmax(q.k * scale) v over the visible keys, in six places.
   1. Training forward (MLA.forward without a cache; also eval): SDPA, causal, on per-head q, k
      [B, H, T, Dn+Dr] and v [B, H, T, Dv], rebuilt from the latent by `expand_kv`.
   2. QK-Clip's max-logit path: the same forward, training with `record_max_logits` on (train.py,
@@ -44,9 +44,12 @@ Where attention happens: softmax(q.k * scale) v over the visible keys, in five p
      q_nope.(W_kc c) = (W_kc^T q_nope).c, so W_kc is folded into the query and all heads attend
      over the same c: multi-query attention with one key [c | k_rope], whose c part is also the
      value; W_v is applied after the weighted sum (`attend_absorbed`). Equal to 3 up to rounding.
-  5. KeepKV's compressed cache (keepkv.KeepKVCache, what generate.py uses): path 3's protocol
-     `attend(q, k, v, input_pos, scale)` over a fixed number of entries per head, each entry's
-     ln(votes) added to its logits.
+  5. KeepKV on the per-head cache (keepkv.KeepKVCache, `generate.py --kv-cache per-head`): path
+     3's protocol `attend(q, k, v, input_pos, scale)` over a fixed number of entries per head, each
+     entry's ln(votes) added to its logits.
+  6. KeepKV on the latent cache (keepkv_latent.LatentKeepKVCache, what generate.py uses): path 4's
+     protocol `attend_latent(q_nope, q_rope, c, k_rope, w_kc, w_v, input_pos, scale)` over a fixed
+     number of shared latent entries, with per-head ln(votes) added to each head's logits.
 `attend_naive` and `attend_absorbed` stand side by side below: read them as a diff.
 """
 import math
@@ -255,10 +258,13 @@ class LatentKVCache(nn.Module):
         self.register_buffer("c", torch.zeros(batch, max_len, kv_lora_rank, dtype=dtype, device=device))
         self.register_buffer("k_rope", torch.zeros(batch, max_len, rope_dim, dtype=dtype, device=device))
 
-    def update(self, c, k_rope, input_pos):
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in (self.c, self.k_rope))
+
+    def attend_latent(self, q_nope, q_rope, c, k_rope, w_kc, w_v, input_pos, scale):
         self.c.index_copy_(1, input_pos, c.to(self.c.dtype))
         self.k_rope.index_copy_(1, input_pos, k_rope.to(self.k_rope.dtype))
-        return self.c, self.k_rope
+        return attend_absorbed(q_nope, q_rope, self.c, self.k_rope, w_kc, w_v, input_pos, scale)
 
 
 class MLA(nn.Module):
@@ -315,12 +321,11 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         q_nope, q_rope = self.query(x, cos, sin)
         c, k_rope = self.latent(x, cos, sin)
-        if cache is not None and cache.absorbed:  # path 4: attention on the latent itself
+        if cache is not None and cache.absorbed:  # path 4 (or 6): attention on the latent itself
             w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
             w_kc, w_v = w[:, :self.nope], w[:, self.nope:]                       # [H, Dn, C], [H, Dv, C]
-            c_all, kr_all = cache.update(c, k_rope, input_pos)                  # [B, S, C], [B, S, Dr]
-            out = attend_absorbed(q_nope, q_rope, c_all, kr_all, w_kc, w_v, input_pos,
-                                  self.softmax_scale).type_as(c)
+            out = cache.attend_latent(q_nope, q_rope, c, k_rope, w_kc, w_v, input_pos,
+                                      self.softmax_scale).type_as(c)
         else:
             q = torch.cat([q_nope, q_rope], dim=-1)  # [B, T, H, Dn+Dr]
             k, v = self.expand_kv(c, k_rope)

@@ -1,0 +1,359 @@
+"""KeepKV on the absorbed MLA latent cache: the cache a K2 model actually serves from.
+
+An MLA model decodes from its latent cache (path 4 of model.py): per token and layer it stores the
+normalised latent c (C numbers) and the shared rotary key k_rope (Dr), 576 numbers on Kimi K2,
+where the per-head cache of keepkv.py holds H(Dn+Dr+Dv) = 20,480. Per-head KeepKV at a 10% budget
+on K2 therefore holds ~3.6x the bytes of the UNCOMPRESSED latent cache. This file compresses the
+latent cache itself, with the same policies and the same selection code as keepkv.py.
+
+Absorbed attention is multi-query attention. Head h has the query Q_h = [W_kc_h^T q_nope_h | q_rope_h]
+and every head scores the same key K_i = [c_i | k_rope_i]:  l_hi = scale * Q_h.K_i.  The value is
+c_i itself, and head h outputs W_v_h (sum_i a_hi c_i) with a_h the softmax of l_h + ln p_h.
+
+Merging entries i (a kept one and those that leave into it) into one entry r. For the query that
+scores the merge, head h gives them weights w_hi = p_hi S_hi, total W_h, and the exact result needs
+  mass:   p_hr exp(l_h(K_r)) = W_h                          for every h (H equations),
+  value:  W_v_h c_r = W_v_h cbar_h,  cbar_h = sum_i w_hi c_i / W_h   (H*Dv equations on C numbers).
+One shared key cannot give every head its own tilted-mean logit, and one shared c_r cannot give
+every head its own weighted mean once H*Dv > C (K2: 8,192 > 512). So:
+1. Mass, exact: per-head votes. Each entry keeps ln p_h per head (H numbers). After choosing K_r,
+   set ln p_hr = ln W_h - l_h(K_r), where l_h is the scoring query's own logit of the new key: head
+   h then gives r exactly the weight its parts had, so every OTHER entry's attention weight, in every
+   head, is unchanged. The stored prediction restarts at that query: ln S_hr = l_h(K_r), so
+   p_hr S_hr = W_h holds in the predicted bookkeeping too. This needs the query itself (in the
+   per-head cache the scores suffice), so the merge takes Q as an argument.
+2. Value, least squares. With the mass exact, head h's output moves by (W_h / Z_h) W_v_h (c_r - cbar_h)
+   (Z_h: head h's total weight over the cache). c_r minimises the sum over heads of its squared
+   norm: weights omega_h = (W_h / Z_h)^2 in  sum_h omega_h |W_v_h (c_r - cbar_h)|^2, i.e. the
+   C x C solve (sum_h omega_h G_h) c_r = sum_h omega_h G_h cbar_h, G_h = W_v_h^T W_v_h, plus a tiny
+   ridge toward the omega-weighted mean cmix (W_v_h alone has rank Dv < C: the ridge fixes the
+   directions no head reads). The residual is the whole perturbation of the merge for that query;
+   `value_residual` reports it relative to the heads' outputs. k_rope_r is the omega-weighted mean
+   of the heads' weighted means (any choice is exact for the mass; this one stays near the parts).
+Exact for the scoring query with alpha = 0 (scores = its logits): every head's attention mass
+over every entry. Approximated: the merged entry's value (the least-squares residual), and for later
+queries both the logit of K_r and the votes, which were tuned to the scoring query.
+"convex" on this cache: the same selection and targets, K_r = [cmix | k_rope_r], votes summed per
+head (ln p_hr = ln sum p_hi): neither mass nor value is kept.
+
+Scores per head, decisions per token: ln S (EMA, H2O/SnapKV attention sums) is kept per head, as
+in keepkv.py, but an entry is one latent, so who stays is decided once per token from the mean over
+heads of the entry's predicted share of attention: mean_h exp(ln p_h + ln S_h - ln Z_h) for the
+merging policies (Z_h: the head's total), mean_h of the accumulated attention for H2O and SnapKV.
+Merge targets: the kept entry whose shared key [c | k_rope] is most cosine-similar.
+
+Storage per slot: K = [c | k_rope] (C + Dr, the model's dtype), ln p and ln S per head (2H fp32)
+and a position (int32). On K2 in bf16 that is 1,152 + 512 + 4 bytes against 1,152 for a full
+latent slot: the bookkeeping costs 45%, so compression pays below a budget of ~0.69. The per-head
+KeepKV of keepkv.py pays only below ~0.028 on K2 (../shared/REFERENCE.md 3b); `break_even` prints both.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import keepkv
+from keepkv import MERGING, NEG, KVConfig, _compute_dtype
+from model import LatentKVCache
+
+# ----------------------------------------------------------------------------- attention over the slots
+
+def absorbed_query(q_nope, q_rope, w_kc):
+    """Per-head queries in latent space: [W_kc_h^T q_nope_h | q_rope_h], [.., H, C + Dr]."""
+    cdt = _compute_dtype(q_nope)
+    return torch.cat([torch.einsum("...hd,hdc->...hc", q_nope.to(cdt), w_kc.to(cdt)), q_rope.to(cdt)], -1)
+
+
+def attend_latent(Q, kv, log_votes, scale, n_latent, return_logits=False):
+    """One query per sequence and head over the shared slots: softmax_n(l_hn + ln p_hn) c_n.
+
+    Q [B, H, C+Dr], kv [B, N, C+Dr] (the key [c | k_rope]; its first n_latent dims are also the
+    value), log_votes [B, H, N] (-inf: empty slot). Returns the latent output [B, H, C] and, if
+    asked, the logits l [B, H, N] without the votes."""
+    cdt = Q.dtype
+    logits = torch.einsum("bhd,bnd->bhn", Q, kv.to(cdt)) * scale
+    log_w = logits + log_votes.to(cdt)
+    m = log_w.amax(-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    w = torch.exp(log_w - m)
+    out = torch.einsum("bhn,bnc->bhc", w, kv[..., :n_latent].to(cdt)) / w.sum(-1, keepdim=True).clamp_min(1e-300)
+    return (out, logits) if return_logits else out
+
+
+# ----------------------------------------------------------------------------- the latent merge
+
+def merge_latent(kept, leaving, target, mask, Q, ln_z, w_v, scale, mode="zip"):
+    """Merge leaving entries into kept ones (several may share a target), as derived above.
+
+    kept = (kv [B, C', C+Dr], ln p [B, H, C'], ln S [B, H, C']); leaving: the same with M rows;
+    target [B, M] indexes C'; only rows with mask [B, M] merge. Q [B, H, C+Dr]: the scoring query;
+    ln_z [B, H]: ln of each head's total predicted weight over the whole cache (omega's Z_h);
+    w_v [H, Dv, C]. Returns the new kept rows, the targets touched [B, C'] and the relative value
+    residual [B, C'] (sum_h omega_h |W_v_h (c_r - cbar_h)|^2 / sum_h omega_h |W_v_h cbar_h|^2).
+    Everything runs relative to each (head, target) group's largest ln w, so exp never overflows.
+    """
+    kv, ln_p, ln_s = kept
+    kv_in, ln_p_in, ln_s_in = leaving
+    cdt = Q.dtype
+    B, H, Ck = ln_p.shape
+    n_lat = w_v.shape[-1]
+    kvf, kvin, wv = kv.to(cdt), kv_in.to(cdt), w_v.to(cdt)
+    lw = (ln_p + ln_s).to(cdt)                                                   # ln w, kept
+    lw_in = (ln_p_in + ln_s_in).to(cdt).masked_fill(~mask[:, None], NEG)        # non-merging weigh 0
+    tgt = target[:, None].expand(B, H, target.shape[1])
+    m = lw.scatter_reduce(-1, tgt, lw_in, reduce="amax", include_self=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    a, a_in = torch.exp(lw - m), torch.exp(lw_in - m.gather(-1, tgt))           # w / e^m per head
+    A = a.scatter_add(-1, tgt, a_in)                                            # W_h / e^m
+    idx = target[:, None, :, None].expand(B, H, target.shape[1], kv.shape[-1])
+    kbar = (a[..., None] * kvf[:, None]).scatter_add(2, idx, a_in[..., None] * kvin[:, None]) / A[..., None]
+    lnW = m + torch.log(A)                                                      # [B, H, C']
+    ln_omega = 2 * (lnW - ln_z[..., None].to(cdt))
+    omega = torch.exp(ln_omega - ln_omega.amax(1, keepdim=True))                # [B, H, C'], max 1
+    mix = (omega[..., None] * kbar).sum(1) / omega.sum(1)[..., None]            # [B, C', C+Dr]
+    cbar = kbar[..., :n_lat]
+    if mode == "zip":   # least squares in the heads' W_v metrics, ridge toward cmix
+        gram = torch.einsum("bhn,hvc,hvd->bncd", omega, wv, wv)                  # [B, C', C, C]
+        rhs = torch.einsum("bhn,hvc,bhnv->bnc", omega, wv, torch.einsum("hvc,bhnc->bhnv", wv, cbar))
+        ridge = 1e-6 * gram.diagonal(dim1=-2, dim2=-1).mean(-1) + 1e-30         # [B, C']
+        eye = torch.eye(n_lat, dtype=cdt, device=kv.device)
+        c_r = torch.linalg.solve(gram + ridge[..., None, None] * eye,
+                                 rhs + ridge[..., None] * mix[..., :n_lat])
+        k_r = torch.cat([c_r, mix[..., n_lat:]], -1)
+        ell = torch.einsum("bhd,bnd->bhn", Q, k_r) * scale                       # l_h(K_r)
+        ln_p_new, ln_s_new = lnW - ell, ell
+    elif mode == "convex":
+        k_r = mix
+        mp = ln_p.to(cdt).scatter_reduce(-1, tgt, ln_p_in.to(cdt).masked_fill(~mask[:, None], NEG),
+                                         reduce="amax", include_self=True)
+        P = torch.exp(ln_p.to(cdt) - mp).scatter_add(
+            -1, tgt, torch.exp(ln_p_in.to(cdt).masked_fill(~mask[:, None], NEG) - mp.gather(-1, tgt)))
+        ln_p_new = mp + torch.log(P)
+        ln_s_new = torch.einsum("bhd,bnd->bhn", Q, k_r) * scale       # the logit K_r really has
+    else:
+        raise ValueError(f"unknown merge mode {mode!r}")
+    diff = torch.einsum("hvc,bhnc->bhnv", wv, k_r[:, None, :, :n_lat] - cbar)
+    ref = torch.einsum("hvc,bhnc->bhnv", wv, cbar)
+    residual = (omega * diff.square().sum(-1)).sum(1) / (omega * ref.square().sum(-1)).sum(1).clamp_min(1e-300)
+    touched = torch.zeros(B, Ck, dtype=cdt, device=kv.device).scatter_add(1, target, mask.to(cdt)) > 0
+    return ((torch.where(touched[..., None], k_r, kvf).to(kv.dtype),
+             torch.where(touched[:, None], ln_p_new, ln_p.to(cdt)).to(ln_p.dtype),
+             torch.where(touched[:, None], ln_s_new, ln_s.to(cdt)).to(ln_s.dtype)),
+            touched, torch.where(touched, residual, torch.zeros_like(residual)))
+
+
+# ----------------------------------------------------------------------------- decisions per token
+
+def token_priority(cfg, ln_p, ln_s, live=None):
+    """How strongly each entry holds its place, one number per token [B, N] from per-head
+    [B, H, N]: ln of the mean over heads of the predicted share of attention (merging policies),
+    or of the accumulated attention (H2O, SnapKV). Streaming ranks by position (the caller's)."""
+    if cfg.policy in MERGING:
+        lw = ln_p + ln_s
+        if live is not None:
+            lw = lw.masked_fill(~live[:, None], NEG)
+        share = lw - torch.logsumexp(lw, -1, keepdim=True)
+    else:
+        share = ln_s
+    return torch.logsumexp(share, 1) - math.log(ln_p.shape[1])
+
+
+def rows_at(kv, ln_p, ln_s, idx):
+    """(kv [B, M, D], ln p [B, H, M], ln S [B, H, M]) at token slots idx [B, M]."""
+    H = ln_p.shape[1]
+    return (kv.gather(1, idx[..., None].expand(*idx.shape, kv.shape[-1])),
+            ln_p.gather(2, idx[:, None].expand(-1, H, -1)), ln_s.gather(2, idx[:, None].expand(-1, H, -1)))
+
+
+# ----------------------------------------------------------------------------- the cache
+
+class LatentKeepKVCache(nn.Module):
+    """Fixed-size latent cache run by a keepkv.py policy: N slots of K = [c | k_rope] [B, N, C+Dr],
+    per-head ln p and ln S [B, H, N] and positions [B, N]. A slot is live while its ln p > -inf
+    (all heads alike). Implements model.LatentKVCache's protocol, `attend_latent(q_nope, q_rope,
+    c, k_rope, w_kc, w_v, input_pos, scale)`: the first call is the prefill, then one token per call.
+    Like keepkv.KeepKVCache, each decode step writes the new token, scores, lets one entry leave
+    (merged or evicted) when over capacity, and then attends."""
+    absorbed = True
+
+    def __init__(self, batch, prompt_len, n_heads, kv_lora_rank, rope_dim, cfg: KVConfig,
+                 max_new_tokens=0, dtype=torch.float32, device=None, track=False):
+        super().__init__()
+        if cfg.policy == "full":
+            raise ValueError("policy 'full' on the latent cache is model.LatentKVCache; use make_caches")
+        self.cfg, self.track, self.n_latent = cfg, track, kv_lora_rank
+        self.kept = keepkv.capacity(prompt_len, cfg)                     # entries the prefill keeps
+        self.capacity = keepkv.capacity(prompt_len, cfg, max_new_tokens)  # most live at once
+        N = self.capacity + (0 if cfg.policy in keepkv.GROWING else 1)    # + the slot a new token takes
+        meta = torch.float64 if dtype == torch.float64 else torch.float32
+        self.register_buffer("kv", torch.zeros(batch, N, kv_lora_rank + rope_dim, dtype=dtype, device=device))
+        self.register_buffer("log_votes", torch.full((batch, n_heads, N), NEG, dtype=meta, device=device))
+        self.register_buffer("log_score", torch.full((batch, n_heads, N), NEG, dtype=meta, device=device))
+        self.register_buffer("pos", torch.zeros(batch, N, dtype=torch.int32, device=device))
+        # as keepkv.KeepKVCache's (cache_stats reads both), + [8] the sum of merges' value residuals
+        self.register_buffer("stats", torch.zeros(9, dtype=torch.float64, device=device))
+        self.prefilled = False
+
+    def reset(self):
+        self.log_votes.fill_(NEG)
+        self.log_score.fill_(NEG)
+        self.stats.zero_()
+        self.prefilled = False
+
+    def live(self) -> torch.Tensor:
+        return self.log_votes[:, 0] > NEG                                           # [B, N]
+
+    def nbytes(self) -> int:
+        """Bytes held: keys/latents, per-head votes and scores, positions, of every slot."""
+        return sum(b.numel() * b.element_size() for b in (self.kv, self.log_votes, self.log_score, self.pos))
+
+    def attend_latent(self, q_nope, q_rope, c, k_rope, w_kc, w_v, input_pos, scale):
+        Q = absorbed_query(q_nope, q_rope, w_kc)                                   # [B, T, H, C+Dr]
+        K = torch.cat([c, k_rope], -1)                                             # [B, T, C+Dr]
+        if not self.prefilled:
+            o_lat = self._prefill(Q, K, w_v, input_pos, scale)                     # [B, T, H, C]
+        else:
+            if Q.shape[1] != 1:
+                raise ValueError("after the prefill a KeepKV cache takes one token per call")
+            o_lat = self._decode(Q[:, 0], K[:, 0], w_v, input_pos[0], scale)[:, None]
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_v.to(o_lat.dtype))
+
+    def _select(self, priority, pos, live, t, C=None):
+        """keepkv.py's selection on one key group: the aggregated priority stands in for ln S."""
+        zeros = torch.zeros_like(priority)[:, None]
+        if C is not None:
+            return keepkv.split_prompt(self.cfg, zeros, priority[:, None], pos[:, None], t, C)
+        return keepkv.leaving_slot(self.cfg, zeros, priority[:, None], pos[:, None], live[:, None], t,
+                                   self.capacity)
+
+    # --- prefill: exact causal attention over the prompt, then compress once ---------------------
+
+    @torch.no_grad()
+    def _prefill(self, Q, K, w_v, input_pos, scale):
+        cfg, C, n_lat = self.cfg, self.kept, self.n_latent
+        self.reset()
+        cdt = Q.dtype
+        Qh, Kf = Q.transpose(1, 2), K.to(cdt)                                      # [B, H, T, D], [B, T, D]
+        B, H, T, _ = Qh.shape
+        # multi-query attention: one key head shared by H query heads; the key doubles as the value
+        # (its first C dims are c), so no per-head copy of the prompt is built
+        out = F.scaled_dot_product_attention(Qh, Kf[:, None], Kf[:, None], is_causal=True, scale=scale,
+                                             enable_gqa=True)[..., :n_lat]          # [B, H, T, C]
+        ln_s = keepkv.prefill_log_scores(cfg, Qh, Kf[:, None].expand(B, H, T, -1), scale)
+        ln_p = torch.zeros_like(ln_s)
+        pos = input_pos.to(torch.int32).expand(B, T)
+        kv = Kf
+        if T > C:
+            keep, leave = self._select(token_priority(cfg, ln_p, ln_s), pos, None, int(input_pos[-1]), C)
+            keep, leave = keep[:, 0], leave[:, 0]                                  # [B, C], [B, T-C]
+            kept = rows_at(kv, ln_p, ln_s, keep)
+            if cfg.policy in MERGING:
+                leaving = rows_at(kv, ln_p, ln_s, leave)
+                target, merge = keepkv.merge_targets(cfg, leaving[0][:, None], kept[0][:, None])
+                ln_z = torch.logsumexp(ln_p + ln_s, -1)
+                kept, _, res = merge_latent(kept, leaving, target[:, 0], merge[:, 0], Qh[:, :, -1], ln_z,
+                                            w_v, scale, "zip" if cfg.policy == "keepkv" else "convex")
+                if self.track:
+                    self.stats[6] += merge.numel()
+                    self.stats[7] += merge.sum()
+            kv, ln_p, ln_s = kept
+            pos = pos.gather(1, keep)
+        n = kv.shape[1]
+        self.kv[:, :n] = kv.to(self.kv.dtype)
+        self.log_votes[:, :, :n] = ln_p.to(self.log_votes.dtype)
+        self.log_score[:, :, :n] = ln_s.to(self.log_score.dtype)
+        self.pos[:, :n] = pos
+        self.prefilled = True
+        return out.transpose(1, 2)
+
+    # --- decode: one token in, at most one entry out, then attend --------------------------------
+
+    @torch.no_grad()
+    def _decode(self, Q, K, w_v, t, scale):
+        """Q [B, H, C+Dr], K [B, C+Dr], t: this token's position (0-d tensor) -> [B, H, C]."""
+        cfg, n_lat = self.cfg, self.n_latent
+        H, N = self.log_votes.shape[1:]
+        slot = (self.log_votes[:, 0] == NEG).to(torch.int32).argmax(-1, keepdim=True)   # first free [B, 1]
+        self.kv.scatter_(1, slot[..., None].expand(-1, 1, K.shape[-1]), K[:, None].to(self.kv.dtype))
+        self.log_votes.scatter_(2, slot[:, None].expand(-1, H, 1), torch.zeros_like(self.log_votes[..., :1]))
+        self.pos.scatter_(1, slot, t.to(torch.int32).expand(slot.shape).contiguous())
+        o_before, logits = attend_latent(Q, self.kv, self.log_votes, scale, n_lat, True)
+        is_new = (torch.arange(N, device=Q.device) == slot)[:, None]                   # [B, 1, N]
+        keepkv.observe_(cfg, self.log_score, self.log_votes, logits.to(self.log_score.dtype), is_new)
+        live = self.live()
+        over = live.sum(-1, keepdim=True) > self.capacity                               # [B, 1]
+        priority = token_priority(cfg, self.log_votes, self.log_score, live)
+        leave = self._select(priority, self.pos, live, t)[:, 0]                         # [B, 1]
+        merged = torch.zeros_like(over)
+        res = torch.zeros(over.shape, dtype=torch.float64, device=Q.device)
+        if cfg.policy in MERGING:
+            others = live & (torch.arange(N, device=Q.device) != leave)
+            leaving = rows_at(self.kv, self.log_votes, self.log_score, leave)
+            target, similar = keepkv.merge_targets(cfg, leaving[0][:, None], self.kv[:, None], others[:, None])
+            target, merged = target[:, 0], over & similar[:, 0]                         # [B, 1]
+            lw = (self.log_votes + self.log_score).masked_fill(~live[:, None], NEG)
+            new, _, res = merge_latent(rows_at(self.kv, self.log_votes, self.log_score, target), leaving,
+                                       torch.zeros_like(target), merged, Q, torch.logsumexp(lw, -1), w_v,
+                                       scale, "zip" if cfg.policy == "keepkv" else "convex")
+            self.kv.scatter_(1, target[..., None].expand(-1, 1, self.kv.shape[-1]), new[0])
+            self.log_votes.scatter_(2, target[:, None].expand(-1, H, 1), new[1])
+            self.log_score.scatter_(2, target[:, None].expand(-1, H, 1), new[2])
+        at = leave[:, None].expand(-1, H, 1)               # merged or evicted, the slot is free again
+        self.log_votes.scatter_(2, at, torch.where(over[:, None], NEG, self.log_votes.gather(2, at)))
+        out = attend_latent(Q, self.kv, self.log_votes, scale, n_lat)
+        if self.track:  # how much did this step's removal move each head's output (after W_v)?
+            o0 = torch.einsum("bhc,hvc->bhv", o_before.double(), w_v.double())
+            o1 = torch.einsum("bhc,hvc->bhv", out.double(), w_v.double())
+            rel = (o1 - o0).norm(dim=-1) / o0.norm(dim=-1).clamp_min(1e-30)                # [B, H]
+            self.stats += torch.stack([torch.ones_like(rel.sum()), over.sum() * H, merged.sum() * H,
+                                       torch.zeros_like(rel.sum()), (rel * over).sum(), (rel * merged).sum(),
+                                       torch.zeros_like(rel.sum()), torch.zeros_like(rel.sum()),
+                                       res.double().sum()]).double()
+        return out
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def make_caches(model, batch: int, prompt_len: int, cfg: KVConfig, max_new_tokens: int = 0,
+                dtype=None, track: bool = False):
+    """One latent cache per layer: model.LatentKVCache for "full", else a LatentKeepKVCache."""
+    a, dev = model.args, model.embed.weight.device
+    dtype = dtype or model.embed.weight.dtype
+    if cfg.policy == "full":
+        return [LatentKVCache(batch, prompt_len + max_new_tokens, a.kv_lora_rank, a.qk_rope_head_dim, dtype, dev)
+                for _ in model.layers]
+    return [LatentKeepKVCache(batch, prompt_len, a.n_heads, a.kv_lora_rank, a.qk_rope_head_dim, cfg,
+                              max_new_tokens, dtype, dev, track) for _ in model.layers]
+
+
+def full_latent_bytes(model, batch: int, n_tokens: int, dtype=None) -> int:
+    """What model.LatentKVCache (c and k_rope, nothing else) takes for n_tokens."""
+    a = model.args
+    item = (dtype or model.embed.weight.dtype).itemsize
+    return a.n_layers * batch * n_tokens * (a.kv_lora_rank + a.qk_rope_head_dim) * item
+
+
+def slot_bytes(args, cache: str, dtype_bytes: int = 2) -> dict:
+    """Bytes per token and layer: the full cache and a compressed slot (bookkeeping included)."""
+    if cache == "latent":
+        full = (args.kv_lora_rank + args.qk_rope_head_dim) * dtype_bytes
+        return {"full": full, "slot": full + 2 * args.n_heads * 4 + 4}
+    full = args.n_heads * (args.qk_head_dim + args.v_head_dim) * dtype_bytes
+    return {"full": full, "slot": full + 2 * args.n_heads * 4 + args.n_heads * 4}
+
+
+def break_even(args, dtype_bytes: int = 2) -> dict:
+    """The budget below which a compressed cache holds fewer bytes than the FULL LATENT cache."""
+    lat, ph = slot_bytes(args, "latent", dtype_bytes), slot_bytes(args, "per-head", dtype_bytes)
+    return {"latent": lat["full"] / lat["slot"], "per-head": lat["full"] / ph["slot"]}
+
+
+def cache_stats(caches) -> dict:
+    """keepkv.cache_stats over latent caches made with track=True, plus the mean relative value
+    residual of the decode merges (merge_latent's criterion at its minimum)."""
+    out = keepkv.cache_stats(caches)
+    s = torch.stack([c.stats for c in caches]).sum(0).tolist()
+    merges = s[2] / caches[0].log_votes.shape[1]
+    out["value_residual"] = s[8] / merges if merges else 0.0
+    return out
