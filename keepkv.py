@@ -102,6 +102,7 @@ class KVConfig:
     pool: int = 5              # SnapKV average-pooling kernel over keys (its default)
     zip_eps: float = 1e-3      # |lbar| below this: guarded fall-back instead of the key rescale
     gamma_max: float = 16.0    # ... and also when the key rescale L/lbar leaves [1/g, g]
+    reattend: bool = True      # decode: attend after the removal (else: the output before it)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -562,13 +563,13 @@ class KeepKVCache(nn.Module):
         if cfg.policy in MERGING:
             merged, fb = self._merge_one(leave, over, live)
         s.free(leave, over)                             # merged or evicted, the slot is free again
-        out = attend_cache(q, s.k, s.v, s.log_votes, s.lengths, scale)
+        out = attend_cache(q, s.k, s.v, s.log_votes, s.lengths, scale) if cfg.reattend or self.track else None
         if self.track:  # how much did this step's removal move the attention output?
             o0, o1 = out_before.float(), out.float()
             rel = (o1 - o0).norm(dim=-1) / o0.norm(dim=-1).clamp_min(1e-30)              # [B, H]
             self.stats[:6] += torch.stack([torch.ones_like(rel.sum()), over.sum(), merged.sum(), fb.sum(),
                                            (rel * over[..., 0]).sum(), (rel * merged[..., 0]).sum()]).double()
-        return out
+        return out if cfg.reattend else out_before
 
 
 # ----------------------------------------------------------------------------- helpers

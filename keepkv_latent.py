@@ -51,19 +51,12 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import keepkv
-from keepkv import MERGING, NEG, KVConfig, _compute_dtype
-from model import LatentKVCache
+from keepkv import MERGING, NEG, KVConfig
+from model import LatentKVCache, absorbed_query, attend_absorbed_prompt
 
 # ----------------------------------------------------------------------------- attention over the slots
-
-def absorbed_query(q_nope, q_rope, w_kc):
-    """Per-head queries in latent space: [W_kc_h^T q_nope_h | q_rope_h], [.., H, C + Dr]."""
-    cdt = _compute_dtype(q_nope)
-    return torch.cat([torch.einsum("...hd,hdc->...hc", q_nope.to(cdt), w_kc.to(cdt)), q_rope.to(cdt)], -1)
-
 
 def attend_latent(Q, kv, log_votes, scale, n_latent, return_logits=False):
     """One query per sequence and head over the shared slots: softmax_n(l_hn + ln p_hn) c_n.
@@ -114,7 +107,7 @@ def merge_latent(kept, leaving, target, mask, Q, ln_z, w_v, scale, mode="zip"):
     mix = (omega[..., None] * kbar).sum(1) / omega.sum(1)[..., None]            # [B, C', C+Dr]
     cbar = kbar[..., :n_lat]
     if mode == "zip":   # least squares in the heads' W_v metrics, ridge toward cmix
-        gram = torch.einsum("bhn,hvc,hvd->bncd", omega, wv, wv)                  # [B, C', C, C]
+        gram = torch.einsum("bhn,hcd->bncd", omega, torch.einsum("hvc,hvd->hcd", wv, wv))   # [B, C', C, C]
         rhs = torch.einsum("bhn,hvc,bhnv->bnc", omega, wv, torch.einsum("hvc,bhnc->bhnv", wv, cbar))
         ridge = 1e-6 * gram.diagonal(dim1=-2, dim2=-1).mean(-1) + 1e-30         # [B, C']
         eye = torch.eye(n_lat, dtype=cdt, device=kv.device)
@@ -236,10 +229,7 @@ class LatentKeepKVCache(nn.Module):
         cdt = Q.dtype
         Qh, Kf = Q.transpose(1, 2), K.to(cdt)                                      # [B, H, T, D], [B, T, D]
         B, H, T, _ = Qh.shape
-        # multi-query attention: one key head shared by H query heads; the key doubles as the value
-        # (its first C dims are c), so no per-head copy of the prompt is built
-        out = F.scaled_dot_product_attention(Qh, Kf[:, None], Kf[:, None], is_causal=True, scale=scale,
-                                             enable_gqa=True)[..., :n_lat]          # [B, H, T, C]
+        out = attend_absorbed_prompt(Q, Kf, scale, n_lat)                        # [B, T, H, C], exact
         ln_s = keepkv.prefill_log_scores(cfg, Qh, Kf[:, None].expand(B, H, T, -1), scale)
         ln_p = torch.zeros_like(ln_s)
         pos = input_pos.to(torch.int32).expand(B, T)
@@ -265,7 +255,7 @@ class LatentKeepKVCache(nn.Module):
         self.log_score[:, :, :n] = ln_s.to(self.log_score.dtype)
         self.pos[:, :n] = pos
         self.prefilled = True
-        return out.transpose(1, 2)
+        return out
 
     # --- decode: one token in, at most one entry out, then attend --------------------------------
 
@@ -301,7 +291,7 @@ class LatentKeepKVCache(nn.Module):
             self.log_score.scatter_(2, target[:, None].expand(-1, H, 1), new[2])
         at = leave[:, None].expand(-1, H, 1)               # merged or evicted, the slot is free again
         self.log_votes.scatter_(2, at, torch.where(over[:, None], NEG, self.log_votes.gather(2, at)))
-        out = attend_latent(Q, self.kv, self.log_votes, scale, n_lat)
+        out = attend_latent(Q, self.kv, self.log_votes, scale, n_lat) if cfg.reattend or self.track else None
         if self.track:  # how much did this step's removal move each head's output (after W_v)?
             o0 = torch.einsum("bhc,hvc->bhv", o_before.double(), w_v.double())
             o1 = torch.einsum("bhc,hvc->bhv", out.double(), w_v.double())
@@ -310,7 +300,7 @@ class LatentKeepKVCache(nn.Module):
                                        torch.zeros_like(rel.sum()), (rel * over).sum(), (rel * merged).sum(),
                                        torch.zeros_like(rel.sum()), torch.zeros_like(rel.sum()),
                                        res.double().sum()]).double()
-        return out
+        return out if cfg.reattend else o_before
 
 
 # ----------------------------------------------------------------------------- helpers

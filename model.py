@@ -232,6 +232,22 @@ def attend_absorbed(q_nope, q_rope, c_all, kr_all, w_kc, w_v, input_pos, scale):
     return torch.einsum("bthc,hvc->bthv", o_lat, f32(w_v))                         # [B, T, H, Dv]
 
 
+def absorbed_query(q_nope, q_rope, w_kc):
+    """Path 4's per-head queries in latent space, [W_kc_h^T q_nope_h | q_rope_h]: [.., H, C+Dr]."""
+    return torch.cat([torch.einsum("...hd,hdc->...hc", f32(q_nope), f32(w_kc)), f32(q_rope)], -1)
+
+
+def attend_absorbed_prompt(Q, K, scale, n_latent):
+    """Path 4 over a whole prompt (positions 0..T-1, causal): absorbed queries Q [B, T, H, C+Dr]
+    over the keys K = [c | k_rope] [B, T, C+Dr] -> the latent outputs [B, T, H, C]. Multi-query
+    SDPA: one key head for H query heads, and the key doubles as the value (its first C dims are c,
+    the rest of the output is dropped), so neither [B, H, T, T] logits nor per-head copies of the
+    prompt are built."""
+    Kh = K.to(Q.dtype)[:, None]
+    out = F.scaled_dot_product_attention(Q.transpose(1, 2), Kh, Kh, is_causal=True, scale=scale, enable_gqa=True)
+    return out[..., :n_latent].transpose(1, 2)
+
+
 class KVCache(nn.Module):
     """The naive MLA cache: per-head keys [B, S, H, Dn+Dr] and values [B, S, H, Dv]. Static
     buffers written at `input_pos`, attended over whole with a mask: a compiled decode step sees
@@ -264,6 +280,10 @@ class LatentKVCache(nn.Module):
     def attend_latent(self, q_nope, q_rope, c, k_rope, w_kc, w_v, input_pos, scale):
         self.c.index_copy_(1, input_pos, c.to(self.c.dtype))
         self.k_rope.index_copy_(1, input_pos, k_rope.to(self.k_rope.dtype))
+        if c.shape[1] > 1 and int(input_pos[0]) == 0:   # a prompt: attend over itself, no [T, S] logits
+            o_lat = attend_absorbed_prompt(absorbed_query(q_nope, q_rope, w_kc), torch.cat([c, k_rope], -1),
+                                           scale, c.shape[-1])
+            return torch.einsum("bthc,hvc->bthv", o_lat, f32(w_v))
         return attend_absorbed(q_nope, q_rope, self.c, self.k_rope, w_kc, w_v, input_pos, scale)
 
 

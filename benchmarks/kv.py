@@ -1,33 +1,40 @@
-"""bench.py kv: KeepKV and its baselines (keepkv.POLICIES) on a trained checkpoint, and decode speed.
-The claims it checks: KeepKV's merging (Electoral Votes + ZIP) loses less quality than eviction
-(H2O, SnapKV, StreamingLLM) or convex merging at the same cache budget, and a compressed cache
-decodes more tokens/s in the same memory (the paper's "more than 2x").
+"""bench.py kv: KeepKV and its baselines at EQUAL CACHE BYTES, against the cache a K2 model serves from.
 
-The model: by default the long-context testbed of benchmarks/testbed.py (built once, then reused
-from out/testbed/), because ranking policies needs a model that uses distant context; --kv-ckpt
-takes any train.py checkpoint instead, --kv-data its corpus.
+An MLA model decodes from its latent cache (model.LatentKVCache: the latent c and the rotary key,
+C+Dr numbers per token and layer). The per-head cache holds H(Dn+Dr+Dv): 4x more on the tiny
+preset, 35.6x more on Kimi K2 (../shared/REFERENCE.md 3b). So the reference of every number here is
+the FULL LATENT cache, and caches are compared at equal bytes: a budget (the fraction of the
+prompt's entries kept) means different bytes in different caches.
 
-Quality: fixed windows of the validation split (files the model never trained on), each cut into a
-long prompt (--kv-prompt, default the model's context minus --kv-new) and a teacher-forced
-continuation. The prompt is prefilled and compressed to the budget, then every continuation token
-is decoded one at a time through the compressed cache (one merge or eviction per token). Against
-the full cache on the same windows we report the NLL increase, top-1 agreement, and the relative
-change of the attention output at the steps where an entry left (||o_after - o_before|| /
-||o_before||, per head, over layers). Then the EMA alpha, the observation window and the merge
-threshold are swept for keepkv at budget 0.1.
-
-Long-range probe, scored apart: the continuation tokens whose bigram (previous token, token) last
-occurred more than --kv-probe-dist tokens earlier (and not since). Predicting them well needs an
-entry from far back in the prompt, which is exactly what compression may have dropped.
-
-Validity, printed with every table: the full cache must beat StreamingLLM at every budget (its NLL
-increase > 0, and by more than 2 standard errors of the per-token paired difference). Where it does
-not, the model gains nothing measurable from the entries StreamingLLM drops, the table cannot rank
-policies, and the output says so in words (quality.validity in the JSON, and on the plot).
-
-Throughput: a random-weights model with a long context (quality irrelevant), a 4096-token prompt:
-decode tokens/s and cache bytes for the full cache and keepkv at 0.1 at batch 8, and for keepkv at
-the larger batch its smaller cache allows in the same memory (the paper's "more than 2x"), in one run.
+The claims it checks, and how:
+1. Quality at equal bytes (the headline table). Columns: byte targets, as fractions of the full
+   latent cache of the prompt (--kv-byte-fracs). Rows: (cache, policy): keepkv.py's policies on the
+   latent cache (keepkv_latent.py; --kv-policies) and on the per-head cache (--kv-perhead-policies).
+   Each row's budget is FITTED to each target from MEASURED bytes: the largest capacity C whose
+   caches, built for the prompt and the decoded tokens, hold at most the target (nbytes(): keys or
+   latents, values, votes, scores, positions of every slot, at their peak: snapkv, which grows by
+   the new tokens, counts C + new). "-" where even the smallest cache (n_sink + window entries) is
+   over the target. Cells: NLL increase vs the full latent cache / top-1 agreement with it. The
+   by-budget table (--kv-budgets) runs every row at the same budget too, its bytes beside.
+2. Data: fixed windows of the validation split (files the model never trained on), each cut into a
+   long prompt (--kv-prompt, default the model's context minus --kv-new) and a teacher-forced
+   continuation, decoded one token at a time through the compressed cache (one merge or eviction per
+   token). The model: by default the long-context testbed of benchmarks/testbed.py (built once,
+   then reused from out/testbed/), because ranking policies needs a model that uses distant
+   context; --kv-ckpt takes any train.py checkpoint instead, --kv-data its corpus.
+3. Long-range probe, scored apart: the continuation tokens whose bigram (previous token, token) last
+   occurred more than --kv-probe-dist tokens earlier (and not since). Predicting them needs an entry
+   from far back in the prompt, exactly what compression may have dropped.
+4. Validity, printed with every table: the full latent cache must beat latent StreamingLLM at every
+   byte target (its NLL increase > 0, by more than 2 standard errors of the per-token paired
+   difference). Where it does not, the model gains nothing measurable from the entries StreamingLLM
+   drops, the table cannot rank policies, and the output says so (quality.validity, and the plot).
+5. The sweep: the EMA alpha, the observation window and the merge threshold of latent keepkv at
+   budget 0.1, one at a time.
+6. Speed and memory (benchmarks/kv_speed.py): decode tokens/s at one batch and in one cache-memory
+   budget, and the peak memory of a real prefill.
+The break-even budgets (keepkv_latent.break_even: below which budget a compressed cache holds fewer
+bytes than the full latent cache) are printed for the model and for Kimi K2.
 Outputs: out/bench/kv.json (every number) and, when matplotlib is installed, kv.png beside it.
 """
 import argparse
@@ -35,17 +42,20 @@ import json
 import math
 import os
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 import data
 import keepkv
-from benchmarks import testbed
+import keepkv_latent
+from benchmarks import kv_speed, testbed
+from benchmarks.kv_speed import cache_bytes, make_caches
 from checkpoint import load_pretrained
-from model import build_model, get_args
+from model import get_args
 
-COMPRESSING = [p for p in keepkv.POLICIES if p != "full"]
+CACHES = ("latent", "per-head")
 
 
 def add_kv_args(p: argparse.ArgumentParser):
@@ -60,17 +70,26 @@ def add_kv_args(p: argparse.ArgumentParser):
     p.add_argument("--kv-new", type=int, default=32, help="teacher-forced tokens after each prompt")
     p.add_argument("--kv-probe-dist", type=int, default=512,
                    help="long-range probe: the bigram last occurred more than this many tokens back")
-    p.add_argument("--kv-budgets", default="0.02,0.05,0.1,0.2,0.5")
-    p.add_argument("--kv-policies", default=",".join(COMPRESSING))
-    p.add_argument("--kv-alphas", default="0,0.5,0.8,0.9,0.95", help="sweep (keepkv, budget 0.1)")
-    p.add_argument("--kv-obs-windows", default="4,64", help="sweep (keepkv, budget 0.1)")
-    p.add_argument("--kv-thresholds", default="0.5,0.9", help="sweep (keepkv, budget 0.1)")
+    p.add_argument("--kv-byte-fracs", default="0.05,0.1,0.2,0.5",
+                   help="equal-bytes table: cache bytes as fractions of the full latent cache of the prompt")
+    p.add_argument("--kv-budgets", default="0.1", help="by-budget table: fractions of the prompt kept ('' = none)")
+    p.add_argument("--kv-policies", default="keepkv,convex,h2o,snapkv,streaming", help="on the latent cache")
+    p.add_argument("--kv-perhead-policies", default="keepkv,streaming", help="on the per-head cache")
+    p.add_argument("--kv-alphas", default="0,0.5,0.8,0.9,0.95", help="sweep (latent keepkv, budget 0.1)")
+    p.add_argument("--kv-obs-windows", default="4,64", help="sweep (latent keepkv, budget 0.1)")
+    p.add_argument("--kv-thresholds", default="0.5,0.9", help="sweep (latent keepkv, budget 0.1)")
     p.add_argument("--kv-tp-prompt", type=int, default=4096)
     p.add_argument("--kv-tp-batch", type=int, default=8)
     p.add_argument("--kv-tp-steps", type=int, default=32)
-    p.add_argument("--kv-tp-max-batch", type=int, default=64, help="cap on the same-memory batch")
+    p.add_argument("--kv-tp-mem-mib", type=float, default=None,
+                   help="cache-memory budget of the same-memory runs (default: --kv-tp-mem-factor x the "
+                        "full latent cache at --kv-tp-batch)")
+    p.add_argument("--kv-tp-mem-factor", type=float, default=1.0)
+    p.add_argument("--kv-tp-max-batch", type=int, default=64, help="cap on the same-memory batches")
+    p.add_argument("--kv-mem-prompt", type=int, default=2048, help="prompt of the peak-memory prefill")
     p.add_argument("--kv-compile", action="store_true", help="compile the decode step (throughput part)")
-    p.add_argument("--kv-skip", default="", help="comma list of parts to skip: quality, sweep, throughput")
+    p.add_argument("--kv-skip", default="",
+                   help="comma list of parts to skip: quality, sweep, throughput, memory")
     p.add_argument("--kv-out", default="out/bench/kv.json")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
@@ -80,19 +99,66 @@ def _floats(s):
     return [float(x) for x in s.split(",") if x]
 
 
-def _f(v, spec):  # a number, or "-" where there is none (no probe tokens)
+def _f(v, spec):  # a number, or "-" where there is none (no probe tokens, an unreachable target)
     return "-" if v is None else format(v, spec)
 
 
+def _kib(n):
+    return f"{n / 1024:.1f} KiB"
+
+
+# ----------------------------------------------------------------------------- bytes
+
+def fit_budget(model, cache, cfg, target, P, new):
+    """The largest capacity C >= n_sink + window whose caches (batch 1, a P-token prompt, `new`
+    decoded tokens) measure at most `target` bytes, by bisection on measured bytes (they grow with
+    C): the config with that budget, or None where the smallest such cache is already over."""
+    at = lambda C: replace(cfg, budget=min(C / P, 1.0))  # noqa: E731  (capacity() gives back C)
+    measure = lambda C: cache_bytes(make_caches(model, cache, at(C), P, new))  # noqa: E731
+    lo, hi = cfg.n_sink + cfg.window, P
+    if measure(lo) > target:
+        return None
+    if measure(hi) <= target:
+        lo = hi
+    while hi - lo > 1:  # measure(lo) <= target < measure(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if measure(mid) <= target else (lo, mid)
+    return at(lo)
+
+
+def byte_sizes(model, P):
+    """Measured bytes of the two uncompressed caches of the prompt, per sequence."""
+    full = keepkv.KVConfig(policy="full")
+    return {c: cache_bytes(make_caches(model, c, full, P, 0)) for c in CACHES}
+
+
+def break_even(model_args, dtype_bytes):
+    """keepkv_latent.break_even for this model (its dtype) and for Kimi K2 (bf16)."""
+    return {"model": {"dtype_bytes": dtype_bytes, **keepkv_latent.break_even(model_args, dtype_bytes)},
+            "kimi-k2": {"dtype_bytes": 2, **keepkv_latent.break_even(get_args("kimi-k2"), 2)}}
+
+
+def _break_even_line(be):
+    m, k = be["model"], be["kimi-k2"]
+    return (f"Break-even (keepkv_latent.break_even): a compressed cache holds fewer bytes than the full "
+            f"latent cache only below budget {m['latent']:.3f} (latent) / {m['per-head']:.3f} (per-head) on "
+            f"this model ({m['dtype_bytes']}-byte entries), {k['latent']:.3f} / {k['per-head']:.4f} on Kimi K2 "
+            f"(bf16)")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
 @torch.no_grad()
-def continuation(model, x, P, cfg):
-    """Prefill x[:, :P] into a compressed cache, then decode x[:, P:] one token at a time.
-    Returns the logits of the decoded steps [B, n, V] and the caches' merge statistics."""
+def continuation(model, x, P, cache, cfg):
+    """Prefill x[:, :P] into one kind of cache, then decode x[:, P:] one token at a time. Returns the
+    logits of the decoded steps [B, n, V] and the caches' merge statistics (None for a full cache)."""
     B, n = x.shape[0], x.shape[1] - P
-    caches = keepkv.make_caches(model, B, P, cfg, max_new_tokens=n, track=True)
+    caches = make_caches(model, cache, cfg, P, n, B, track=True)
     model(x[:, :P], torch.arange(P, device=x.device), caches)
     out = [model(x[:, t:t + 1], torch.tensor([t], device=x.device), caches)[:, 0] for t in range(P, P + n)]
-    return torch.stack(out, 1), keepkv.cache_stats(caches)
+    if cfg.policy == "full":
+        return torch.stack(out, 1), None
+    return torch.stack(out, 1), (keepkv_latent if cache == "latent" else keepkv).cache_stats(caches)
 
 
 def long_range_mask(s, start, min_dist, gram=2):
@@ -110,12 +176,12 @@ def long_range_mask(s, start, min_dist, gram=2):
     return (last >= 0) & (ends[probe] - last > min_dist)
 
 
-def evaluate(model, batches, P, cfg, ref=None, probe_dist=512):
+def evaluate(model, batches, P, cache, cfg, ref=None, probe_dist=512):
     """NLL of the continuation, overall and on the long-range probe's tokens; with a reference
-    (the full cache's run) also the deltas."""
+    (the full latent cache's run) also the deltas against it."""
     nll, probe, top1, agree, stats = [], [], [], [], []
     for i, (x, y) in enumerate(batches):
-        logits, st = continuation(model, x, P, cfg)
+        logits, st = continuation(model, x, P, cache, cfg)
         nll.append(F.cross_entropy(logits.flatten(0, 1), y[:, P:].flatten(), reduction="none"))
         probe.append(long_range_mask(torch.cat([x, y[:, -1:]], 1), P + 1, probe_dist).flatten())
         top1.append(logits.argmax(-1).flatten())
@@ -127,7 +193,7 @@ def evaluate(model, batches, P, cfg, ref=None, probe_dist=512):
            "nll_probe": nll[probe].mean().item() if probe.any() else None, "top1": top1, "token_nll": nll}
     if ref is not None:
         tot = {k: sum(s[k] for s in stats) for k in ("removals", "merges", "fallbacks")}
-        mean = lambda k, w: sum(s[k] * s[w] for s in stats) / max(tot[w], 1)  # noqa: E731
+        mean = lambda k, w: sum(s.get(k, 0.0) * s[w] for s in stats) / max(tot[w], 1)  # noqa: E731
         diff = nll - ref["token_nll"]  # paired, token by token: the noise of dnll is diff's
         row.update(dnll=row["nll"] - ref["nll"], top1_agree=torch.cat(agree).mean().item(),
                    dnll_se=(diff.std() / math.sqrt(len(diff))).item() if len(diff) > 1 else float("inf"),
@@ -137,38 +203,62 @@ def evaluate(model, batches, P, cfg, ref=None, probe_dist=512):
                    merge_frac=tot["merges"] / max(tot["removals"], 1),
                    prefill_merge_frac=sum(s["prefill_merge_frac"] for s in stats) / len(stats),
                    fallback_frac=tot["fallbacks"] / max(tot["merges"], 1))
+        if cache == "latent" and cfg.policy in keepkv.MERGING:  # the least-squares value's residual
+            row["value_residual"] = mean("value_residual", "merges")       # mean over decode merges
     return row
 
 
-def validity(rows, n_se=2.0) -> dict:
-    """Can this table rank policies? Only if the full cache beats StreamingLLM at every budget:
+def validity(rows, n_se=2.0, key="budget") -> dict:
+    """Can this table rank policies? Only if the full latent cache beats latent StreamingLLM at every
+    column (rows grouped by `key`: "frac" for the equal-bytes table, "budget" for the by-budget one):
     streaming's NLL increase is > 0, and by more than n_se standard errors of the paired per-token
     difference (else the win is noise). Otherwise the entries StreamingLLM drops are worth nothing
-    to this model on these prompts, and no ranking of policies means anything."""
-    stream = {r["budget"]: r for r in rows if r["policy"] == "streaming"}
+    to this model on these prompts, and no ranking of policies means anything. Rows without a
+    "cache" field count as latent."""
+    stream = {r[key]: r for r in rows if r["policy"] == "streaming" and r.get("cache", "latent") == "latent"
+              and r.get("dnll") is not None}
     failing = [b for b, r in stream.items() if not r["dnll"] > 0]
     noise = [b for b, r in stream.items() if b not in failing and not r["dnll"] > n_se * r["dnll_se"]]
     usable = bool(stream) and not failing and not noise
-    budgets = lambda bs: ", ".join(f"{b:g}" for b in bs)  # noqa: E731
+    word = "byte target(s)" if key == "frac" else "budget(s)"
+    cols = lambda bs: ", ".join(f"{b:g}" for b in bs)  # noqa: E731
     if not stream:
-        msg = "NOT USABLE for claims: streaming was not measured, so nothing shows the model uses the context"
+        msg = ("NOT USABLE for claims: latent streaming was not measured, so nothing shows the model uses "
+               "the context")
     elif failing or noise:
         msg = "NOT USABLE for claims: " + "; ".join(
-            [f"StreamingLLM matches or beats the full cache at budget(s) {budgets(failing)}"] * bool(failing) +
-            [f"the full cache beats StreamingLLM by less than {n_se:g} standard errors (noise) at budget(s) "
-             f"{budgets(noise)}"] * bool(noise)) + "; the model does not measurably use the context that is dropped"
+            [f"latent StreamingLLM matches or beats the full latent cache at {word} {cols(failing)}"] * bool(failing) +
+            [f"the full latent cache beats latent StreamingLLM by less than {n_se:g} standard errors (noise) at "
+             f"{word} {cols(noise)}"] * bool(noise)) + "; the model does not measurably use the context that is dropped"
     else:
-        msg = (f"valid: the full cache beats StreamingLLM at every budget, by more than {n_se:g} standard "
-               f"errors (the model uses the context that is dropped)")
-    return {"usable": usable, "failing_budgets": failing + noise, "beaten_budgets": failing,
+        msg = (f"valid: the full latent cache beats latent StreamingLLM at every {word[:-3]}, by more than "
+               f"{n_se:g} standard errors (the model uses the context that is dropped)")
+    return {"usable": usable, "column": key, "failing_budgets": failing + noise, "beaten_budgets": failing,
             "within_noise_budgets": noise, "message": msg}
 
 
-def _row(cfg, P, r):
-    return {"policy": cfg.policy, "budget": cfg.budget, "alpha": cfg.alpha, "obs_window": cfg.obs_window,
-            "threshold": cfg.threshold, "capacity": keepkv.capacity(P, cfg),
+def _row(model, cache, cfg, P, new, sizes, r, **extra):
+    """One table row: what was run, its measured bytes per sequence (at their peak), its result."""
+    nbytes = cache_bytes(make_caches(model, cache, cfg, P, new))
+    return {"cache": cache, "policy": cfg.policy, "budget": cfg.budget, "capacity": keepkv.capacity(P, cfg),
+            "peak_entries": keepkv.capacity(P, cfg, new), "bytes": nbytes,
+            "bytes_vs_full_latent": nbytes / sizes["latent"], "bytes_vs_full_per_head": nbytes / sizes["per-head"],
+            **extra, "alpha": cfg.alpha, "obs_window": cfg.obs_window, "threshold": cfg.threshold,
             **{k: v for k, v in r.items() if k not in ("top1", "token_nll")}}
 
+
+def _log_row(log, label, r):
+    if r.get("dnll") is None:
+        log(f"  {label}: -  (even n_sink + window entries are over the target)")
+        return
+    extra = f"  value residual {r['value_residual']:.2e}" if "value_residual" in r else ""
+    log(f"  {label}: budget {r['budget']:.3f} C={r['capacity']:4d}, {r['bytes_vs_full_latent']:6.1%} of the full "
+        f"latent cache: dNLL {r['dnll']:+.4f} (se {r['dnll_se']:.4f})  probe dNLL {_f(r['dnll_probe'], '+.4f')}  "
+        f"top1 {r['top1_agree']:.3f}  perturb {r['perturbation']:.2e} (merges {r['perturbation_merged']:.2e})  "
+        f"merged {r['merge_frac']:.2f}{extra}")
+
+
+# ----------------------------------------------------------------------------- the quality part
 
 def checkpoint_folder(args, log) -> str:
     """--kv-ckpt, or the long-context testbed (trained now if it is not cached yet)."""
@@ -188,40 +278,58 @@ def quality(args, log):
     enc = data.load_encoding(ckpt)
     T = model.args.max_seq_len
     P = args.kv_prompt if args.kv_prompt is not None else T - args.kv_new
-    if P < 16 or P + args.kv_new > T:
-        raise ValueError(f"a {P}-token prompt + {args.kv_new} new tokens must fit the model's {T}-token "
+    n = args.kv_new
+    if P < 16 or P + n > T:
+        raise ValueError(f"a {P}-token prompt + {n} new tokens must fit the model's {T}-token "
                          f"context with a prompt of at least 16; change --kv-prompt / --kv-new")
     tokens = testbed.val_tokens(enc, args.kv_data, args.kv_val_frac)
     n_batches = math.ceil(args.kv_windows / args.kv_batch)
     batches = [(x.to(args.device), y.to(args.device))
-               for x, y in data.eval_batches(tokens, args.kv_batch, P + args.kv_new, n_batches)]
+               for x, y in data.eval_batches(tokens, args.kv_batch, P + n, n_batches)]
     n_win = sum(x.shape[0] for x, _ in batches)
-    log(f"kv quality: {ckpt}: {n_win} val windows: {P}-token prompt + {args.kv_new} teacher-forced")
+    sizes = byte_sizes(model, P)
+    be = break_even(model.args, model.embed.weight.dtype.itemsize)
+    log(f"kv quality: {ckpt}: {n_win} val windows: {P}-token prompt + {n} teacher-forced. Reference: the "
+        f"full latent cache (model.LatentKVCache), {_kib(sizes['latent'])} per sequence for the prompt; the "
+        f"full per-head cache would be {_kib(sizes['per-head'])} ({sizes['per-head'] / sizes['latent']:.1f}x)")
+    log(f"  {_break_even_line(be)}")
     if P < 768:
         log(f"  note: a {P}-token prompt is short of the long-context regime KV compression is for "
             f"(the testbed's is {testbed.CONTEXT - 32}); read the ranking with care")
-    ev = lambda cfg, ref=None: evaluate(model, batches, P, cfg, ref, args.kv_probe_dist)  # noqa: E731
-    ref = ev(keepkv.KVConfig(policy="full"))
-    log(f"  full cache: NLL {ref['nll']:.4f}; long-range probe: {ref['probe_tokens']} tokens (bigram last "
-        f"seen > {args.kv_probe_dist} back), NLL {_f(ref['nll_probe'], '.4f')}")
-    out = {"checkpoint": os.path.abspath(ckpt), "context": T, "prompt_len": P,
-           "new_tokens": args.kv_new, "windows": n_win, "nll_full": ref["nll"], "probe_dist": args.kv_probe_dist,
-           "probe_tokens": ref["probe_tokens"], "nll_probe_full": ref["nll_probe"], "rows": [], "sweep": []}
+    ev = lambda cache, cfg, ref=None: evaluate(model, batches, P, cache, cfg, ref, args.kv_probe_dist)  # noqa: E731
+    ref = ev("latent", keepkv.KVConfig(policy="full"))
+    log(f"  full latent cache: NLL {ref['nll']:.4f}; long-range probe: {ref['probe_tokens']} tokens (bigram "
+        f"last seen > {args.kv_probe_dist} back), NLL {_f(ref['nll_probe'], '.4f')}")
+    out = {"checkpoint": os.path.abspath(ckpt), "context": T, "prompt_len": P, "new_tokens": n, "windows": n_win,
+           "reference": "full latent cache (model.LatentKVCache)", "nll_full": ref["nll"],
+           "full_latent_bytes": sizes["latent"], "full_per_head_bytes": sizes["per-head"], "break_even": be,
+           "probe_dist": args.kv_probe_dist, "probe_tokens": ref["probe_tokens"], "nll_probe_full": ref["nll_probe"],
+           "equal_bytes": [], "rows": [], "sweep": []}
     if "quality" not in args.kv_skip:
-        policies = args.kv_policies.split(",")
-        policies += [] if "streaming" in policies else ["streaming"]  # the validity check needs it
-        for budget in _floats(args.kv_budgets):
-            for policy in policies:
-                cfg = keepkv.KVConfig(policy=policy, budget=budget)
-                r = _row(cfg, P, ev(cfg, ref))
-                out["rows"].append(r)
-                log(f"  {policy:9s} budget {budget:<4g} (C={r['capacity']:3d}): dNLL {r['dnll']:+.4f} "
-                    f"(se {r['dnll_se']:.4f})  "
-                    f"probe dNLL {_f(r['dnll_probe'], '+.4f')}  top1 {r['top1_agree']:.3f}  perturb "
-                    f"{r['perturbation']:.2e} (merges {r['perturbation_merged']:.2e})  merged {r['merge_frac']:.2f}")
-        out["validity"] = validity(out["rows"])
+        with_streaming = lambda s: [p for p in s.split(",") if p] + ["streaming"] * ("streaming" not in s)  # noqa: E731
+        specs = [("latent", p) for p in with_streaming(args.kv_policies)] + \
+                [("per-head", p) for p in with_streaming(args.kv_perhead_policies)]   # streaming: validity
+        log("  equal bytes: each row's budget fitted to the target from measured bytes (at their peak); "
+            "dNLL and top-1 vs the full latent cache")
+        for frac in _floats(args.kv_byte_fracs):
+            target = frac * sizes["latent"]
+            for cache, policy in specs:
+                cfg = fit_budget(model, cache, keepkv.KVConfig(policy=policy), target, P, n)
+                where = {"frac": frac, "target_bytes": target}
+                r = ({"cache": cache, "policy": policy, **where, "budget": None, "capacity": None, "bytes": None}
+                     if cfg is None else _row(model, cache, cfg, P, n, sizes, ev(cache, cfg, ref), **where))
+                out["equal_bytes"].append(r)
+                _log_row(log, f"{cache:8s} {policy:9s} <= {frac:<4g} x full latent", r)
+        out["validity"] = validity(out["equal_bytes"], key="frac")
         log(f"  validity: {out['validity']['message']}")
-    if "sweep" not in args.kv_skip:  # one knob at a time around the defaults, keepkv at budget 0.1
+        for budget in _floats(args.kv_budgets):   # same budget, different bytes
+            for cache, policy in specs:
+                cfg = keepkv.KVConfig(policy=policy, budget=budget)
+                out["rows"].append(_row(model, cache, cfg, P, n, sizes, ev(cache, cfg, ref)))
+                _log_row(log, f"{cache:8s} {policy:9s} at budget {budget:<4g}", out["rows"][-1])
+        if out["rows"]:
+            out["validity_by_budget"] = validity(out["rows"], key="budget")
+    if "sweep" not in args.kv_skip:  # one knob at a time around the defaults, latent keepkv at budget 0.1
         base = keepkv.KVConfig()
         knobs = [{"alpha": a} for a in _floats(args.kv_alphas)] + \
                 [{"obs_window": int(w)} for w in _floats(args.kv_obs_windows)] + \
@@ -229,146 +337,93 @@ def quality(args, log):
                 [{"policy": "convex", "alpha": 0.0}]  # exact predictions: what ZIP alone removes
         for knob in knobs:
             cfg = keepkv.KVConfig(**{"policy": "keepkv", "budget": 0.1, **knob})
-            label = ", ".join(f"{k} = {v:g}" if isinstance(v, (int, float)) else v
-                              for k, v in knob.items())
+            label = ", ".join(f"{k} = {v:g}" if isinstance(v, (int, float)) else v for k, v in knob.items())
             default = all(getattr(base, k) == v for k, v in knob.items())
-            r = {"setting": label, "default": default, **_row(cfg, P, ev(cfg, ref))}
+            r = {"setting": label, "default": default,
+                 **_row(model, "latent", cfg, P, n, sizes, ev("latent", cfg, ref))}
             out["sweep"].append(r)
-            log(f"  keepkv 0.1 {label:22s}: dNLL {r['dnll']:+.4f}  probe dNLL {_f(r['dnll_probe'], '+.4f')}  "
-                f"top1 {r['top1_agree']:.3f}  "
-                f"perturb {r['perturbation']:.2e} (merges {r['perturbation_merged']:.2e})  "
-                f"merged {r['merge_frac']:.2f}  fallback {r['fallback_frac']:.2f}")
+            _log_row(log, f"latent keepkv 0.1, {label:20s}", r)
     return out
 
 
-def fill_random(caches, prompt_len, gen):
-    """Stand in for a prefill: live entries with random keys, values and scores. A decode step
-    costs the same whatever the cache holds (shapes are static), and this skips a long prefill."""
-    for c in caches:
-        n = min(prompt_len, c.capacity)
-        c.reset()
-        for buf in (c.k, c.v):
-            buf.copy_(torch.randn(buf.shape, generator=gen).to(buf))
-        c.log_votes[..., :n] = 0.0
-        c.score[..., :n] = torch.randn(c.score[..., :n].shape, generator=gen).to(c.score)
-        c.pos[..., :n] = torch.arange(n, dtype=torch.int32, device=c.pos.device)
-        c.prefilled = True
+# ----------------------------------------------------------------------------- tables and plot
 
-
-@torch.no_grad()
-def throughput(args, log):
-    """Decode tokens/s and cache bytes: full vs keepkv at 0.1 at the same batch, and keepkv at the
-    larger batch whose compressed cache takes the full cache's memory (capped), in one run."""
-    P, B, n = args.kv_tp_prompt, args.kv_tp_batch, args.kv_tp_steps
-    margs = get_args("tiny", vocab_size=512, max_seq_len=P + n + 8)   # random weights, long context
-    model = build_model(margs, args.device, seed=0).eval()
-    gen = torch.Generator().manual_seed(0)
-    step = lambda m, c, tok, pos: m(tok, pos, c)[:, -1]  # noqa: E731
-    if args.kv_compile:
-        step = torch.compile(step, fullgraph=True)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    res = {"prompt_len": P, "batch": B, "decode_steps": n, "compiled": args.kv_compile,
-           "prefill": "skipped: caches filled with random entries (decode cost does not depend on them)"}
-
-    def run(name, cfg, batch):
-        caches = keepkv.make_caches(model, batch, P, cfg, max_new_tokens=n)
-        fill_random(caches, P, gen)
-        x = torch.randint(0, margs.vocab_size, (batch, n), generator=gen).to(args.device)
-        for i in range(2):  # warm-up (and compile)
-            step(model, caches, x[:, i:i + 1], torch.tensor([P + i], device=args.device))
-        sync()
-        t0 = time.perf_counter()
-        for i in range(2, n):
-            step(model, caches, x[:, i:i + 1], torch.tensor([P + i], device=args.device))
-        sync()
-        r = {"batch": batch, "tokens_per_s": batch * (n - 2) / (time.perf_counter() - t0),
-             "cache_bytes": sum(c.nbytes() for c in caches), "capacity": caches[0].capacity}
-        log(f"  {name:16s}: decode {r['tokens_per_s']:7.1f} tok/s at batch {batch:3d}, cache "
-            f"{r['cache_bytes'] / 2**20:.1f} MiB ({r['capacity']} entries per head)")
-        res[name] = r
-
-    run("full", keepkv.KVConfig(policy="full"), B)
-    run("keepkv@0.1", keepkv.KVConfig(budget=0.1), B)
-    res["bytes_ratio"] = res["keepkv@0.1"]["cache_bytes"] / res["full"]["cache_bytes"]
-    res["speedup_same_batch"] = res["keepkv@0.1"]["tokens_per_s"] / res["full"]["tokens_per_s"]
-    big = min(int(B / res["bytes_ratio"]), args.kv_tp_max_batch)
-    run("keepkv@0.1 big", keepkv.KVConfig(budget=0.1), big)
-    res["speedup_big_batch"] = res["keepkv@0.1 big"]["tokens_per_s"] / res["full"]["tokens_per_s"]
-    log(f"  keepkv@0.1 takes {res['bytes_ratio']:.1%} of the full cache's bytes (votes, scores and "
-        f"positions included); tokens/s vs full: {res['speedup_same_batch']:.2f}x at batch {B}, "
-        f"{res['speedup_big_batch']:.2f}x at batch {big} (cache memory <= full at batch {B})")
-    return res
+def _table(rows, cols, key, cell):
+    """Markdown rows, one per (cache, policy) in first-seen order, one cell per column value."""
+    lines = [f"| cache, policy | {' | '.join(cols.values())} |", "|---|" + "---|" * len(cols)]
+    for cp in dict.fromkeys((r["cache"], r["policy"]) for r in rows):
+        got = {r[key]: r for r in rows if (r["cache"], r["policy"]) == cp}
+        lines.append(f"| {cp[0]} {cp[1]} | " + " | ".join(cell(got[c]) if c in got else "" for c in cols) + " |")
+    return lines
 
 
 def markdown(res) -> str:
-    """The README tables: NLL increase / top-1 agreement per policy and budget, the sweep, speed."""
+    """The README tables: equal-bytes quality, long-range probe, validity, by budget, sweep, speed, memory."""
     q, lines = res.get("quality") or {}, []
-    if q.get("rows"):
-        cap = {r["budget"]: r["capacity"] for r in q["rows"]}
-        head = ["| policy | " + " | ".join(f"b = {b:g} (C = {c})" for b, c in cap.items()) + " |",
-                "|---|" + "---|" * len(cap)]
-        lines += [f"{q['windows']} val windows: a {q['prompt_len']}-token prompt compressed to C entries per "
-                  f"head, then {q['new_tokens']} teacher-forced tokens (full-cache NLL {q['nll_full']:.3f}). "
-                  "Cells: NLL increase / top-1 agreement with the full cache.", "", *head]
-        policies = list(dict.fromkeys(r["policy"] for r in q["rows"]))
-        for policy in policies:
-            cells = {r["budget"]: f"{r['dnll']:+.3f} / {r['top1_agree']:.2f}"
-                     for r in q["rows"] if r["policy"] == policy}
-            lines.append(f"| {policy} | " + " | ".join(cells.get(b, "") for b in cap) + " |")
-        lines += ["", f"Long-range probe: NLL increase on the {q['probe_tokens']} continuation tokens whose "
-                  f"bigram last occurred more than {q['probe_dist']} tokens earlier (full-cache NLL on them "
-                  f"{_f(q['nll_probe_full'], '.3f')}).", "", *head]
-        for policy in policies:
-            cells = {r["budget"]: _f(r["dnll_probe"], "+.3f") for r in q["rows"] if r["policy"] == policy}
-            lines.append(f"| {policy} | " + " | ".join(cells.get(b, "") for b in cap) + " |")
+    ok = lambda r: r.get("dnll") is not None  # noqa: E731
+    if q.get("equal_bytes"):
+        eb = q["equal_bytes"]
+        cols = {r["frac"]: f"{r['frac']:g} x full latent ({_kib(r['target_bytes'])})" for r in eb}
+        lines += [f"{q['windows']} val windows: a {q['prompt_len']}-token prompt, then {q['new_tokens']} "
+                  f"teacher-forced tokens through the compressed cache, compared at EQUAL BYTES with the full "
+                  f"latent cache (model.LatentKVCache, {_kib(q['full_latent_bytes'])} per sequence for the prompt, NLL "
+                  f"{q['nll_full']:.3f}; the full per-head cache is {_kib(q['full_per_head_bytes'])}). Columns: "
+                  f"cache bytes per sequence at most that fraction of the full latent cache, measured (keys or "
+                  f"latents, values, votes, scores, positions, at their peak: snapkv counts its new tokens); each "
+                  f"row's budget is fitted to it. Cells: NLL increase vs the full latent cache / top-1 agreement "
+                  f"with it (C = entries kept); \"-\": even n_sink + window entries are over the target.", ""]
+        lines += _table(eb, cols, "frac", lambda r: f"{r['dnll']:+.3f} / {r['top1_agree']:.2f} (C = {r['capacity']})"
+                        if ok(r) else "-")
+        lines += ["", f"Long-range probe, same columns: NLL increase vs the full latent cache on the "
+                  f"{q['probe_tokens']} continuation tokens whose bigram last occurred more than {q['probe_dist']} "
+                  f"tokens earlier (full latent cache's NLL on them {_f(q['nll_probe_full'], '.3f')}).", ""]
+        lines += _table(eb, cols, "frac", lambda r: _f(r["dnll_probe"], "+.3f") if ok(r) else "-")
         lines += ["", f"Validity: {q['validity']['message']}."]
+    if q.get("rows"):
+        cols = {r["budget"]: f"b = {r['budget']:g}" for r in q["rows"]}
+        lines += ["", "Same budget (fraction of the prompt's entries kept), different bytes. Cells: NLL increase vs "
+                  "the full latent cache / top-1 agreement [cache bytes as a fraction of the full latent cache].", ""]
+        lines += _table(q["rows"], cols, "budget", lambda r: f"{r['dnll']:+.3f} / {r['top1_agree']:.2f} "
+                        f"[{r['bytes_vs_full_latent']:.2f}]")
     if q.get("sweep"):
-        lines += ["", "keepkv at b = 0.1, one setting changed at a time (* = the default; the last row is "
-                  "convex merging with exact predictions): NLL increase / "
-                  "top-1 agreement / mean attention-output change at merge steps", "",
-                  "| setting | result |", "|---|---|"]
+        lines += ["", "Latent keepkv at b = 0.1, one setting changed at a time (* = the default; the last row is "
+                  "convex merging with exact predictions): NLL increase vs the full latent cache / top-1 "
+                  "agreement / mean attention-output change at merge steps", "", "| setting | result |", "|---|---|"]
         lines += [f"| {r['setting']}{' *' if r['default'] else ''} | {r['dnll']:+.3f} / "
                   f"{r['top1_agree']:.2f} / {r['perturbation_merged']:.1e} |" for r in q["sweep"]]
-    tp = res.get("throughput")
-    if tp:
-        full, same, big = tp["full"], tp["keepkv@0.1"], tp["keepkv@0.1 big"]
-        lines += ["", f"Decode after a {tp['prompt_len']}-token prompt "
-                  f"({'compiled' if tp['compiled'] else 'eager'}, {res['device']}): full cache "
-                  f"{full['tokens_per_s']:.0f} tok/s at batch {tp['batch']}; keepkv@0.1 "
-                  f"{same['tokens_per_s']:.0f} tok/s ({tp['speedup_same_batch']:.2f}x) at the same batch and "
-                  f"{big['tokens_per_s']:.0f} tok/s ({tp['speedup_big_batch']:.2f}x) at batch {big['batch']}, "
-                  f"where its cache still takes no more memory; at 0.1 the cache is "
-                  f"{tp['bytes_ratio']:.1%} of the full cache's bytes (votes, scores, positions included)."]
-    return "\n".join(lines)
+    if res.get("break_even"):
+        lines += ["", _break_even_line(res["break_even"]) + "."]
+    lines += kv_speed.markdown(res.get("throughput"), res.get("memory"), res["device"])
+    return "\n".join(lines).strip("\n")
 
 
 def plot(q, path):
-    """NLL increase vs budget, one line per policy (overall, and on the long-range probe). Only
-    when matplotlib is installed (it is optional); returns the path written, or None."""
+    """NLL increase vs cache bytes (a fraction of the full latent cache), one line per (cache, policy),
+    overall and on the long-range probe. Only with matplotlib (optional); returns the path, or None."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    if not q.get("rows"):
+    rows = [r for r in (q.get("equal_bytes") or []) + (q.get("rows") or []) if r.get("dnll") is not None]
+    if not rows:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     for ax, key, title in ((axes[0], "dnll", "all continuation tokens"),
                            (axes[1], "dnll_probe", f"long-range probe ({q['probe_tokens']} tokens)")):
-        for policy in dict.fromkeys(r["policy"] for r in q["rows"]):
-            pts = [(r["budget"], r[key]) for r in q["rows"] if r["policy"] == policy and r[key] is not None]
+        for cp in dict.fromkeys((r["cache"], r["policy"]) for r in rows):
+            pts = sorted({(r["bytes_vs_full_latent"], r[key]) for r in rows
+                          if (r["cache"], r["policy"]) == cp and r[key] is not None})
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=policy)
-        budgets = sorted({r["budget"] for r in q["rows"]})
-        ax.set(xscale="log", xlabel="budget (fraction of the prompt kept)", ylabel="NLL increase vs full cache",
+                ax.plot(*zip(*pts), marker="o", ls="-" if cp[0] == "latent" else "--", label=" ".join(cp))
+        ax.set(xscale="log", xlabel="cache bytes / full latent cache's", ylabel="NLL increase vs full latent cache",
                title=title)
-        ax.set_xticks(budgets, [f"{b:g}" for b in budgets], minor=False)
-        ax.minorticks_off()
         ax.axhline(0, color="grey", lw=0.5)
-    axes[0].legend()
-    if not q["validity"]["usable"]:
-        fig.suptitle("NOT USABLE for claims: the full cache does not beat StreamingLLM at every budget")
+        ax.axvline(1, color="grey", lw=0.5, ls=":")   # the full latent cache's own bytes
+    axes[0].legend(fontsize=7)
+    if not q.get("validity", {}).get("usable", False):
+        fig.suptitle("NOT USABLE for claims: the full latent cache does not beat StreamingLLM at every byte target")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -378,16 +433,22 @@ def plot(q, path):
 def bench_kv(args, log=print):
     t0 = time.time()
     torch.manual_seed(0)
+    skip = args.kv_skip.split(",")
     res = {"device": args.device, "kv_config": keepkv.KVConfig().__dict__}
-    if not ("quality" in args.kv_skip and "sweep" in args.kv_skip):
+    if not ("quality" in skip and "sweep" in skip):
         try:
             res["quality"] = quality(args, log)
         except FileNotFoundError as e:
             log(f"kv quality: skipped, {e}")
             res["quality"] = {"skipped": str(e)}
-    if "throughput" not in args.kv_skip:
+    if "throughput" not in skip:
         log(f"kv throughput: random-weights tiny model, prompt {args.kv_tp_prompt}, batch {args.kv_tp_batch}")
-        res["throughput"] = throughput(args, log)
+        res["throughput"] = kv_speed.throughput(args, log)
+    if "memory" not in skip:
+        log(f"kv memory: peak of a real {args.kv_mem_prompt}-token prefill, batch 1, random-weights tiny model")
+        res["memory"] = kv_speed.prefill_memory(args, log)
+    # the quality model's, or else the speed parts' (the tiny preset; build_model makes it fp32)
+    res["break_even"] = (res.get("quality") or {}).get("break_even") or break_even(get_args("tiny"), 4)
     res["seconds"] = time.time() - t0
     os.makedirs(os.path.dirname(os.path.abspath(args.kv_out)), exist_ok=True)
     with open(args.kv_out, "w") as f:
@@ -403,5 +464,6 @@ def bench_kv(args, log=print):
 
 
 def add_parser(sub):
-    kv = add_kv_args(sub.add_parser("kv", help="KeepKV and baselines: quality vs budget, throughput"))
+    kv = add_kv_args(sub.add_parser("kv", help="KeepKV and baselines at equal bytes vs the full latent cache; "
+                                               "decode throughput, memory"))
     kv.set_defaults(fn=bench_kv)
