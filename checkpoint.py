@@ -88,7 +88,8 @@ def load_pretrained(folder: str, device="cpu") -> Transformer:
 
 # ----------------------------------------------------------------------------- train state
 
-RUN_KEYS = ("batch_size", "seq_len", "optimizer", "seed", "grad_accum")  # must match to resume
+RUN_KEYS = ("batch_size", "seq_len", "optimizer", "seed", "grad_accum", "copy_rows", "copy_steps")  # must match to resume
+RUN_DEFAULTS = {"copy_rows": 0, "copy_steps": 0}  # what a checkpoint that predates a key ran with
 
 
 def optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
@@ -196,7 +197,7 @@ def load_checkpoint(out_dir, model, optimizer, sampler, args, margs, d: Dist) ->
             raise ValueError(f"--resume: checkpoint model field {k}={saved.get(k)!r} but this run has "
                              f"{k}={v!r}; use the same preset/overrides or a new --out-dir")
     for k in RUN_KEYS:
-        if config["run"].get(k) != getattr(args, k):
+        if config["run"].get(k, RUN_DEFAULTS.get(k)) != getattr(args, k):
             raise ValueError(f"--resume: checkpoint was trained with --{k.replace('_', '-')} "
                              f"{config['run'].get(k)!r}, this run has {getattr(args, k)!r}")
     if config["step"] != state["step"] or not os.path.isdir(train_dir):

@@ -418,6 +418,31 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int):
     return torch.from_numpy(w[:, :-1].copy()), torch.from_numpy(w[:, 1:].copy())
 
 
+IGNORE = -100  # a target cross_entropy skips (its default ignore_index)
+
+
+def copy_task_row(tokens: np.ndarray, seq_len: int, rng, min_len: int = 16, max_len: int = 512):
+    """One synthetic row (x, y) that only context can predict: segments s drawn as runs of
+    single tokens sampled from `tokens` (so they follow the corpus's unigram distribution, with no
+    n-gram structure), each written twice, s s, back to back until seq_len+1 tokens. The targets
+    of a first copy (unpredictable) and of the first token of a repeat (which segment comes next is
+    not knowable) are IGNORE; the rest of each repeat is predictable from exactly len(s) tokens
+    back. This is the task that makes induction heads form (copy what followed the last occurrence
+    of the current token), a few hundred steps into training instead of the billions of natural
+    tokens it takes otherwise."""
+    max_len = max(2, min(max_len, (seq_len + 1) // 2))   # the first pair always fits: some target scored
+    min_len = min(min_len, max_len)
+    w, target_ok = [], []
+    while sum(map(len, w)) < seq_len + 1:
+        n = int(rng.integers(min_len, max_len + 1))
+        seg = tokens[rng.integers(0, len(tokens), size=n)].astype(np.int64)
+        w += [seg, seg]
+        target_ok += [np.zeros(n, bool), np.r_[False, np.ones(n - 1, bool)]]
+    w, ok = np.concatenate(w)[:seq_len + 1], np.concatenate(target_ok)[:seq_len + 1]
+    y = np.where(ok[1:], w[1:], IGNORE)   # the target at i is token i+1: predictable iff in a repeat
+    return torch.from_numpy(w[:-1].copy()), torch.from_numpy(y)
+
+
 class BatchSampler:
     """Random windows of seq_len+1 tokens, deterministic from (seed, step); resumable.
 
@@ -425,11 +450,19 @@ class BatchSampler:
     position i reproduces an uninterrupted run exactly. batch_size is the GLOBAL batch: every rank
     draws the same global batch and keeps its own slice of rows, so what the model sees does not
     depend on how many ranks there are.
+
+    copy_rows, copy_steps: for the first copy_steps steps, the last copy_rows rows of each batch
+    are copy_task_row's synthetic rows instead of windows (a long-context testbed uses this to
+    form induction heads within a CPU budget; off by default).
     """
 
     def __init__(self, tokens, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, copy_rows: int = 0, copy_steps: int = 0):
         _check_length(tokens, seq_len)
+        if not 0 <= copy_rows <= batch_size or copy_steps < 0:
+            raise ValueError(f"need 0 <= copy_rows <= batch_size ({batch_size}) and copy_steps >= 0, "
+                             f"got {copy_rows} and {copy_steps}")
+        self.copy_rows, self.copy_steps = copy_rows, copy_steps
         if batch_size < 1 or seed < 0:
             raise ValueError(f"need batch_size >= 1 and seed >= 0, got {batch_size} and {seed}")
         if not 0 <= rank < world_size:
@@ -447,8 +480,13 @@ class BatchSampler:
         n_starts = len(self.tokens) - self.seq_len  # last valid start leaves room for seq_len+1
         starts = rng.integers(0, n_starts, size=self.batch_size)
         per_rank = self.batch_size // self.world_size
-        return _windows(self.tokens, starts[self.rank * per_rank:(self.rank + 1) * per_rank],
-                        self.seq_len)
+        rows = range(self.rank * per_rank, (self.rank + 1) * per_rank)
+        x, y = _windows(self.tokens, starts[rows.start:rows.stop], self.seq_len)
+        n_copy = self.copy_rows if step < self.copy_steps else 0
+        for i, row in enumerate(rows):
+            if row >= self.batch_size - n_copy:  # its own stream, so every rank draws the same row
+                x[i], y[i] = copy_task_row(self.tokens, self.seq_len, np.random.default_rng([self.seed, step, row]))
+        return x, y
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.get_batch(self.position)

@@ -65,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--dist-timeout", type=float, default=600,
                    help="seconds a collective may wait for the other ranks before failing")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--copy-rows", type=int, default=0,
+                   help="rows per batch replaced by a synthetic copy task (data.copy_task_row) ...")
+    p.add_argument("--copy-steps", type=int, default=0, help="... during the first this many steps")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=8, help="val batches per periodic eval")
     p.add_argument("--save-every", type=int, default=100)
@@ -214,7 +217,8 @@ def train(args, d: Dist, device):
         d.barrier()
     log(f"data: {ds.name}")
     sampler = data.BatchSampler(ds.train, args.batch_size, args.seq_len, seed=args.seed,
-                                rank=d.rank, world_size=d.world)
+                                rank=d.rank, world_size=d.world, copy_rows=args.copy_rows,
+                                copy_steps=args.copy_steps)
     # the val bytes the final eval scores (and gzip/xz compress), computed once; this also fails
     # early, before the model is built, if val is shorter than one window
     val_ys = [y for _, y in data.eval_batches(ds.val, args.batch_size // args.grad_accum, args.seq_len, 10**9)]

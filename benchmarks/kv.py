@@ -334,10 +334,12 @@ def quality(args, log):
         knobs = [{"alpha": a} for a in _floats(args.kv_alphas)] + \
                 [{"obs_window": int(w)} for w in _floats(args.kv_obs_windows)] + \
                 [{"threshold": t} for t in _floats(args.kv_thresholds)] + \
-                [{"policy": "convex", "alpha": 0.0}]  # exact predictions: what ZIP alone removes
+                [{"policy": "convex", "alpha": 0.0}] + \
+                [{"reattend": not base.reattend}]  # attend before or after the step's removal
         for knob in knobs:
             cfg = keepkv.KVConfig(**{"policy": "keepkv", "budget": 0.1, **knob})
-            label = ", ".join(f"{k} = {v:g}" if isinstance(v, (int, float)) else v for k, v in knob.items())
+            label = ", ".join(f"{k} = {v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool)
+                              else f"{k} = {v}" if isinstance(v, bool) else v for k, v in knob.items())
             default = all(getattr(base, k) == v for k, v in knob.items())
             r = {"setting": label, "default": default,
                  **_row(model, "latent", cfg, P, n, sizes, ev("latent", cfg, ref))}

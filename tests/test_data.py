@@ -192,6 +192,32 @@ def test_ranks_slice_the_same_global_batch(ds):
         data.BatchSampler(ds.train, 6, 16, world_size=4)
 
 
+def test_copy_task_rows(ds):
+    """copy_task_row: every scored target is predictable by induction: some n back (a segment
+    length) both it and the token before it occurred, in that order. About half the row is scored
+    (the repeats, less their first tokens). The sampler puts such rows last in the batch for the
+    first copy_steps steps only, the same on every rank."""
+    x, y = data.copy_task_row(ds.train, 300, np.random.default_rng(0), min_len=5, max_len=40)
+    assert x.shape == y.shape == (300,) and x.dtype == y.dtype == torch.int64
+    w = x.tolist() + [int(y[-1])]
+    scored = [t for t in range(300) if y[t] != data.IGNORE]
+    assert 110 < len(scored) < 150
+    for t in scored:
+        assert int(y[t]) == w[t + 1]
+        assert any(w[t + 1 - n] == w[t + 1] and w[t - n] == w[t] for n in range(5, 41) if t - n >= 0)
+    sampler = data.BatchSampler(ds.train, 4, 64, seed=2, copy_rows=2, copy_steps=3)
+    x0, y0 = sampler.get_batch(0)
+    plain = data.BatchSampler(ds.train, 4, 64, seed=2).get_batch(0)
+    assert torch.equal(x0[:2], plain[0][:2]) and not torch.equal(x0[2:], plain[0][2:])
+    assert (y0[2:] == data.IGNORE).any() and not (y0[:2] == data.IGNORE).any()
+    assert torch.equal(sampler.get_batch(3)[0], data.BatchSampler(ds.train, 4, 64, seed=2).get_batch(3)[0])
+    halves = [data.BatchSampler(ds.train, 4, 64, seed=2, rank=r, world_size=2, copy_rows=2, copy_steps=3)
+              .get_batch(0) for r in range(2)]
+    assert torch.equal(torch.cat([h[1] for h in halves]), y0)
+    with pytest.raises(ValueError, match="copy_rows"):
+        data.BatchSampler(ds.train, 4, 64, copy_rows=5)
+
+
 def test_eval_batches_tile_the_split(ds):
     seq = 16
     batches = list(data.eval_batches(ds.val, 4, seq, max_batches=10**6))

@@ -130,6 +130,6 @@ def test_bench_kv_end_to_end(trained_checkpoint, corpus_dir, tmp_path, one_threa
                                                                for b in (0.2, 0.5)}
     assert all("dnll_probe" in r for r in q["rows"]) and q["probe_dist"] == 8
     assert isinstance(q["validity"]["usable"], bool) and q["validity"]["message"]
-    assert len(q["sweep"]) == 2  # alpha 0.8 and the convex row
+    assert len(q["sweep"]) == 3  # alpha 0.8, the convex row and the other reattend
     has_matplotlib = importlib.util.find_spec("matplotlib") is not None  # optional: a plot only with it
     assert (tmp_path / "kv.png").exists() == has_matplotlib
