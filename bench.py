@@ -2,7 +2,7 @@
 
     python bench.py train     tokens/s of a tiny-preset training step, eager vs compiled, and MFU
     python bench.py optim     AdamW vs MuonClip at equal tokens; the QK-Clip demonstration
-    python bench.py kv        KeepKV and baselines: quality vs budget; decode throughput and bytes
+    python bench.py kv        KeepKV and baselines on the latent cache at equal bytes; decode speed, memory
     python bench.py testbed   builds (once) the long-context model `bench.py kv` uses; loss by position
     python bench.py kernels   Triton kernels vs their torch references (GPU; interpreter on CPU)
     python bench.py dist      tokens/s with 1 and 2 processes (FSDP2), optimizer and communication share

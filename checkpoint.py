@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 import data
 from model import ModelArgs, Transformer, build_model
@@ -84,6 +84,19 @@ def load_pretrained(folder: str, device="cpu") -> Transformer:
         raise ValueError(f"{weights} does not match {config} ({first}); the two files come from "
                          f"different models: restore the pair written together") from e
     return model
+
+
+def init_weights_from(model: Transformer, folder: str, margs: ModelArgs, d: Dist) -> None:
+    """train.py --init-from: a fresh run (new optimizer, step 0) starting from the weights in
+    `folder` (a save_pretrained folder, e.g. an earlier run's out-dir) instead of random ones. The
+    architecture must match; sharded models get their rows from rank 0's full copy."""
+    src = load_pretrained(folder, "cpu")   # clear errors for a missing or corrupt folder
+    if asdict(src.args) != asdict(margs):
+        diff = {k: (v, getattr(margs, k)) for k, v in asdict(src.args).items() if getattr(margs, k) != v}
+        raise ValueError(f"--init-from {folder!r}: its model differs from this run's ({', '.join(f'{k}: {a!r} there, {b!r} here' for k, (a, b) in diff.items())}); use the same preset and overrides")
+    full = src.state_dict() if d.main else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
+                                                               broadcast_from_rank0=d.enabled))
 
 
 # ----------------------------------------------------------------------------- train state

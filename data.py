@@ -421,7 +421,7 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int):
 IGNORE = -100  # a target cross_entropy skips (its default ignore_index)
 
 
-def copy_task_row(tokens: np.ndarray, seq_len: int, rng, min_len: int = 16, max_len: int = 512):
+def copy_task_row(tokens: np.ndarray, seq_len: int, rng, min_len: int = 16, max_len: int = 96):
     """One synthetic row (x, y) that only context can predict: segments s drawn as runs of
     single tokens sampled from `tokens` (so they follow the corpus's unigram distribution, with no
     n-gram structure), each written twice, s s, back to back until seq_len+1 tokens. The targets

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import data
 import muonclip
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import init_weights_from, load_checkpoint, save_checkpoint
 from model import ModelArgs, PRESETS, count_params, get_args
 from parallel import Dist, global_router_loads, make_model, rank_rows, setup_distributed
 
@@ -72,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-batches", type=int, default=8, help="val batches per periodic eval")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
+    p.add_argument("--init-from", default=None,
+                   help="start a new run from the weights in this folder (not its optimizer or step)")
     p.add_argument("--stop-at", type=int, default=None,
                    help="save and stop after this step (as if interrupted; the schedule still spans --max-steps)")
     p.add_argument("--log-every", type=int, default=1)
@@ -233,6 +235,9 @@ def train(args, d: Dist, device):
     model.set_record_max_logits(is_muon)  # QK-Clip's input (and logged even with --no-qk-clip)
 
     step = 0
+    if args.init_from and not args.resume:   # on --resume the checkpoint's own weights win
+        init_weights_from(model, args.init_from, margs, d)
+        log(f"weights from {args.init_from}")
     if args.resume:
         step = load_checkpoint(args.out_dir, model, optimizer, sampler, args, margs, d)
         log(f"resumed from {args.out_dir} at step {step}")

@@ -11,20 +11,23 @@ with a fixed seed and step count, written to out/testbed/<hash of the train flag
 
 Why a copy task. Using distant context means, first of all, induction: "the last time this token
 came, that one followed". Transformers learn it in a sudden phase change, but on natural text only
-after far more tokens than 25 CPU minutes see (measured here: 720 steps of plain stdlib windows end
-with a flat loss by position, and a 512-token passage repeated verbatim is predicted no better the
-second time). So for the first half of the steps half the rows of each batch are data.copy_task_row's
-synthetic rows (unigram-sampled token runs, each written twice; only the repeats are scored), where
-nothing but induction lowers the loss, and the Muon lr is 1e-2 (3e-3 is train.py's default): in a
-2-layer probe on such rows the phase change came at ~180 steps at 1e-2 and not within 300 at 3e-3.
-The second half trains on the stdlib alone. What is reported is measured on natural held-out files.
+after far more tokens than 25 CPU minutes see. Measured here: a 300-step build on plain stdlib
+windows ends with a flat loss by position. After 240 steps in which spans of each window were also
+copied further on (up to ~40% of the tokens), and after 360 steps with half the rows a copy task of
+16-512-token runs at lr 1e-2, a passage of 400-512 tokens repeated verbatim was predicted no better
+the second time. Probes on copy rows alone (32 rows of 64 + 64 tokens, Muon): a 2-layer model on
+1024 uniform tokens shows no phase change within 300 steps at lr 3e-3 and one at ~180 at 1e-2; the
+tiny preset on unigram-sampled tokens of its 8192 vocabulary, at 1e-2, one at ~150. So the
+first third of the steps train on data.copy_task_row alone (unigram-sampled runs of 16-96 tokens,
+each written twice; only the repeats are scored), at Muon lr 1e-2 (train.py's default: 3e-3), and
+the other two thirds on the stdlib. What is reported is measured on natural held-out files.
 
 A folder whose
 testbed.json holds the same flags and whose train_state.json is at the last step is reused as is;
 one left unfinished (Ctrl-C, a crash) resumes with --resume, so no step is trained twice.
 
 CPU budget: at most 25 minutes on an idle 2-core machine: DEFAULT_STEPS x DEFAULT_BATCH sequences of
-1024 tokens (~2.9M tokens, about one pass over the stdlib's train split), estimated at ~20 minutes
+1024 tokens (~2.9M tokens; two thirds of them stdlib windows, ~2/3 of a pass over its train split), ~20 minutes
 plus the final eval (see SECONDS_PER_SEQUENCE for how). On a machine with CUDA, train.py trains in
 bf16 instead; the folder's hash covers the flags, not the device.
 """
@@ -43,31 +46,48 @@ import data
 from checkpoint import load_pretrained
 
 CONTEXT = 1024
-DEFAULT_STEPS = 720
+DEFAULT_STEPS = 480          # the main stage: the stdlib, 4 x 1024 tokens per step
 DEFAULT_BATCH = 4
+COPY_STEPS, COPY_BATCH, COPY_LEN = 250, 32, 128   # the copy stage: 32 x 128 tokens per step
 DEFAULT_ROOT = "out/testbed"
 LR = 1e-2
 # Seconds one 1024-token training sequence of the tiny preset takes on an idle 2-core CPU (forward,
 # backward, its share of the MuonClip step): train.py's own step times, 1.58 to 1.75 s per step of
 # 4 x 1024 tokens (~2,450 tok/s), measured over 12 steps in a moment when this machine was idle.
-# 720 steps x 4 sequences: ~20 min, + about a minute for the final eval and the saves.
+# 480 x 4 x 1024 + 250 x 32 x 128 tokens: ~18 min, + about a minute for the evals and the saves.
 SECONDS_PER_SEQUENCE = 0.42
 
 
 # ----------------------------------------------------------------------------- build (cached)
 
 def train_flags(steps=DEFAULT_STEPS, batch=DEFAULT_BATCH, context=CONTEXT, data_path=None,
-                seed=1337, model_flags="") -> list[str]:
-    """train.py's flags for the testbed: everything the weights depend on (the hash covers them).
+                seed=1337, model_flags="", copy_steps=COPY_STEPS) -> list[str]:
+    """train.py's flags for the testbed's main stage: everything the weights depend on (the hash
+    covers them). With copy_steps > 0 they start from the copy stage's weights: `--init-from
+    copy-task:STEPSxBATCHxLEN` names it, and build_testbed trains it first (copy_stage_flags).
     model_flags: extra train.py flags, e.g. a smaller model for tests ("--dim 32 --n-layers 2")."""
     flags = ["--preset", "tiny", "--max-seq-len", str(context), "--seq-len", str(context),
-             "--batch-size", str(batch), "--max-steps", str(steps), "--seed", str(seed),
-             # induction heads within the CPU budget: a copy task in half the rows for the first
-             # half of the steps (data.copy_task_row), at a Muon lr where they form in ~200 steps
-             "--lr", str(LR), "--copy-rows", str(batch // 2), "--copy-steps", str(steps // 2)]
+             "--batch-size", str(batch), "--max-steps", str(steps), "--seed", str(seed), "--lr", str(LR)]
+    if copy_steps:
+        flags += ["--init-from", f"copy-task:{copy_steps}x{COPY_BATCH}x{min(COPY_LEN, context)}"]
     if data_path is not None:
         flags += ["--data", os.path.abspath(data_path)]
     return flags + shlex.split(model_flags)
+
+
+def copy_stage_flags(flags: list[str]) -> list[str] | None:
+    """The copy stage of a testbed's flags (None if it has none): the same model, seed, lr and
+    data, trained on data.copy_task_row rows only (--copy-rows = --batch-size for every step)."""
+    marker = flags[flags.index("--init-from") + 1] if "--init-from" in flags else ""
+    if not marker.startswith("copy-task:"):
+        return None
+    steps, batch, length = marker.split(":")[1].split("x")
+    out = list(flags)
+    i = out.index("--init-from")
+    del out[i:i + 2]
+    for name, value in (("--seq-len", length), ("--batch-size", batch), ("--max-steps", steps)):
+        out[out.index(name) + 1] = value
+    return out + ["--copy-rows", batch, "--copy-steps", steps]
 
 
 def folder_for(root: str, flags: list[str]) -> str:
@@ -93,8 +113,26 @@ def is_finished(folder: str, flags: list[str]) -> bool:
 
 
 def estimate_minutes(flags: list[str]) -> float:
-    get = lambda name: int(flags[flags.index(name) + 1])  # noqa: E731
-    return get("--max-steps") * get("--batch-size") * get("--seq-len") / CONTEXT * SECONDS_PER_SEQUENCE / 60
+    get = lambda f, name: int(f[f.index(name) + 1])  # noqa: E731
+    stages = [f for f in (copy_stage_flags(flags), flags) if f is not None]
+    return sum(get(f, "--max-steps") * get(f, "--batch-size") * get(f, "--seq-len") for f in stages) \
+        / CONTEXT * SECONDS_PER_SEQUENCE / 60
+
+
+def _train_stage(train, flags, folder, cache_dir, log):
+    """train.main on `flags` into `folder`, resumed if a save of the same run is there."""
+    steps = int(flags[flags.index("--max-steps") + 1])
+    state = _read_json(os.path.join(folder, "train_state.json"))
+    if state is not None and state.get("step") == steps:
+        return None
+    run = ["--out-dir", folder, "--eval-every", str(steps), "--save-every", str(max(1, steps // 6)),
+           "--log-every", str(max(1, steps // 30))] + (["--cache-dir", cache_dir] if cache_dir else [])
+    final = train.main(flags + run + (["--resume"] if state is not None else []))
+    state = _read_json(os.path.join(folder, "train_state.json"))
+    if final is None or state is None or state.get("step") != steps:  # stopped early (Ctrl-C, --stop-at)
+        raise RuntimeError(f"testbed training in {folder} stopped before its last step; run again "
+                           f"to resume it")
+    return final
 
 
 def build_testbed(flags: list[str], root: str = DEFAULT_ROOT, cache_dir: str | None = None,
@@ -115,14 +153,15 @@ def build_testbed(flags: list[str], root: str = DEFAULT_ROOT, cache_dir: str | N
     if not resume:
         with open(os.path.join(folder, "testbed.json"), "w") as f:
             json.dump({"flags": flags}, f, indent=1)
-    steps = int(flags[flags.index("--max-steps") + 1])
-    run = ["--out-dir", folder, "--eval-every", str(steps), "--save-every", str(max(1, steps // 6)),
-           "--log-every", str(max(1, steps // 30))] + (["--cache-dir", cache_dir] if cache_dir else [])
     t0 = time.time()
-    final = train.main(flags + run + (["--resume"] if resume else []))
-    if final is None or not is_finished(folder, flags):  # stopped early (Ctrl-C, --stop-at)
-        raise RuntimeError(f"testbed training in {folder} stopped before its last step; run again "
-                           f"to resume it")
+    main = list(flags)
+    copy = copy_stage_flags(flags)
+    if copy is not None:   # first the copy task, into a subfolder; the main stage starts from it
+        log(f"testbed: stage 1, the copy task: {' '.join(copy)}")
+        _train_stage(train, copy, os.path.join(folder, "copy-task"), cache_dir, log)
+        main[main.index("--init-from") + 1] = os.path.join(folder, "copy-task")
+        log("testbed: stage 2, the stdlib")
+    final = _train_stage(train, main, folder, cache_dir, log)
     with open(os.path.join(folder, "testbed.json"), "w") as f:
         json.dump({"flags": flags, "train_minutes": round((time.time() - t0) / 60, 2),
                    "final": final}, f, indent=1)
@@ -176,7 +215,8 @@ def uses_context(buckets: list[dict]) -> bool:
 
 def add_parser(sub):
     p = sub.add_parser("testbed", help="build (once) the long-context model for `bench.py kv`; loss by position")
-    p.add_argument("--tb-steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--tb-steps", type=int, default=DEFAULT_STEPS, help="steps of the main (stdlib) stage")
+    p.add_argument("--tb-copy-steps", type=int, default=COPY_STEPS, help="steps of the copy stage (0: none)")
     p.add_argument("--tb-batch", type=int, default=DEFAULT_BATCH, help="sequences per step")
     p.add_argument("--tb-context", type=int, default=CONTEXT, help="training and evaluation window")
     p.add_argument("--tb-data", default=None, help="corpus (default: the Python stdlib)")
@@ -194,7 +234,8 @@ def add_parser(sub):
 
 def bench_testbed(a, log=print):
     t0 = time.time()
-    flags = train_flags(a.tb_steps, a.tb_batch, a.tb_context, a.tb_data, model_flags=a.tb_model_flags)
+    flags = train_flags(a.tb_steps, a.tb_batch, a.tb_context, a.tb_data, model_flags=a.tb_model_flags,
+                        copy_steps=a.tb_copy_steps)
     folder = build_testbed(flags, a.tb_root, a.tb_cache_dir, log)
     model = load_pretrained(folder, a.device)
     tokens = val_tokens(data.load_encoding(folder), a.tb_data)

@@ -78,8 +78,9 @@ TINY_MODEL = " ".join(f"{k} {v}" for k, v in zip(TINY_FLAGS[::2], TINY_FLAGS[1::
                       if k not in ("--max-seq-len", "--seq-len", "--batch-size", "--no-compile"))
 
 
-def _tiny_flags(corpus_dir, steps):
-    return testbed.train_flags(steps=steps, batch=4, context=64, data_path=corpus_dir, model_flags=TINY_MODEL)
+def _tiny_flags(corpus_dir, steps, copy_steps=0):
+    return testbed.train_flags(steps=steps, batch=4, context=64, data_path=corpus_dir, model_flags=TINY_MODEL,
+                               copy_steps=copy_steps)
 
 
 def test_testbed_is_built_once_then_reused(tmp_path, corpus_dir, cache_dir, monkeypatch, one_thread):
@@ -100,7 +101,7 @@ def test_testbed_is_built_once_then_reused(tmp_path, corpus_dir, cache_dir, monk
     out = tmp_path / "testbed.json"
     bench.main(["testbed", "--tb-steps", "3", "--tb-batch", "4", "--tb-context", "64", "--tb-data", corpus_dir,
                 "--tb-model-flags", TINY_MODEL, "--tb-root", str(tmp_path / "tb"), "--tb-windows", "4",
-                "--tb-bucket", "16", "--tb-out", str(out)])
+                "--tb-bucket", "16", "--tb-out", str(out), "--tb-copy-steps", "0"])
     res = json.loads(out.read_text())
     assert res["folder"] == os.path.abspath(folder) and len(res["buckets"]) == 4 and res["windows"] == 4
 
@@ -133,3 +134,27 @@ def test_bench_kv_end_to_end(trained_checkpoint, corpus_dir, tmp_path, one_threa
     assert len(q["sweep"]) == 3  # alpha 0.8, the convex row and the other reattend
     has_matplotlib = importlib.util.find_spec("matplotlib") is not None  # optional: a plot only with it
     assert (tmp_path / "kv.png").exists() == has_matplotlib
+
+
+def test_copy_stage_runs_first_and_seeds_the_main_stage(tmp_path, corpus_dir, cache_dir, monkeypatch, one_thread):
+    """With a copy stage, build_testbed trains it first (copy-task rows only, its own folder), then
+    the main stage starts from its weights (--init-from), once; both are resumable and reused."""
+    import train
+    import checkpoint
+    flags = _tiny_flags(corpus_dir, 2, copy_steps=2)
+    copy = testbed.copy_stage_flags(flags)
+    get = lambda f, name: f[f.index(name) + 1]  # noqa: E731
+    assert get(copy, "--copy-rows") == get(copy, "--batch-size") == str(testbed.COPY_BATCH)
+    assert get(copy, "--max-steps") == get(copy, "--copy-steps") == "2" and "--init-from" not in copy
+    assert get(copy, "--seq-len") == "64" and get(copy, "--lr") == get(flags, "--lr")
+    calls, real_main, real_init = [], train.main, checkpoint.init_weights_from
+    monkeypatch.setattr(train, "main", lambda argv: calls.append(argv) or real_main(argv))
+    seeded = []
+    monkeypatch.setattr(train, "init_weights_from",
+                        lambda model, folder, *a: seeded.append(folder) or real_init(model, folder, *a))
+    folder = testbed.build_testbed(flags, str(tmp_path), cache_dir)
+    assert len(calls) == 2 and get(calls[0], "--out-dir") == os.path.join(folder, "copy-task")
+    assert get(calls[1], "--init-from") == os.path.join(folder, "copy-task") == seeded[0]
+    assert testbed.is_finished(folder, flags)
+    assert testbed.build_testbed(flags, str(tmp_path), cache_dir) == folder and len(calls) == 2
+    assert testbed.estimate_minutes(flags) > testbed.estimate_minutes(_tiny_flags(corpus_dir, 2))
