@@ -56,6 +56,7 @@ import keepkv
 from keepkv import MERGING, NEG, KVConfig
 from model import LatentKVCache, absorbed_query, attend_absorbed_prompt
 
+
 # ----------------------------------------------------------------------------- attention over the slots
 
 def attend_latent(Q, kv, log_votes, scale, n_latent, return_logits=False):
@@ -114,8 +115,15 @@ def merge_latent(kept, leaving, target, mask, Q, ln_z, w_v, scale, mode="zip"):
         c_r = torch.linalg.solve(gram + ridge[..., None, None] * eye,
                                  rhs + ridge[..., None] * mix[..., :n_lat])
         k_r = torch.cat([c_r, mix[..., n_lat:]], -1)
-        ell = torch.einsum("bhd,bnd->bhn", Q, k_r) * scale                       # l_h(K_r)
-        ln_p_new, ln_s_new = lnW - ell, ell
+        # the scoring query's logit of K_r, less its tilted mean over the parts (l_h is linear in
+        # K, so that mean is l_h(kbar_h)): the merge's own effect on this query. Added to the
+        # parts' predicted tilted mean lbar_h it is the merged entry's predicted score; with
+        # alpha = 0 (scores = this query's logits) lbar_h = l_h(kbar_h) and ln S_r = l_h(K_r) exactly
+        ls, ls_in = ln_s.to(cdt), ln_s_in.to(cdt).masked_fill(~mask[:, None], 0.0)
+        lbar = (a * ls).scatter_add(-1, tgt, a_in * ls_in) / A
+        shift = (torch.einsum("bhd,bnd->bhn", Q, k_r) - torch.einsum("bhd,bhnd->bhn", Q, kbar)) * scale
+        ln_s_new = lbar + shift
+        ln_p_new = lnW - ln_s_new
     elif mode == "convex":
         k_r = mix
         mp = ln_p.to(cdt).scatter_reduce(-1, tgt, ln_p_in.to(cdt).masked_fill(~mask[:, None], NEG),
