@@ -15,12 +15,16 @@ after far more tokens than 25 CPU minutes see. Measured here: a 300-step build o
 windows ends with a flat loss by position. After 240 steps in which spans of each window were also
 copied further on (up to ~40% of the tokens), and after 360 steps with half the rows a copy task of
 16-512-token runs at lr 1e-2, a passage of 400-512 tokens repeated verbatim was predicted no better
-the second time. Probes on copy rows alone (32 rows of 64 + 64 tokens, Muon): a 2-layer model on
-1024 uniform tokens shows no phase change within 300 steps at lr 3e-3 and one at ~180 at 1e-2; the
-tiny preset on unigram-sampled tokens of its 8192 vocabulary, at 1e-2, one at ~150. So the
-first third of the steps train on data.copy_task_row alone (unigram-sampled runs of 16-96 tokens,
-each written twice; only the repeats are scored), at Muon lr 1e-2 (train.py's default: 3e-3), and
-the other two thirds on the stdlib. What is reported is measured on natural held-out files.
+the second time. Probes on rows of 64 tokens written twice (32 rows, Muon): the second copy's loss
+collapses at ~180 steps at lr 1e-2 (none within 300 at 3e-3) on a 2-layer model, at ~150 on the
+tiny preset; but with the copy always 64 back, a head that attends 64 positions back does that
+without induction. So the testbed trains in two stages: first the copy task alone (COPY_STEPS
+steps of 32 rows of 128 tokens of data.copy_task_row: unigram-sampled runs of 16-96 tokens, each
+written twice, only the repeats scored, so the offset varies; Muon lr 1e-2, no weight decay, no lr
+decay), then DEFAULT_STEPS steps of stdlib windows of 1024 tokens from its weights (train.py
+--init-from; lr 1e-2, train.py's default is 3e-3). What is reported is measured on natural
+held-out files. Whether the copy stage is long enough is what `bench.py testbed` prints (the
+README has the result).
 
 A folder whose
 testbed.json holds the same flags and whose train_state.json is at the last step is reused as is;
@@ -48,13 +52,13 @@ from checkpoint import load_pretrained
 CONTEXT = 1024
 DEFAULT_STEPS = 480          # the main stage: the stdlib, 4 x 1024 tokens per step
 DEFAULT_BATCH = 4
-COPY_STEPS, COPY_BATCH, COPY_LEN = 250, 32, 128   # the copy stage: 32 x 128 tokens per step
+COPY_STEPS, COPY_BATCH, COPY_LEN = 300, 32, 128   # the copy stage: 32 x 128 tokens per step
 DEFAULT_ROOT = "out/testbed"
 LR = 1e-2
 # Seconds one 1024-token training sequence of the tiny preset takes on an idle 2-core CPU (forward,
 # backward, its share of the MuonClip step): train.py's own step times, 1.58 to 1.75 s per step of
 # 4 x 1024 tokens (~2,450 tok/s), measured over 12 steps in a moment when this machine was idle.
-# 480 x 4 x 1024 + 250 x 32 x 128 tokens: ~18 min, + about a minute for the evals and the saves.
+# 480 x 4 x 1024 + 300 x 32 x 128 tokens: ~19 min, + about a minute for the evals and the saves.
 SECONDS_PER_SEQUENCE = 0.42
 
 
@@ -87,7 +91,8 @@ def copy_stage_flags(flags: list[str]) -> list[str] | None:
     del out[i:i + 2]
     for name, value in (("--seq-len", length), ("--batch-size", batch), ("--max-steps", steps)):
         out[out.index(name) + 1] = value
-    return out + ["--copy-rows", batch, "--copy-steps", steps]
+    # no weight decay and no lr decay: the phase change comes late in the stage, at full lr
+    return out + ["--copy-rows", batch, "--copy-steps", steps, "--weight-decay", "0", "--decay-frac", "0"]
 
 
 def folder_for(root: str, flags: list[str]) -> str:

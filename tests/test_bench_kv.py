@@ -93,7 +93,7 @@ def test_small_real_run_tables_name_the_latent_cache(trained_checkpoint, corpus_
     assert reached and any(r["budget"] is None for r in q["equal_bytes"])   # 0.1 is below every floor here
     assert q["validity"]["column"] == "frac" and isinstance(q["validity"]["usable"], bool)
     assert {(r["cache"], r["budget"]) for r in q["rows"]} == {("latent", 0.5), ("per-head", 0.5)}
-    assert len(q["sweep"]) == 2 and all(r["cache"] == "latent" for r in q["sweep"])
+    assert len(q["sweep"]) == 3 and all(r["cache"] == "latent" for r in q["sweep"])
     md = kv.markdown(res)
     captions = [line for line in md.split("\n") if line and not line.startswith("|")]
     assert len(captions) >= 5 and all("full latent cache" in c for c in captions), captions

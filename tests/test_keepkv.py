@@ -190,7 +190,7 @@ def test_alpha0_merge_step_equals_full_cache_fp64():
     with torch.no_grad():
         ref, _ = run(model, tokens, P, KVConfig(policy="full"), 1)
         # budget 1.0 keeps the whole prompt, so the first decoded token forces one merge per head
-        cfg = dict(budget=1.0, alpha=0.0, threshold=-1.0)
+        cfg = dict(budget=1.0, alpha=0.0, threshold=-1.0, reattend=True)  # the step sees its own merge
         zip_, caches = run(model, tokens, P, KVConfig(policy="keepkv", **cfg), 1, track=True)
         convex, _ = run(model, tokens, P, KVConfig(policy="convex", **cfg), 1)
     stats = keepkv.cache_stats(caches)
@@ -336,7 +336,7 @@ def test_alpha0_keepkv_step_equals_the_cache_before_removal():
     q, v = (torch.randn(B, P + n, H, D, generator=g, dtype=torch.float64) * 3 for _ in range(2))
     errs = {}
     for policy in ("keepkv", "convex", "h2o"):
-        cfg = KVConfig(policy=policy, budget=0.3, alpha=0.0, threshold=-1.0)
+        cfg = KVConfig(policy=policy, budget=0.3, alpha=0.0, threshold=-1.0, reattend=True)
         cache = keepkv.KeepKVCache(B, P, H, D, D, cfg, n, torch.float64, track=True)
         cache.attend(q[:, :P], k[:, :P], v[:, :P], torch.arange(P), D ** -0.5)
         errs[policy] = 0.0
