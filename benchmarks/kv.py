@@ -388,8 +388,8 @@ def markdown(res) -> str:
         lines += _table(q["rows"], cols, "budget", lambda r: f"{r['dnll']:+.3f} / {r['top1_agree']:.2f} "
                         f"[{r['bytes_vs_full_latent']:.2f}]")
     if q.get("sweep"):
-        lines += ["", "Latent keepkv at b = 0.1, one setting changed at a time (* = the default; the last row is "
-                  "convex merging with exact predictions): NLL increase vs the full latent cache / top-1 "
+        lines += ["", "Latent keepkv at b = 0.1, one setting changed at a time (* = the default; 'convex, alpha = 0' "
+                  "is convex merging with exact predictions): NLL increase vs the full latent cache / top-1 "
                   "agreement / mean attention-output change at merge steps", "", "| setting | result |", "|---|---|"]
         lines += [f"| {r['setting']}{' *' if r['default'] else ''} | {r['dnll']:+.3f} / "
                   f"{r['top1_agree']:.2f} / {r['perturbation_merged']:.1e} |" for r in q["sweep"]]
