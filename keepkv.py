@@ -533,7 +533,7 @@ class KeepKVCache(nn.Module):
         self.prefilled = True
         return out.transpose(1, 2).to(q.dtype)
 
-    # --- decode: one token in, at most one entry out, then attend --------------------------------
+    # --- decode: one token in and attended over, at most one entry out ---------------------------
 
     def _merge_one(self, leave, over, live):
         """Merge the leaving slot [B, H, 1] into the most similar other live slot, where the cache

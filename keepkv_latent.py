@@ -179,8 +179,8 @@ class LatentKeepKVCache(nn.Module):
     per-head ln p and ln S [B, H, N] and positions [B, N]. A slot is live while its ln p > -inf
     (all heads alike). Implements model.LatentKVCache's protocol, `attend_latent(q_nope, q_rope,
     c, k_rope, w_kc, w_v, input_pos, scale)`: the first call is the prefill, then one token per call.
-    Like keepkv.KeepKVCache, each decode step writes the new token, scores, lets one entry leave
-    (merged or evicted) when over capacity, and then attends."""
+    Like keepkv.KeepKVCache, each decode step writes the new token, attends over every slot (its
+    logits update the scores), then lets one entry leave (merged or evicted) when over capacity."""
     absorbed = True
 
     def __init__(self, batch, prompt_len, n_heads, kv_lora_rank, rope_dim, cfg: KVConfig,
@@ -270,7 +270,7 @@ class LatentKeepKVCache(nn.Module):
         self.prefilled = True
         return out
 
-    # --- decode: one token in, at most one entry out, then attend --------------------------------
+    # --- decode: one token in and attended over, at most one entry out ---------------------------
 
     @torch.no_grad()
     def _decode(self, Q, K, w_v, t, scale):

@@ -132,6 +132,8 @@ def _train_stage(train, flags, folder, cache_dir, log):
         return None
     run = ["--out-dir", folder, "--eval-every", str(steps), "--save-every", str(max(1, steps // 6)),
            "--log-every", str(max(1, steps // 30))] + (["--cache-dir", cache_dir] if cache_dir else [])
+    if state is not None:
+        log(f"testbed: resuming {folder} from step {state.get('step')}")
     final = train.main(flags + run + (["--resume"] if state is not None else []))
     state = _read_json(os.path.join(folder, "train_state.json"))
     if final is None or state is None or state.get("step") != steps:  # stopped early (Ctrl-C, --stop-at)
