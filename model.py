@@ -259,6 +259,9 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(batch, max_len, n_heads, qk_dim, dtype=dtype, device=device))
         self.register_buffer("v", torch.zeros(batch, max_len, n_heads, v_dim, dtype=dtype, device=device))
 
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in (self.k, self.v))
+
     def attend(self, q, k, v, input_pos, scale):
         self.k.index_copy_(1, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(1, input_pos, v.to(self.v.dtype))

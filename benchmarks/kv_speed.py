@@ -53,9 +53,8 @@ def make_caches(model, cache, cfg, prompt_len, new, batch=1, track=False):
 
 def cache_bytes(caches) -> int:
     """Measured bytes of per-layer caches: what their slots hold (keys or latents, values, votes,
-    scores, positions: nbytes()); model.KVCache, which has no nbytes(), is its k and v buffers."""
-    return sum(c.nbytes() if hasattr(c, "nbytes") else sum(b.numel() * b.element_size() for b in c.buffers())
-               for c in caches)
+    scores, positions: each cache's nbytes())."""
+    return sum(c.nbytes() for c in caches)
 
 
 def entries(cache) -> int:
