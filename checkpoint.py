@@ -67,7 +67,7 @@ def load_pretrained(folder: str, device="cpu") -> Transformer:
                                 f"run `python train.py` first, or pass the folder it wrote to")
     try:
         with open(config) as f:
-            args = ModelArgs(**json.load(f)["model_args"])
+            args = ModelArgs(**saved_model_args(json.load(f)["model_args"]))
     except (ValueError, KeyError, TypeError) as e:  # not JSON, no model_args, unknown fields
         raise ValueError(f"{config} is not a nanoK2 model config ({type(e).__name__}: {e}); "
                          f"point at a folder written by train.py") from e
@@ -84,6 +84,16 @@ def load_pretrained(folder: str, device="cpu") -> Transformer:
         raise ValueError(f"{weights} does not match {config} ({first}); the two files come from "
                          f"different models: restore the pair written together") from e
     return model
+
+
+def saved_model_args(saved: dict) -> dict:
+    """A config.json's model_args, completed with the fields added since it was written, as the
+    code that wrote it behaved. `yarn`: before the switch, YaRN was on iff max_seq_len > original_seq_len."""
+    if isinstance(saved, dict) and "yarn" not in saved:
+        lengths = saved.get("max_seq_len"), saved.get("original_seq_len")
+        if all(isinstance(n, int) for n in lengths):  # (anything else: ModelArgs or the resume check refuses)
+            saved = {**saved, "yarn": lengths[0] > lengths[1]}
+    return saved
 
 
 def init_weights_from(model: Transformer, folder: str, margs: ModelArgs, d: Dist) -> None:
@@ -204,7 +214,7 @@ def load_checkpoint(out_dir, model, optimizer, sampler, args, margs, d: Dist) ->
     if "files" in state:  # (checkpoints saved before the sizes were recorded skip this check)
         _check_files(out_dir, state["files"], state_json)
     config = _read_json(os.path.join(out_dir, "config.json"), {"model_args": dict, "run": dict, "step": int})
-    saved = config["model_args"]
+    saved = saved_model_args(config["model_args"])
     for k, v in asdict(margs).items():
         if saved.get(k) != v:
             raise ValueError(f"--resume: checkpoint model field {k}={saved.get(k)!r} but this run has "

@@ -96,7 +96,8 @@ class ModelArgs:
     v_head_dim: int = 32
     # positions
     max_seq_len: int = 256            # longest context the model is built for
-    original_seq_len: int = 4096      # YaRN switches on when max_seq_len exceeds this
+    yarn: bool = False                # YaRN (context extension) on; off = plain RoPE at any max_seq_len
+    original_seq_len: int = 4096      # YaRN: the context the model was pretrained at
     rope_theta: float = 10000.0
     rope_factor: float = 40.0         # YaRN scale factor
     beta_fast: int = 32
@@ -118,20 +119,22 @@ PRESETS = {
                   n_routed_experts=64, n_activated_experts=6, route_scale=2.446,
                   q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
                   v_head_dim=64, max_seq_len=1024, rope_theta=50000.0),
-    # The released Kimi-K2 config (1.03T total, 32.9B activated).
+    # The released Kimi-K2 config (1.03T total, 32.9B activated). Like deepseek-v3 below, it is the
+    # inference config: YaRN on, as released. K2 pretrained at 4k with plain RoPE and was extended
+    # later, so train.py turns YaRN off unless --yarn is passed.
     "kimi-k2": dict(vocab_size=163840, dim=7168, inter_dim=18432, moe_inter_dim=2048, n_layers=61,
                     n_dense_layers=1, n_heads=64, n_routed_experts=384, n_shared_experts=1,
                     n_activated_experts=8, route_scale=2.827, aux_loss_alpha=0.0,
                     q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-                    v_head_dim=128, max_seq_len=131072, original_seq_len=4096, rope_theta=50000.0,
-                    rope_factor=32.0, beta_fast=1, beta_slow=1, mscale=1.0),
+                    v_head_dim=128, max_seq_len=131072, yarn=True, original_seq_len=4096,
+                    rope_theta=50000.0, rope_factor=32.0, beta_fast=1, beta_slow=1, mscale=1.0),
     # DeepSeek-V3 (671B total), for comparison: grouped routing, 3 dense layers, 128 heads.
     "deepseek-v3": dict(vocab_size=129280, dim=7168, inter_dim=18432, moe_inter_dim=2048,
                         n_layers=61, n_dense_layers=3, n_heads=128, n_routed_experts=256,
                         n_shared_experts=1, n_activated_experts=8, n_expert_groups=8,
                         n_limited_groups=4, route_scale=2.5, q_lora_rank=1536, kv_lora_rank=512,
                         qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-                        max_seq_len=16384, original_seq_len=4096, rope_theta=10000.0,
+                        max_seq_len=16384, yarn=True, original_seq_len=4096, rope_theta=10000.0,
                         rope_factor=40.0, beta_fast=32, beta_slow=1, mscale=1.0),
 }
 
@@ -152,6 +155,12 @@ def get_args(preset: str = "tiny", **overrides) -> ModelArgs:
 
 # ----------------------------------------------------------------------------- norm + rope
 
+# MLA's two latent norms (q_norm, kv_norm) use this eps whatever norm_eps is: DeepSeek-V3's
+# reference code and transformers (q_a_layernorm, kv_a_layernorm) fix it, so a released checkpoint
+# with rms_norm_eps 1e-5 still has 1e-6 there.
+LATENT_NORM_EPS = 1e-6
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -164,7 +173,7 @@ class RMSNorm(nn.Module):
 
 
 def yarn_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """RoPE inverse frequencies, one per rotary pair, YaRN-interpolated past original_seq_len.
+    """RoPE inverse frequencies, one per rotary pair; YaRN-interpolated when args.yarn is set.
 
     YaRN keeps fast-rotating pairs (many turns within the original context) as they are, divides
     slow ones by `rope_factor` (interpolation), and ramps linearly in between. The ramp edges are
@@ -172,7 +181,10 @@ def yarn_inv_freq(args: ModelArgs) -> torch.Tensor:
     """
     dim, base = args.qk_rope_head_dim, args.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    if args.max_seq_len <= args.original_seq_len:
+    # An explicit switch, not max_seq_len > original_seq_len: a model pretrained at 4k trains with
+    # plain RoPE at any length it is built for, and is extended (YaRN) on purpose. transformers
+    # likewise applies YaRN whenever the config's rope_scaling says so.
+    if not args.yarn:
         return inv_freq
 
     def pair_of(turns):  # the (fractional) rotary-pair index i whose frequency base^(-2i/dim)
@@ -191,7 +203,7 @@ def yarn_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 def softmax_scale(args: ModelArgs) -> float:
     scale = args.qk_head_dim ** -0.5
-    if args.max_seq_len > args.original_seq_len:  # YaRN's attention temperature
+    if args.yarn:  # YaRN's attention temperature: on exactly when its frequencies are
         m = 0.1 * args.mscale * math.log(args.rope_factor) + 1.0
         scale = scale * m * m
     return scale
@@ -310,10 +322,10 @@ class MLA(nn.Module):
             self.wq = nn.Linear(args.dim, args.n_heads * qk, bias=False)
         else:
             self.wq_a = nn.Linear(args.dim, args.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(args.q_lora_rank, args.norm_eps)
+            self.q_norm = RMSNorm(args.q_lora_rank, LATENT_NORM_EPS)
             self.wq_b = nn.Linear(args.q_lora_rank, args.n_heads * qk, bias=False)
         self.wkv_a = nn.Linear(args.dim, args.kv_lora_rank + args.qk_rope_head_dim, bias=False)
-        self.kv_norm = RMSNorm(args.kv_lora_rank, args.norm_eps)
+        self.kv_norm = RMSNorm(args.kv_lora_rank, LATENT_NORM_EPS)
         self.wkv_b = nn.Linear(args.kv_lora_rank, args.n_heads * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(args.n_heads * self.v_dim, args.dim, bias=False)
         self.softmax_scale = softmax_scale(args)
@@ -381,8 +393,8 @@ class MLP(nn.Module):
 
 
 class Gate(nn.Module):
-    """The router. Sigmoid scores in (at least) fp32; `bias` (not trained by gradient) only picks
-    experts."""
+    """The router. Scores, selection and combine weights in (at least) fp32, also under autocast;
+    `bias` (not trained by gradient) only picks experts."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -393,7 +405,13 @@ class Gate(nn.Module):
         self.register_buffer("bias", torch.zeros(args.n_routed_experts))
 
     def forward(self, x_ND):
-        scores_NE = F.linear(f32(x_ND), f32(self.weight)).sigmoid()
+        # autocast would run this linear in bf16 even on fp32 inputs (train.py uses it on CUDA):
+        # scores a few 1e-3 apart then tie or swap, and tokens pick other experts
+        with torch.autocast(x_ND.device.type, enabled=False):
+            return self.route(f32(x_ND))
+
+    def route(self, x_ND):
+        scores_NE = F.linear(x_ND, f32(self.weight)).sigmoid()
         choice_NE = scores_NE + self.bias
         if self.n_groups > 1:  # keep the n_limited_groups groups with the best top-2 sums
             N = x_ND.shape[0]
@@ -421,6 +439,7 @@ class MoE(nn.Module):
         super().__init__()
         E, D, F_ = args.n_routed_experts, args.dim, args.moe_inter_dim
         self.n_experts, self.topk, self.aux_alpha = E, args.n_activated_experts, args.aux_loss_alpha
+        self.aux_loss_scale = 1.0  # what the caller scales its loss by before backward (set_aux_loss_scale)
         self.gate = Gate(args)
         self.w1 = nn.Parameter(torch.empty(E, F_, D))
         self.w2 = nn.Parameter(torch.empty(E, D, F_))
@@ -441,7 +460,8 @@ class MoE(nn.Module):
         routed = self.experts_loop if self.use_loop else self.experts_grouped
         y_ND = routed(x_ND, w_NK, idx_NK) + self.shared(x_ND)
         if self.training and self.aux_alpha > 0:  # the balance loss joins the objective in backward
-            y_ND = _AuxLoss.apply(y_ND, self.balance_loss(scores_NE.view(B, T, -1), idx_NK.view(B, T, -1)))
+            aux = self.balance_loss(scores_NE.view(B, T, -1), idx_NK.view(B, T, -1))
+            y_ND = _AuxLoss.apply(y_ND, aux, self.aux_loss_scale)
         return y_ND.view(B, T, D)
 
     def experts_grouped(self, x_ND, w_NK, idx_NK):
@@ -568,6 +588,13 @@ class Transformer(nn.Module):
     def moe_layers(self):
         return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
 
+    def set_aux_loss_scale(self, scale: float):
+        """The balance loss joins the objective inside backward, unseen by the caller. A caller
+        that backpropagates scale * LM loss (train.py: 1 / grad_accum per micro-batch) says so
+        here, and the balance loss is scaled alike: alpha keeps its weight relative to the LM loss."""
+        for moe in self.moe_layers():
+            moe.aux_loss_scale = scale
+
     def set_record_max_logits(self, on: bool = True):
         for layer in self.layers:
             layer.attn.record_max_logits = on
@@ -661,14 +688,14 @@ grouped_mm.register_autograd(_grouped_mm_backward,
 
 
 class _AuxLoss(torch.autograd.Function):
-    """Identity on y whose backward also sends gradient 1 into `aux`: adds an auxiliary loss to
-    the training objective without threading it through every module's return value."""
+    """Identity on y whose backward also sends gradient `scale` into `aux`: adds scale * aux to the
+    training objective without threading it through every module's return value."""
 
     @staticmethod
-    def forward(ctx, y, aux):
-        ctx.aux_shape = aux.shape
+    def forward(ctx, y, aux, scale: float):
+        ctx.aux_shape, ctx.scale = aux.shape, scale
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, torch.ones(ctx.aux_shape, device=grad.device, dtype=grad.dtype)
+        return grad, torch.full(ctx.aux_shape, ctx.scale, device=grad.device, dtype=grad.dtype), None

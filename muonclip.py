@@ -155,7 +155,8 @@ def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
 # The rule, checked for every trainable parameter when the optimizer is built:
 #   AdamW: the token embedding (`embed.weight`: a lookup table, each row sees only its own token)
 #          and the LM head (`head.weight`: the output classifier), plus every 1-D norm gain
-#          (`*norm.weight`) and bias (`*.bias`).
+#          (`*norm.weight`) and bias (`*.bias`). Weight decay: on the matrices only, never on
+#          1-D parameters (decay would pull norm gains towards 0), as the AdamW baseline does.
 #   Muon:  every other 2-D weight [out, in] (attention projections, dense MLP, shared expert,
 #          router gate) and every 3-D expert stack [E, out, in] (orthogonalised per expert).
 #   Anything else (a 1-D tensor that is not a norm gain or bias, 0-D or 4-D+) is an error: a new
@@ -309,8 +310,10 @@ def check_tau(tau: float | None) -> None:
 class MuonClip(torch.optim.Optimizer):
     """Muon (hidden matrices) + AdamW (embedding, head, norms, biases) + QK-Clip.
 
-    Two param groups, "muon" and "adamw", both keyed "lr" and "weight_decay" (train.py sets
-    group["lr"] from its schedule). Per step: `step()`, then `qk_clip(model.pop_max_logits())`.
+    Param groups by "kind": "muon", then "adamw" twice: the embedding and head with weight decay,
+    the 1-D norm gains and biases with weight_decay 0. Each is keyed "lr" and "weight_decay"
+    (train.py sets group["lr"] from its schedule). Per step: `step()`, then
+    `qk_clip(model.pop_max_logits())`.
     Internally lr and decay are copied into 0-d tensors each step (no recompile, no host sync).
     State holds tensors only: momentum for Muon; exp_avg, exp_avg_sq, step for AdamW.
     Under FSDP2 the parameters are DTensors and the same class works unchanged: Muon goes through
@@ -329,7 +332,10 @@ class MuonClip(torch.optim.Optimizer):
         muon, adamw = split_params(model)
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_steps=ns_steps, betas=tuple(adamw_betas), eps=eps)
-        groups = [dict(params=ps, kind=kind) for kind, ps in (("muon", muon), ("adamw", adamw)) if ps]
+        adamw_1d = [(n, p) for n, p in adamw if p.ndim < 2]       # norm gains, biases: no decay
+        adamw_2d = [(n, p) for n, p in adamw if p.ndim >= 2]      # embedding, head
+        groups = [dict(params=ps, kind=kind, weight_decay=wd) for kind, ps, wd in (
+            ("muon", muon, weight_decay), ("adamw", adamw_2d, weight_decay), ("adamw", adamw_1d, 0.0)) if ps]
         super().__init__(groups, defaults)
         self.qk_clip_tau = qk_clip_tau
         self.attn_layers = [m for m in model.modules() if isinstance(m, MLA)]
@@ -368,7 +374,7 @@ class MuonClip(torch.optim.Optimizer):
                     sq = muon_step_sharded_(params, grads, bufs, lr, wd, *hp)
                 else:
                     sq = self._muon_fn(params, grads, bufs, lr, wd, *hp)
-                stats["update_rms"] = (sq, numel)
+                key = "update_rms"
             else:
                 st = [self._state(p, exp_avg=torch.zeros_like, exp_avg_sq=torch.zeros_like,
                                   step=lambda q: torch.zeros((), device=_local(q).device)) for p in params]
@@ -376,7 +382,9 @@ class MuonClip(torch.optim.Optimizer):
                 sq = self._adamw_fn([_local(p) for p in params], [_local(g) for g in grads],
                                     [_local(s["exp_avg"]) for s in st], [_local(s["exp_avg_sq"]) for s in st],
                                     [s["step"] for s in st], lr, wd, group["betas"], group["eps"])
-                stats["adamw_update_rms"] = (sq, numel)
+                key = "adamw_update_rms"
+            prev_sq, prev_n = stats.get(key, (0.0, 0))  # (two AdamW groups: one RMS over both)
+            stats[key] = (prev_sq + sq, prev_n + numel)
         first = self.param_groups[0]["params"][0]
         if stats and isinstance(first, DTensor):
             # each rank summed the squares of its own rows: one all-reduce gives the totals
@@ -424,9 +432,9 @@ OPTIMIZERS = ("muonclip", "adamw")
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
                     qk_clip_tau: float | None) -> torch.optim.Optimizer:
     """"muonclip" -> MuonClip. "adamw" -> the baseline torch.optim.AdamW (betas 0.9/0.95, eps
-    1e-8), whose decay rule is nanoGPT's: every parameter with >= 2 dims (all matrices, expert
-    stacks, embedding, head) is decayed, 1-D ones (norm gains, biases) are not. tau is checked
-    for both names (it is ignored by AdamW)."""
+    1e-8), whose decay rule is nanoGPT's and MuonClip's: every parameter with >= 2 dims (all
+    matrices, expert stacks, embedding, head) is decayed, 1-D ones (norm gains, biases) are not.
+    tau is checked for both names (it is ignored by AdamW)."""
     check_tau(qk_clip_tau)
     if name == "muonclip":
         return MuonClip(model, lr=lr, weight_decay=weight_decay, qk_clip_tau=qk_clip_tau)
@@ -439,3 +447,21 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8,
                                  **({"fused": True} if on_fused_device else {"foreach": True}))
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def describe(optimizer: torch.optim.Optimizer) -> str:
+    """The optimizer and its main settings in one line (train.py prints it at startup), e.g.
+    "MuonClip lr 3e-3, tau 100, wd 0.1" or "AdamW lr 3e-3, betas 0.9/0.95, wd 0.1"."""
+    g = optimizer.param_groups[0]  # the decayed matrices: lr and wd as given to build_optimizer
+    lr, wd = _short(g["lr"]), f"{g['weight_decay']:g}"
+    if isinstance(optimizer, MuonClip):
+        tau = "off (plain Muon)" if optimizer.qk_clip_tau is None else f"{optimizer.qk_clip_tau:g}"
+        return f"MuonClip lr {lr}, tau {tau}, wd {wd}"
+    b1, b2 = g["betas"]
+    return f"{type(optimizer).__name__} lr {lr}, betas {b1:g}/{b2:g}, wd {wd}"
+
+
+def _short(x: float) -> str:
+    """3e-3 rather than 0.003 or 3.000000e-03: how learning rates are written."""
+    mantissa, exp = f"{x:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"

@@ -30,6 +30,19 @@ def test_save_load_roundtrip(tmp_path):
         load_pretrained(str(tmp_path / "nothing"))
 
 
+@pytest.mark.parametrize("max_seq_len", [16, 32])
+def test_a_config_from_before_the_yarn_switch_loads_as_it_ran(tmp_path, max_seq_len):
+    """config.json written before ModelArgs.yarn existed: YaRN was on iff max_seq_len >
+    original_seq_len, and the model loads that way (the same rotary tables and softmax scale)."""
+    model = small_model(torch.float32, max_seq_len=max_seq_len, original_seq_len=16, yarn=max_seq_len > 16)
+    save_pretrained(model, str(tmp_path))
+    config = json.load(open(tmp_path / "config.json"))
+    del config["model_args"]["yarn"]
+    json.dump(config, open(tmp_path / "config.json", "w"))
+    loaded = load_pretrained(str(tmp_path))
+    assert loaded.args == model.args and torch.equal(loaded.rope_cos, model.rope_cos)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muonclip"])
 def test_resume_is_bit_identical(corpus_dir, cache_dir, tmp_path, optimizer):
     """Stop after step 4 and resume: steps 5-8 have exactly the losses of an uninterrupted run."""

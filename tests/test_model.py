@@ -3,8 +3,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from model import MoE, PRESETS, Transformer, build_model, count_params, get_args, yarn_inv_freq, softmax_scale
+from model import (LATENT_NORM_EPS, PRESETS, Transformer, build_model, count_params, get_args,
+                   softmax_scale, yarn_inv_freq)
 
 SMALL = dict(vocab_size=97, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=3, n_dense_layers=1,
              n_heads=2, n_routed_experts=4, n_activated_experts=2, kv_lora_rank=16,
@@ -85,6 +87,25 @@ def test_router_bias_changes_selection_not_weights():
     expect = expect / expect.sum(-1, keepdim=True) * moe.gate.route_scale
     torch.testing.assert_close(w1, expect)
     assert torch.allclose(w1.sum(-1), torch.full((50,), moe.gate.route_scale, dtype=torch.float64))
+
+
+def test_routing_is_fp32_under_autocast():
+    """train.py runs CUDA forwards under bf16 autocast, which runs a linear in bf16 even on fp32
+    inputs. The router must not: under CPU bf16 autocast it gives the fp32 routing (same experts in
+    the same order, same combine weights), on a batch where routing on bf16 scores picks other
+    experts for many tokens (64 experts, top-6, as the small preset)."""
+    model = small_model(torch.float32, n_routed_experts=64, n_activated_experts=6)
+    gate = model.moe_layers()[0].gate
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(4))
+    w32, idx32, s32 = gate(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w, idx, s = gate(x)
+    s_bf16 = F.linear(x.bfloat16(), gate.weight.bfloat16()).sigmoid().float()  # what autocast did
+    assert (s_bf16.topk(6).indices.sort(-1).values != idx32.sort(-1).values).any(-1).float().mean() > 0.1
+    assert torch.equal(idx, idx32)
+    assert s.dtype == w.dtype == torch.float32
+    torch.testing.assert_close(w, w32)
+    torch.testing.assert_close(s, s32)
 
 
 def test_group_limited_routing_matches_brute_force():
@@ -193,31 +214,62 @@ def test_k2_per_layer_counts():
     assert n(moe) + moe.gate.bias.numel() == 16_958_226_816
 
 
-@pytest.mark.parametrize("preset", ["kimi-k2", "deepseek-v3"])
-def test_yarn_frequencies(preset):
-    """YaRN (arXiv 2309.00071) against a scalar re-derivation: per rotary pair, rotations over the
-    original context decide between keeping the frequency (fast pairs), dividing it by the factor
-    (slow pairs), or a blend."""
-    a = get_args(preset)
+def _yarn_reference(a):
+    """YaRN (arXiv 2309.00071) re-derived per rotary pair, in scalars: (inverse frequencies, softmax
+    scale). Rotations over the original context decide between keeping the frequency (fast pairs),
+    dividing it by the factor (slow pairs), or a blend; the temperature is (0.1 ln(factor) + 1)^2."""
     d, base = a.qk_rope_head_dim, a.rope_theta
-    got = yarn_inv_freq(a).double()
+    # (fractional) index of the rotary pair that completes r rotations within original_seq_len
+    dim_for = lambda r: d * math.log(a.original_seq_len / (2 * math.pi * r)) / (2 * math.log(base))
+    lo, hi = max(math.floor(dim_for(a.beta_fast)), 0), min(math.ceil(dim_for(a.beta_slow)), d - 1)
+    hi = hi + 0.001 if hi == lo else hi
+    freqs = []
     for i in range(d // 2):
         theta = base ** (-2 * i / d)
-        # (fractional) index of the rotary pair that completes r rotations within original_seq_len
-        dim_for = lambda r: d * math.log(a.original_seq_len / (2 * math.pi * r)) / (2 * math.log(base))
-        lo, hi = max(math.floor(dim_for(a.beta_fast)), 0), min(math.ceil(dim_for(a.beta_slow)), d - 1)
-        hi = hi + 0.001 if hi == lo else hi
         blend = min(max((i - lo) / (hi - lo), 0.0), 1.0)  # 0: keep, 1: interpolate
-        expect = theta * (1 - blend) + theta / a.rope_factor * blend
-        assert got[i].item() == pytest.approx(expect, rel=1e-6)
-    # YaRN's temperature: scale * (0.1 ln(factor) + 1)^2
-    m = 0.1 * math.log(a.rope_factor) + 1
-    assert softmax_scale(a) == pytest.approx(m * m / math.sqrt(192))
-    # no YaRN inside the original context
-    short = get_args(preset, max_seq_len=a.original_seq_len)
-    torch.testing.assert_close(yarn_inv_freq(short).double(),
-                               base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d), rtol=1e-6, atol=0)
-    assert softmax_scale(short) == pytest.approx(192 ** -0.5)
+        freqs.append(theta * (1 - blend) + theta / a.rope_factor * blend)
+    m = 0.1 * a.mscale * math.log(a.rope_factor) + 1
+    return freqs, m * m / math.sqrt(a.qk_head_dim)
+
+
+@pytest.mark.parametrize("preset", ["kimi-k2", "deepseek-v3"])
+def test_yarn_frequencies(preset):
+    """The released configs (the presets) have YaRN on; its frequencies and temperature match the
+    scalar re-derivation."""
+    a = get_args(preset)
+    assert a.yarn
+    freqs, scale = _yarn_reference(a)
+    assert yarn_inv_freq(a).double().tolist() == pytest.approx(freqs, rel=1e-6)
+    assert softmax_scale(a) == pytest.approx(scale) and a.qk_head_dim == 192
+
+
+@pytest.mark.parametrize("max_seq_len", [16, 64])
+def test_yarn_is_a_switch_not_a_length(max_seq_len):
+    """ModelArgs.yarn alone decides, on both sides of original_seq_len (32 here). Off: plain RoPE
+    tables and softmax scale 1/sqrt(Dn+Dr) even past it, as a kimi-k2-preset run training at 4k
+    needs. On: YaRN's tables and temperature even within it, as transformers applies YaRN whenever
+    rope_scaling says so."""
+    d, base = SMALL["qk_rope_head_dim"], 10000.0
+    plain = [base ** (-2 * i / d) for i in range(d // 2)], (SMALL["qk_nope_head_dim"] + d) ** -0.5
+    t = torch.arange(max_seq_len, dtype=torch.float64)
+    for yarn in (False, True):
+        model = small_model(max_seq_len=max_seq_len, original_seq_len=32, rope_factor=4.0, yarn=yarn)
+        freqs, scale = _yarn_reference(model.args) if yarn else plain
+        angles = torch.outer(t, torch.tensor(freqs, dtype=torch.float64))
+        torch.testing.assert_close(model.rope_cos, angles.cos(), rtol=0, atol=1e-7)  # (fp32 tables)
+        torch.testing.assert_close(model.rope_sin, angles.sin(), rtol=0, atol=1e-7)
+        assert all(layer.attn.softmax_scale == pytest.approx(scale, rel=1e-12) for layer in model.layers)
+    yarn_freqs, yarn_scale = _yarn_reference(model.args)  # the two really differ here
+    assert yarn_freqs[-1] == pytest.approx(plain[0][-1] / 4) and yarn_scale > plain[1] * 1.2
+
+
+def test_latent_norms_keep_eps_1e6():
+    """q_norm and kv_norm use 1e-6 whatever norm_eps is, as DeepSeek-V3 and transformers do (checked
+    against transformers with rms_norm_eps 1e-5 in tests/test_hf.py); the other norms use norm_eps."""
+    model = small_model(q_lora_rank=12, norm_eps=1e-5)
+    attn = model.layers[0].attn
+    assert attn.q_norm.eps == attn.kv_norm.eps == LATENT_NORM_EPS == 1e-6
+    assert model.norm.eps == model.layers[0].attn_norm.eps == model.layers[0].ffn_norm.eps == 1e-5
 
 
 def test_bad_preset_and_field():

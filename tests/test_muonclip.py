@@ -12,6 +12,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import RMSNorm, build_model, get_args  # noqa: E402
+import muonclip  # noqa: E402
 from muonclip import (MuonClip, build_optimizer, muon_scale, muon_step_, muon_update,  # noqa: E402
                       split_params, zeropower_ns5)
 
@@ -191,8 +192,9 @@ def test_adamw_part_matches_torch_adamw():
     ref_params = {n: nn.Parameter(p.detach().clone()) for n, p in net.named_parameters()}
     opt = MuonClip(net, lr=0.01, weight_decay=0.1, qk_clip_tau=None)
     adamw_names = ["embed.weight", "norm.weight", "proj.bias"]
-    ref = torch.optim.AdamW([ref_params[n] for n in adamw_names], lr=0.01, betas=(0.9, 0.95),
-                            eps=1e-8, weight_decay=0.1)
+    no_decay = [ref_params["norm.weight"], ref_params["proj.bias"]]  # 1-D: not decayed
+    ref = torch.optim.AdamW([dict(params=[ref_params["embed.weight"]]), dict(params=no_decay, weight_decay=0.0)],
+                            lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     for step in range(3):
         random_grads(net, step)
         for n, p in net.named_parameters():
@@ -239,7 +241,9 @@ def test_parameter_split():
     opt = MuonClip(model)
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert all(id(m.gate.bias) not in in_opt for m in model.moe_layers())
-    assert [g["kind"] for g in opt.param_groups] == ["muon", "adamw"]
+    assert [g["kind"] for g in opt.param_groups] == ["muon", "adamw", "adamw"]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.1, 0.0]
+    assert all(p.ndim == 1 for p in opt.param_groups[2]["params"])
 
 
 def test_parameter_that_fits_no_rule_is_an_error():
@@ -313,13 +317,21 @@ def test_qk_clip_exact(q_lora_rank):
         torch.testing.assert_close(after[:, 0][vis], gamma[i] * before[i][:, 0][vis], rtol=1e-5, atol=1e-5)
         assert after[:, 0].max().item() == pytest.approx(tau, rel=1e-5)
         assert torch.equal(after[:, 1], before[i][:, 1])           # unclipped head: bit-identical
-        attn, pre = layer.attn, f"layers.{i}.attn."
-        assert torch.equal(attn.wkv_a.weight, untouched[pre + "wkv_a.weight"])  # shared k_rope, latent
-        assert torch.equal(attn.wo.weight, untouched[pre + "wo.weight"])
+        # each row block of head 0 (the logit ratio above holds for other splits too, e.g. W_qc x
+        # gamma with W_kc untouched): W_qc and W_kc x sqrt(gamma), W_qr x gamma, W_v untouched
+        attn, pre, nope, g = layer.attn, f"layers.{i}.attn.", a.qk_nope_head_dim, gamma[i]
+        wq_name = "wq.weight" if q_lora_rank == 0 else "wq_b.weight"
+        wq = attn.get_parameter(wq_name).view(a.n_heads, qk, -1)
+        old_q = untouched[pre + wq_name].view(a.n_heads, qk, -1)
+        torch.testing.assert_close(wq[0, :nope], old_q[0, :nope] * g.sqrt())   # W_qc
+        torch.testing.assert_close(wq[0, nope:], old_q[0, nope:] * g)          # W_qr
         wkv_b = attn.wkv_b.weight.view(a.n_heads, kv, -1)
         old = untouched[pre + "wkv_b.weight"].view(a.n_heads, kv, -1)
-        assert torch.equal(wkv_b[:, a.qk_nope_head_dim:], old[:, a.qk_nope_head_dim:])  # values
-        assert torch.equal(wkv_b[1], old[1])
+        torch.testing.assert_close(wkv_b[0, :nope], old[0, :nope] * g.sqrt())  # W_kc
+        assert torch.equal(wkv_b[:, nope:], old[:, nope:])                     # W_v, every head
+        assert torch.equal(wq[1], old_q[1]) and torch.equal(wkv_b[1], old[1])  # head 1: unclipped
+        assert torch.equal(attn.wkv_a.weight, untouched[pre + "wkv_a.weight"])  # shared k_rope, latent
+        assert torch.equal(attn.wo.weight, untouched[pre + "wo.weight"])
         if q_lora_rank:
             assert torch.equal(attn.wq_a.weight, untouched[pre + "wq_a.weight"])
     for p, s in opt.state.items():
@@ -342,6 +354,43 @@ def test_qk_clip_off_and_tau_validation():
         build_optimizer(model, "sgd", 1e-3, 0.1, 100.0)
     with pytest.raises(ValueError, match="rows"):
         opt.qk_clip(torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize("name", ["muonclip", "adamw"])
+@torch.no_grad()
+def test_weight_decay_on_matrices_only(name):
+    """Both optimizers treat parameters alike: a step with zero gradients (so a zero update) and
+    weight decay > 0 shrinks every matrix by exactly (1 - lr * wd) and leaves every 1-D parameter
+    (norm gains) unchanged."""
+    model = tiny_model(q_lora_rank=16)
+    for n, p in model.named_parameters():
+        if p.ndim == 1:
+            p.normal_(1.0, 0.1)  # gains away from 1, as after training
+    lr, wd = 0.1, 0.5
+    opt = build_optimizer(model, name, lr=lr, weight_decay=wd, qk_clip_tau=100.0)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    n_1d = 0
+    for n, p in model.named_parameters():
+        if p.ndim == 1:
+            n_1d += 1
+            assert torch.equal(p, before[n]), n
+        else:
+            torch.testing.assert_close(p, before[n] * (1 - lr * wd), msg=lambda m: f"{n}: {m}")
+    assert n_1d == 2 * 4 + 1  # per layer attn_norm, ffn_norm, q_norm, kv_norm; the final norm
+
+
+def test_startup_line():
+    """train.py prints describe(optimizer) at startup (tests/test_train.py checks the line)."""
+    model = tiny_model()
+    assert muonclip.describe(build_optimizer(model, "muonclip", 3e-3, 0.1, 100.0)) == \
+        "MuonClip lr 3e-3, tau 100, wd 0.1"
+    assert muonclip.describe(build_optimizer(model, "muonclip", 2e-4, 0.0, None)) == \
+        "MuonClip lr 2e-4, tau off (plain Muon), wd 0"
+    assert muonclip.describe(build_optimizer(model, "adamw", 1.5e-3, 0.1, 100.0)) == \
+        "AdamW lr 1.5e-3, betas 0.9/0.95, wd 0.1"
 
 
 def test_build_adamw_baseline():
@@ -372,7 +421,7 @@ def test_state_dict_roundtrip_weights_only():
     model_b.load_state_dict(ckpt["model"])
     opt_b = MuonClip(model_b, lr=5.0)  # wrong lr on purpose: the state dict restores 1e-2
     opt_b.load_state_dict(ckpt["optim"])
-    assert [g["lr"] for g in opt_b.param_groups] == [1e-2, 1e-2]
+    assert [g["lr"] for g in opt_b.param_groups] == [1e-2, 1e-2, 1e-2]
     for opt, model in ((opt_a, model_a), (opt_b, model_b)):
         for g in opt.param_groups:
             g["lr"] = 3e-3  # what train.py's schedule does
