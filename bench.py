@@ -12,6 +12,7 @@ what it measures; `bench.py dist-worker` is one rank of `bench.py dist`, launche
 Machines are noisy: every ratio here is measured side by side within one run.
 """
 import argparse
+import sys
 
 import benchmarks.dist
 import benchmarks.kernels
@@ -26,12 +27,20 @@ MODULES = (benchmarks.train, benchmarks.optim, benchmarks.kv, benchmarks.testbed
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """Run one benchmark. Bad input (a flag out of range, a missing or corrupt file: each benchmark
+    checks its flags before any work) is one line on stderr and exit status 2, not a traceback."""
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     for module in MODULES:
         module.add_parser(sub)
+    for parser in (p, *sub.choices.values()):  # one line, no usage block
+        parser.error = lambda message, q=parser: q.exit(2, f"error: {message} (see: python {q.prog} --help)\n")
     a = p.parse_args(argv)
-    a.fn(a)
+    try:
+        a.fn(a)
+    except (ValueError, FileNotFoundError) as e:  # the message names the fix
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

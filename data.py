@@ -183,8 +183,9 @@ def save_tokenizer(folder: str, name: str, spec: dict) -> None:
     atomic_write(os.path.join(folder, "tokenizer.json"), json.dumps(info, indent=1).encode())
 
 
-def load_tokenizer(folder: str) -> tiktoken.Encoding:
-    """The inverse of save_tokenizer. A truncated or garbled file is a ValueError naming it."""
+def load_tokenizer(folder: str, fix: str | None = None) -> tiktoken.Encoding:
+    """The inverse of save_tokenizer. A truncated or garbled file is a ValueError naming it and
+    `fix` (default: for data.py's cache, delete the folder to train the tokenizer again)."""
     # Parsed by hand: tiktoken.load.load_tiktoken_bpe would also copy the file into tiktoken's
     # own cache keyed by path, and could then serve a stale copy after the file changed.
     path = os.path.join(folder, "tokenizer.json")
@@ -204,7 +205,7 @@ def load_tokenizer(folder: str) -> tiktoken.Encoding:
         return tiktoken.Encoding(name=info["name"], **spec)
     except (OSError, ValueError, KeyError, TypeError) as e:  # binascii.Error is a ValueError
         raise ValueError(f"the tokenizer file {path} is missing or corrupt ({type(e).__name__}: "
-                         f"{e}); delete {folder} to train the tokenizer again, or restore it") from None
+                         f"{e}); {fix or f'delete {folder} to train the tokenizer again, or restore it'}") from None
 
 
 def save_encoding(enc: tiktoken.Encoding, folder: str) -> None:
@@ -220,12 +221,20 @@ def save_encoding(enc: tiktoken.Encoding, folder: str) -> None:
 
 
 def load_encoding(folder: str) -> tiktoken.Encoding:
-    """The inverse of save_encoding."""
-    with open(os.path.join(folder, "tokenizer.json")) as f:
-        info = json.load(f)
+    """The inverse of save_encoding. A missing or corrupt file is a ValueError naming it."""
+    fix = "restore the tokenizer files saved with the checkpoint's weights (train.py writes them together)"
+    path = os.path.join(folder, "tokenizer.json")
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:  # missing, not JSON, not UTF-8
+        raise ValueError(f"the tokenizer file {path} is missing or corrupt ({type(e).__name__}: {e}); "
+                         f"{fix}") from None
     if "tiktoken_name" in info:
         return named_encoding(info["tiktoken_name"])
-    return load_tokenizer(folder)
+    return load_tokenizer(folder, fix)
 
 
 class _NotCached(Exception):

@@ -23,15 +23,19 @@ import time
 import torch
 
 import data
+import hf
 import keepkv
 import keepkv_latent
 from checkpoint import load_pretrained
+from parallel import pick_device
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-dir", "--out", dest="out", default="out", help="checkpoint folder written by train.py")
+    p.error = lambda message: p.exit(2, f"error: {message} (see: python {p.prog} --help)\n")  # no usage block
+    p.add_argument("--out-dir", "--out", dest="out", default="out",
+                   help="checkpoint folder written by train.py, or a Hugging Face folder (DeepSeek-V3 layout)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (default: read stdin)")
     src.add_argument("--prompt-file", help="read the prompt from this file")
@@ -51,16 +55,23 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.kv_budget <= 1:
         p.error(f"--kv-budget must be in (0, 1] (the fraction of the prompt kept), got {args.kv_budget}")
-    if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
-        p.error("need --max-new-tokens >= 1, --temperature >= 0 and --top-k >= 0")
+    for name, v, low in (("max-new-tokens", args.max_new_tokens, 1), ("temperature", args.temperature, 0),
+                         ("top-k", args.top_k, 0)):
+        if not v >= low:  # (NaN fails too)
+            p.error(f"--{name} must be at least {low}, got {v}")
     if not 0 <= args.kv_alpha < 1:
         p.error(f"--kv-alpha must be in [0, 1) (the weight of the past in the predicted score; "
                 f"0 = the current query only), got {args.kv_alpha:g}")
     if args.kv_window < 1:
         p.error(f"--kv-window must be at least 1 (the recent tokens always kept), got {args.kv_window}")
     if args.prompt_file is not None and not os.path.isfile(args.prompt_file):
-        p.error(f"--prompt-file {args.prompt_file!r}: no such file; pass an existing file, "
+        what = "a folder" if os.path.isdir(args.prompt_file) else "no such file"
+        p.error(f"--prompt-file {args.prompt_file!r}: {what}; pass an existing file, "
                 f"--prompt TEXT, or the prompt on stdin")
+    try:
+        args.device = str(pick_device(args.device))
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -84,8 +95,12 @@ def read_prompt(args) -> str:
     if args.prompt is not None:
         return args.prompt
     if args.prompt_file is not None:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            return f.read()
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            sys.exit(f"error: --prompt-file {args.prompt_file!r} is not readable UTF-8 text ({e}); "
+                     f"pass a text file")
     return sys.stdin.read()
 
 
@@ -96,14 +111,22 @@ def _kb(n):
 @torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
+    prompt = read_prompt(args)  # before the model loads: a bad prompt file fails at once
     try:
-        model = load_pretrained(args.out, args.device).eval()
-        enc = data.load_encoding(args.out)
+        if hf.is_hf_folder(args.out):  # a released checkpoint's layout (hf.py), read as it is
+            model, enc = hf.load_model(args.out, args.device).eval(), hf.load_tokenizer(args.out)
+        else:
+            model = load_pretrained(args.out, args.device).eval()
+            enc = data.load_encoding(args.out)
     except (FileNotFoundError, ValueError) as e:  # no checkpoint, or a corrupt / mismatched one
         sys.exit(f"error: {e}")
     ctx = model.args.max_seq_len
-    ids = enc.encode_ordinary(read_prompt(args)) or [enc.eot_token]   # empty prompt: start a document
+    ids = enc.encode_ordinary(prompt) or [enc.eot_token]   # empty prompt: start a document
     P = len(ids)
+    if max(ids) >= model.args.vocab_size:
+        sys.exit(f"error: the tokenizer in {args.out} comes from another model than its weights: the "
+                 f"prompt has token id {max(ids)}, the model {model.args.vocab_size} embeddings; restore "
+                 f"the tokenizer files saved with the weights")
     if P >= ctx:
         sys.exit(f"error: the prompt is {P} tokens but the model's context is {ctx} "
                  f"(max_seq_len), with room for at least one new token; shorten the prompt")

@@ -38,7 +38,16 @@ def pick_device(name: str) -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not (device.index or 0) < torch.cuda.device_count():  # (0 without CUDA)
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                         f"use --device cpu (or auto)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu (or auto)")
+    return device
 
 
 class Dist:

@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
@@ -36,8 +36,9 @@ from parallel import Dist, global_router_loads, make_model, rank_rows, setup_dis
 # ----------------------------------------------------------------------------- flags
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda message: p.exit(2, f"error: {message} (see: python {p.prog} --help)\n")  # no usage block
     p.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--out-dir", default="out")
     p.add_argument("--max-steps", type=int, default=300)
@@ -80,8 +81,12 @@ def parse_args(argv=None):
     # every ModelArgs field can be overridden: --dim 128 --n-layers 2 ...
     g = p.add_argument_group("model overrides (default: the preset's value)")
     for f in fields(ModelArgs):
-        if f.name != "vocab_size":  # always the tokenizer's
+        if f.name not in ("vocab_size", "yarn"):  # vocab: always the tokenizer's; yarn: below
             g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
+    # not the preset's: kimi-k2 and deepseek-v3 are the released inference configs, YaRN on, but
+    # K2 pretrained with plain RoPE at 4k and was extended later; a training run does the same
+    g.add_argument("--yarn", action="store_true",
+                   help="YaRN RoPE (context extension); default: plain RoPE, whatever the preset says")
     return p.parse_args(argv)
 
 
@@ -89,10 +94,57 @@ def model_args_from(args, vocab_size: int) -> ModelArgs:
     overrides = {f.name: getattr(args, f.name) for f in fields(ModelArgs)
                  if f.name != "vocab_size" and getattr(args, f.name) is not None}
     margs = get_args(args.preset, vocab_size=vocab_size, **overrides)
+    flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
+    for k, v in asdict(margs).items():  # sizes >= 1 (or 0 = off), scales > 0; NaN fails too
+        if isinstance(v, bool) or not isinstance(v, (int, float)):  # switches
+            continue
+        low = 0 if k in ("n_dense_layers", "n_shared_experts", "q_lora_rank", "bias_update_speed",
+                         "aux_loss_alpha") else 1 if isinstance(v, int) else None
+        if not (v >= low if low is not None else v > 0):
+            raise ValueError(f"{flag(k)} must be {'positive' if low is None else f'at least {low}'}, got {v}")
+    for k, most in (("n_activated_experts", "n_routed_experts"), ("n_limited_groups", "n_expert_groups"),
+                    ("n_dense_layers", "n_layers")):
+        if getattr(margs, k) > getattr(margs, most):
+            raise ValueError(f"{flag(k)} {getattr(margs, k)} exceeds {flag(most)} {getattr(margs, most)}; "
+                             f"lower the one or raise the other")
+    if margs.qk_rope_head_dim % 2:
+        raise ValueError(f"--qk-rope-head-dim must be even (RoPE rotates pairs of dims), "
+                         f"got {margs.qk_rope_head_dim}")
     if args.seq_len > margs.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len "
                          f"{margs.max_seq_len}; pass --max-seq-len {args.seq_len} or a shorter --seq-len")
     return margs
+
+
+def check_args(args) -> None:  # (testbed.py checks its stages' flags with it too)
+    """Every flag in range, and the preset and model overrides valid: a ValueError that names the
+    flag, raised before any work (no corpus read, no tokenizer trained, no model built)."""
+    at_least = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 1, "eval_every": 1,
+                "eval_batches": 1, "save_every": 1, "log_every": 1, "stop_at": 1, "warmup_steps": 0,
+                "copy_rows": 0, "copy_steps": 0, "seed": 0, "weight_decay": 0, "grad_clip": 0,
+                "decay_frac": 0, "min_lr_frac": 0}
+    for name, low in at_least.items():
+        v = getattr(args, name)
+        if v is not None and not v >= low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
+    for name in ("decay_frac", "min_lr_frac"):
+        if getattr(args, name) > 1:
+            raise ValueError(f"--{name.replace('_', '-')} is a fraction: it must be at most 1, "
+                             f"got {getattr(args, name)}")
+    if args.lr is not None and not 0 < args.lr < math.inf:
+        raise ValueError(f"--lr must be a positive number, got {args.lr}; omit it for the optimizer's default")
+    if args.tokenizer is None and not 257 <= args.vocab_size <= 2**20:
+        raise ValueError(f"--vocab-size must be between 257 (256 bytes + EOT) and 2**20, got {args.vocab_size}")
+    if not args.dist_timeout > 0:
+        raise ValueError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
+    if not args.no_qk_clip:
+        muonclip.check_tau(args.qk_clip_tau)
+    if args.batch_size % args.grad_accum:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
+    if args.copy_rows > args.batch_size:
+        raise ValueError(f"--copy-rows {args.copy_rows} exceeds --batch-size {args.batch_size}; "
+                         f"at most every row of a batch can be a copy-task row")
+    model_args_from(args, args.vocab_size)
 
 
 
@@ -147,6 +199,7 @@ def forward_backward(model, x, y, args, device, autocast, d: Dist, stop: bool = 
     Then one all-reduce for what every rank must agree on: the loss (mean over ranks) and whether
     any rank got Ctrl-C (all must stop at the same step, or the others would wait forever)."""
     loss_sum = torch.zeros((), device=device)
+    model.set_aux_loss_scale(1 / args.grad_accum)  # the balance loss, if on, is scaled like the LM loss
     for xm, ym in zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum)):
         with autocast:
             logits = model(xm.to(device))
@@ -186,11 +239,15 @@ def _sync(model):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.batch_size % args.grad_accum:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
-    if args.max_steps < 1:
-        raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}")
-    model_args_from(args, args.vocab_size)  # preset and overrides checked before the corpus is read
+    check_args(args)  # flags, preset and overrides checked before the corpus is read
+    if args.resume and not any(os.path.exists(os.path.join(args.out_dir, *f)) for f in (
+            ["train_state.json"], ["checkpoint.tmp", "train_state.json"], ["train_state.pt"])):
+        raise FileNotFoundError(f"--resume: no checkpoint in {args.out_dir!r} (train_state.json missing); "
+                                f"drop --resume to start a new run")
+    if args.init_from and not args.resume and not all(
+            os.path.isfile(os.path.join(args.init_from, f)) for f in ("model.safetensors", "config.json")):
+        raise FileNotFoundError(f"--init-from {args.init_from!r}: no checkpoint there (model.safetensors + "
+                                f"config.json); pass a folder written by train.py")
     d, device = setup_distributed(args)
     try:
         return train(args, d, device)
@@ -231,6 +288,7 @@ def train(args, d: Dist, device):
     log(f"model: {args.preset} preset, {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), "
         f"device {device}, compile {use_compile}" + (f", FSDP2 over {d.world} ranks" if d.enabled else ""))
     optimizer = build_optimizer(model, args)
+    log(f"optimizer: {muonclip.describe(optimizer)}")
     is_muon = isinstance(optimizer, muonclip.MuonClip)
     model.set_record_max_logits(is_muon)  # QK-Clip's input (and logged even with --no-qk-clip)
 
@@ -347,10 +405,16 @@ def _fmt_time(seconds):
     return f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """`python train.py`: main(), with bad input (a ValueError or FileNotFoundError, whose message
+    names the fix) as one line on stderr and exit status 2, not a traceback."""
     try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: the message names the fix
+        return main(argv)
+    except (ValueError, FileNotFoundError) as e:
         rank = os.environ.get("RANK")
         print(f"error{f' (rank {rank})' if rank not in (None, '0') else ''}: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,12 +1,41 @@
 """What every benchmark shares: JSON output with the machine's description, plain-text tables, and
 the FLOP counting and GPU peaks behind the MFU figures of `bench.py train` and `bench.py dist`."""
 import json
+import math
 import os
 import platform
 
 import torch
 
-from model import Transformer, count_params
+from model import Transformer, count_params, get_args
+
+
+def check_flags(a, at_least: dict | None = None, positive=()):
+    """Bad input, before any work: each flag (by attribute name; None is skipped, a list is checked
+    item by item) is at least its minimum, or a positive number. A ValueError names the flag."""
+    def flag(k):
+        return "--" + k.replace("_", "-")
+
+    def items(k):
+        v = getattr(a, k)
+        return [] if v is None else v if isinstance(v, list) else [v]
+
+    for k, low in (at_least or {}).items():
+        for v in items(k):
+            if not v >= low:  # (NaN fails too)
+                raise ValueError(f"{flag(k)} must be at least {low}, got {v}")
+    for k in positive:
+        for v in items(k):
+            if not 0 < v < math.inf:
+                raise ValueError(f"{flag(k)} must be a positive number, got {v}")
+
+
+def check_preset(preset: str, seq_len: int):
+    """The preset exists (else get_args' ValueError) and its context holds --seq-len."""
+    max_len = get_args(preset).max_seq_len
+    if seq_len > max_len:
+        raise ValueError(f"--seq-len {seq_len} exceeds the {preset} preset's max_seq_len {max_len}; "
+                         f"pass a shorter --seq-len")
 
 
 def write_json(name: str, payload: dict, out_dir: str = "out/bench") -> str:

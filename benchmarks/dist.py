@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 import data
-from benchmarks.common import GPU_BF16_PEAK, _sync, print_table, train_flops_per_token, write_json
+from benchmarks.common import (GPU_BF16_PEAK, _sync, check_flags, check_preset, print_table,
+                               train_flops_per_token, write_json)
 
 # the entry point the workers run: `bench.py dist-worker ...` calls dist_worker below
 BENCH_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench.py")
@@ -59,6 +60,7 @@ def dist_worker(a):
     on random tokens, then the same steps with collectives made blocking and timed."""
     import parallel
     import train
+    _check(a)
     args = train.parse_args(["--preset", a.preset, "--batch-size", str(a.batch_size),
                              "--seq-len", str(a.seq_len), "--grad-clip", "1.0"])
     d, device = parallel.setup_distributed(args)
@@ -107,7 +109,10 @@ def bench_dist(a):
     the share of the step in the optimizer, and in communication (collectives made blocking)."""
     import subprocess
     import tempfile
+    _check(a)
     cuda = torch.cuda.is_available()
+    if not cuda and a.batch_size % 2:
+        raise ValueError(f"--batch-size must be even on a CPU (the batch is split over 2 ranks), got {a.batch_size}")
     if cuda:  # one GPU here: the single-GPU numbers, and FSDP2's overhead on one rank
         configs = [("1 GPU, no FSDP", 0, None), ("FSDP2, 1 rank", 1, None)]
     else:
@@ -137,6 +142,11 @@ def bench_dist(a):
     write_json("dist", {"preset": a.preset, "batch_size": a.batch_size, "seq_len": a.seq_len,
                         "steps": a.steps, "rows": rows})
 
+
+
+def _check(a):
+    check_flags(a, at_least={"batch_size": 1, "seq_len": 1, "steps": 1, "warmup": 0})
+    check_preset(a.preset, a.seq_len)
 
 
 def add_parser(sub):

@@ -51,11 +51,13 @@ import data
 import keepkv
 import keepkv_latent
 from benchmarks import kv_speed, testbed
+from benchmarks.common import check_flags
 from benchmarks.kv_speed import cache_bytes, make_caches
 from checkpoint import load_pretrained
 from model import get_args
 
 CACHES = ("latent", "per-head")
+PARTS = ("quality", "sweep", "throughput", "memory")  # what --kv-skip can name
 
 
 def add_kv_args(p: argparse.ArgumentParser):
@@ -97,6 +99,53 @@ def add_kv_args(p: argparse.ArgumentParser):
 
 def _floats(s):
     return [float(x) for x in s.split(",") if x]
+
+
+def check_kv_args(args):
+    """Every flag in range, and --kv-ckpt and --kv-data there, before any work (building the
+    testbed alone takes ~20 minutes): a ValueError or FileNotFoundError that names the flag."""
+    skip = [s for s in args.kv_skip.split(",") if s]
+    if set(skip) - set(PARTS):
+        raise ValueError(f"--kv-skip {args.kv_skip!r}: unknown part(s) {sorted(set(skip) - set(PARTS))}; "
+                         f"name some of {', '.join(PARTS)}")
+    check_flags(args, at_least={"kv_windows": 1, "kv_batch": 1, "kv_new": 1, "kv_prompt": 16, "kv_probe_dist": 0,
+                                "kv_tp_prompt": 1, "kv_tp_batch": 1, "kv_tp_steps": 3, "kv_tp_max_batch": 1,
+                                "kv_mem_prompt": 1}, positive=("kv_tp_mem_mib", "kv_tp_mem_factor"))
+    if not 0 < args.kv_val_frac < 1:
+        raise ValueError(f"--kv-val-frac must be between 0 and 1 (exclusive), got {args.kv_val_frac}")
+    for name in ("kv_byte_fracs", "kv_budgets", "kv_alphas", "kv_obs_windows", "kv_thresholds"):
+        flag = "--" + name.replace("_", "-")
+        try:
+            values = _floats(getattr(args, name))
+        except ValueError:
+            raise ValueError(f"{flag} {getattr(args, name)!r} is not a comma-separated list of numbers") from None
+        field = {"kv_budgets": "budget", "kv_alphas": "alpha", "kv_obs_windows": "obs_window"}.get(name)
+        for v in values:
+            if name in ("kv_byte_fracs", "kv_obs_windows") and not v > 0:
+                raise ValueError(f"{flag}: each must be positive, got {v:g}")
+            try:
+                keepkv.KVConfig(**({field: int(v) if field == "obs_window" else v} if field else {}))
+            except ValueError as e:
+                raise ValueError(f"{flag}: {e}") from None
+    for name in ("kv_policies", "kv_perhead_policies"):
+        for policy in (p for p in getattr(args, name).split(",") if p):
+            try:
+                keepkv.KVConfig(policy=policy)
+            except ValueError as e:
+                raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
+    if "quality" in skip and "sweep" in skip:
+        return
+    if args.kv_ckpt is not None and not all(os.path.isfile(os.path.join(args.kv_ckpt, f))
+                                            for f in ("model.safetensors", "config.json")):
+        raise FileNotFoundError(f"--kv-ckpt {args.kv_ckpt!r}: no checkpoint there (model.safetensors + "
+                                f"config.json); pass a folder written by train.py, or omit it for the testbed")
+    if args.kv_data is not None and not os.path.exists(args.kv_data):
+        raise FileNotFoundError(f"--kv-data {args.kv_data!r} does not exist; pass the corpus the checkpoint "
+                                f"was trained on, or omit it for the stdlib")
+    prompt = args.kv_prompt if args.kv_prompt is not None else 16   # (default: the rest of the context)
+    if args.kv_ckpt is None and prompt + args.kv_new > testbed.CONTEXT:
+        raise ValueError(f"a {prompt}-token prompt (--kv-prompt, at least 16) + --kv-new {args.kv_new} tokens "
+                         f"exceed the testbed's {testbed.CONTEXT}-token context; lower them")
 
 
 def _f(v, spec):  # a number, or "-" where there is none (no probe tokens, an unreachable target)
@@ -264,7 +313,7 @@ def checkpoint_folder(args, log) -> str:
     """--kv-ckpt, or the long-context testbed (trained now if it is not cached yet)."""
     if args.kv_ckpt is not None:
         return args.kv_ckpt
-    flags = testbed.train_flags(data_path=args.kv_data)
+    flags = testbed.train_flags(data_path=args.kv_data, **testbed.default_recipe(args.device))
     if not testbed.is_finished(testbed.folder_for(args.kv_testbed_root, flags), flags):
         log(f"kv: no --kv-ckpt given and the long-context testbed is not built yet; building it now "
             f"(about {testbed.estimate_minutes(flags):.0f} min on an idle 2-core CPU, once). "
@@ -433,16 +482,13 @@ def plot(q, path):
 
 
 def bench_kv(args, log=print):
+    check_kv_args(args)
     t0 = time.time()
     torch.manual_seed(0)
     skip = args.kv_skip.split(",")
     res = {"device": args.device, "kv_config": keepkv.KVConfig().__dict__}
     if not ("quality" in skip and "sweep" in skip):
-        try:
-            res["quality"] = quality(args, log)
-        except FileNotFoundError as e:
-            log(f"kv quality: skipped, {e}")
-            res["quality"] = {"skipped": str(e)}
+        res["quality"] = quality(args, log)
     if "throughput" not in skip:
         log(f"kv throughput: random-weights tiny model, prompt {args.kv_tp_prompt}, batch {args.kv_tp_batch}")
         res["throughput"] = kv_speed.throughput(args, log)

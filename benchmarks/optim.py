@@ -7,7 +7,7 @@ the clip, which must hold the max logit near tau."""
 import json
 import os
 
-from benchmarks.common import print_table, write_json
+from benchmarks.common import check_flags, check_preset, print_table, write_json
 
 
 def _train_run(flags: list[str], out_dir: str) -> list[dict]:
@@ -22,6 +22,9 @@ def bench_optim(a):
     """AdamW vs MuonClip on the tiny preset: same seed, data and tokens, each at the best lr of a
     small sweep; then QK-Clip on a run made to grow its logits (high lr, no decay, small tau)."""
     import tempfile
+    check_flags(a, at_least={"steps": 1, "batch_size": 1, "seq_len": 1, "seed": 0, "demo_steps": 1},
+                positive=("adamw_lrs", "muon_lrs", "demo_lr", "demo_tau"))
+    check_preset(a.preset, a.seq_len)
     common = ["--preset", a.preset, "--max-steps", str(a.steps), "--batch-size", str(a.batch_size),
               "--seq-len", str(a.seq_len), "--seed", str(a.seed), "--eval-every", str(a.steps),
               "--log-every", str(max(1, a.steps // 4)), "--save-every", str(10**9), "--no-compile"]

@@ -7,7 +7,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import GPU_BF16_PEAK, _sync, print_table, train_flops_per_token, write_json
+from benchmarks.common import (GPU_BF16_PEAK, _sync, check_flags, check_preset, print_table,
+                               train_flops_per_token, write_json)
 from model import build_model, get_args
 
 
@@ -25,6 +26,11 @@ def matmul_rate(device, dtype, n=2048, reps=5) -> float:
 
 
 def bench_train(a):
+    check_flags(a, at_least={"batch_size": 1, "seq_len": 1, "steps": 1, "warmup": 0})
+    check_preset(a.preset, a.seq_len)
+    bad = [m for m in a.modes.split(",") if m not in ("eager", "compiled")]
+    if bad:
+        raise ValueError(f"--modes {a.modes!r}: unknown mode(s) {bad}; use eager, compiled or eager,compiled")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args = get_args(a.preset, vocab_size=8192)
     seq, batch = a.seq_len, a.batch_size

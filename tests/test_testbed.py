@@ -30,6 +30,39 @@ def test_uses_context_needs_a_fall_over_the_second_half():
     assert not testbed.uses_context(mk(3.0, 2.3, 2.3, 2.3))   # flat after the first tokens
 
 
+def test_position_nll_cut_context_matches_a_loop():
+    """position_nll's `cut` against the definition, one token at a time: the token at t (in the
+    bucket starting at s) scored by the model run on the window's tokens s-near .. t only."""
+    import model as M
+    m = M.build_model(M.get_args("tiny", dim=32, n_layers=2, n_heads=2, vocab_size=64, max_seq_len=32,
+                                 n_routed_experts=4, moe_inter_dim=16, inter_dim=32), seed=0).double()
+    tokens = torch.randint(0, 64, (200,), generator=torch.Generator().manual_seed(1)).numpy()
+    T, near, bucket = 24, 5, 8
+    full, cut = testbed.position_nll(m, tokens, T, 3, 2, near=near, bucket=bucket)
+    assert full.shape == cut.shape == (3, T)
+    x, y = map(torch.cat, zip(*testbed.data.eval_batches(tokens, 2, T, 2)))   # position_nll's windows
+    x, y = x[:3], y[:3]
+    with torch.no_grad():
+        for t in range(T):
+            s = t // bucket * bucket
+            lo = max(0, s - near) if s >= near else 0
+            logits = m(x[:, lo:t + 1].long())[:, -1].double()
+            want = torch.nn.functional.cross_entropy(logits, y[:, t].long(), reduction="none")
+            torch.testing.assert_close(cut[:, t].double(), want, rtol=1e-6, atol=1e-6)  # fp32 logits
+            if s < near:   # no more context than near: the same as the full window
+                torch.testing.assert_close(cut[:, t], full[:, t])
+    assert (cut[:, near:] != full[:, near:]).any()   # the cut changes something (not a copy of full)
+    g = testbed.context_gain(full, cut, bucket)
+    assert g[0]["gain"] == 0 and g[2]["gain"] == pytest.approx((cut - full)[:, 16:].double().mean().item())
+
+
+def test_uses_distant_context_needs_gain_beyond_noise_in_the_second_half():
+    mk = lambda *v: [{"gain": g, "se": se} for g, se in v]  # noqa: E731
+    assert testbed.uses_distant_context(mk((0, 0), (0.0, 0.0), (0.05, 0.01), (0.08, 0.02)))
+    assert not testbed.uses_distant_context(mk((0, 0), (0.1, 0.0), (0.05, 0.02), (0.08, 0.02)))  # < 3 SE
+    assert not testbed.uses_distant_context(mk((0, 0), (0.1, 0.0), (0.005, 0.001), (0.08, 0.02)))  # < 0.01
+
+
 def slow_long_range(seq, start, min_dist, gram):
     """The probe's definition, one position at a time."""
     out = []
@@ -158,3 +191,11 @@ def test_copy_stage_runs_first_and_seeds_the_main_stage(tmp_path, corpus_dir, ca
     assert testbed.is_finished(folder, flags)
     assert testbed.build_testbed(flags, str(tmp_path), cache_dir) == folder and len(calls) == 2
     assert testbed.estimate_minutes(flags) > testbed.estimate_minutes(_tiny_flags(corpus_dir, 2))
+
+
+def test_recipe_by_device():
+    """The CPU recipe is train_flags' defaults (so the CPU testbed's hash, and its cached folder, stay
+    the same); on CUDA the copy stage and the main stage are longer and the batch larger."""
+    assert testbed.train_flags(**testbed.default_recipe("cpu")) == testbed.train_flags()
+    cpu, gpu = testbed.default_recipe("cpu"), testbed.default_recipe("cuda:0")
+    assert all(gpu[k] > cpu[k] for k in ("steps", "batch", "copy_steps"))
