@@ -166,6 +166,22 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, bpe, case):
     assert enc.encode_ordinary(text) == bpe.encode_ordinary(text) and enc.eot_token == bpe.eot_token
 
 
+def test_a_trained_checkpoint_exports_with_the_same_logits(tmp_path, trained_checkpoint):
+    """train.py's own output (trained weights, a router bias moved by the balancing rule, its BPE)
+    -> `hf.py export` -> transformers: the same fp64 logits, and text tokenized alike."""
+    from checkpoint import load_pretrained
+    model = load_pretrained(trained_checkpoint, "cpu").double().eval()
+    assert any(m.gate.bias.abs().max() > 0 for m in model.moe_layers())   # trained, not fresh
+    hf.main(["export", trained_checkpoint, str(tmp_path / "hf")])
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", dtype=torch.float64, attn_implementation="eager", experts_implementation="eager").eval()
+    enc = data.load_encoding(trained_checkpoint)
+    x = torch.tensor([enc.encode_ordinary(open(os.path.join(ROOT, "model.py")).read()[:400])[:48]])
+    with torch.no_grad():
+        assert rel_err(model(x), ref(x).logits) < RTOL
+    assert hf.load_tokenizer(str(tmp_path / "hf")).encode_ordinary("def f(x):\n") == enc.encode_ordinary("def f(x):\n")
+
+
 def test_fp8_blocks(tmp_path, bpe):
     """Export with --fp8 (16x16 blocks here, so tiny matrices hold several, partial ones included):
     every dequantized weight is within FP8 e4m3's rounding of the original; and a folder quantized
