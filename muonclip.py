@@ -13,7 +13,10 @@ Read top to bottom:
      by about the same amount.
   2. The Muon update (`muon_update`): Nesterov momentum, orthogonalise, scale so the update has
      about the RMS AdamW's updates have (0.2), which lets Muon reuse AdamW's learning rate and decay.
-  3. The step math as pure functions over lists of tensors (`muon_step_`, `adamw_step_`). The
+     `orthogonal_updates` orthogonalises and scales many tensors at once: all matrices of one
+     shape in one batched call.
+  3. The step math as pure functions over lists of tensors (`muon_step_`, batched, and
+     `muon_step_per_matrix_`, the literal loop it is tested against; `adamw_step_`). The
      learning rate and weight decay come in as 0-d tensors: a compiled step sees a new value, not
      a new constant, so changing the schedule never recompiles.
   4. The parameter split (`split_params`): which tensor gets Muon and which AdamW.
@@ -38,6 +41,11 @@ from model import MLA
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)   # quintic Newton-Schulz (a, b, c), Keller Jordan's Muon
 RMS_MATCH = 0.2                         # Moonlight: 0.2 * sqrt(max(n, m)) gives AdamW's update RMS
+# Most elements one batched NS call takes (orthogonal_updates splits larger groups). A CPU wants a
+# call's matrices in its L2 cache: on the README's 2-core EPYC (1 thread), calls of 2^18 fp32
+# (1 MiB) ran as fast as one matrix per call, and one call per shape (up to 6 MiB) 14% slower.
+# A GPU wants big calls; 2^26 only bounds one call's temporaries (a few hundred MiB in bf16).
+NS_BATCH_NUMEL = {"cpu": 2 ** 18, "cuda": 2 ** 26}
 
 
 # ----------------------------------------------------------------------------- 1. Newton-Schulz
@@ -69,13 +77,16 @@ def zeropower_ns5(G: Tensor, steps: int = 5, eps: float = 1e-7, *, coeffs=NS_COE
     tall = X.size(-2) > X.size(-1)
     if tall:  # work on the wide orientation: X X^T is then the smaller (min(n, m))^2 Gram matrix
         X = X.mT
+    shape = X.shape
+    X = X.reshape(-1, *shape[-2:])        # [batch, n, m]: any leading dims become one batch
     # Frobenius norm >= spectral norm, so after this every singular value is <= 1: inside the
     # interval where the iteration is designed to work.
     X = (X / (X.norm(dim=(-2, -1), keepdim=True) + eps)).to(dtype)
     for _ in range(steps):
-        A = sym_matmul(X)                 # [..., n, n] symmetric
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X                 # each singular value s -> a s + b s^3 + c s^5
+        A = sym_matmul(X)                             # [batch, n, n] symmetric
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)   # b A + c A A, one call, no temporaries
+        X = torch.baddbmm(X, B, X, beta=a)            # a X + B X: each s -> a s + b s^3 + c s^5
+    X = X.reshape(shape)
     if tall:
         X = X.mT
     return X.to(G.dtype)
@@ -112,21 +123,72 @@ def muon_update(grad: Tensor, momentum_buf: Tensor, beta: float = 0.95, nesterov
     return orthogonal_update(momentum_(grad, momentum_buf, beta, nesterov), ns_steps, sym_matmul)
 
 
+def ns_shape(u: Tensor) -> tuple[int, int]:
+    """(rows, cols) of the matrices NS5 works on for u: the wide orientation (it transposes a
+    tall matrix, and NS5(X^T) = NS5(X)^T), per expert for an [E, n, m] stack."""
+    n, m = u.shape[-2:]
+    return min(n, m), max(n, m)
+
+
+def orthogonal_updates(us: list[Tensor], ns_steps: int = 5, sym_matmul=gram,
+                       max_numel: int | None = None) -> list[Tensor]:
+    """[orthogonal_update(u) for u in us], the same numbers, with every matrix of one ns_shape in
+    ONE batched NS5 call: all layers' wq, all experts of all layers (a [E, F, D] stack gives E
+    matrices), tall ones transposed to join the wide ones of their shape.
+
+    Why: the tiny preset has 40 Muon tensors in 7 NS shapes. One at a time, 5 NS steps are 600
+    small matmuls, and one 96 x 192 matmul split over 2 threads spends much of its time waiting;
+    in a bmm each thread takes whole matrices. On the README's 2-core CPU the Muon step ran
+    1.1-1.3x faster batched on 2 threads, and no faster on 1 (NS is then bound by its FLOPs). On
+    a GPU, fewer and larger launches. Groups are keyed in order of first appearance: the same on
+    every rank. A group of more than max_numel elements (default NS_BATCH_NUMEL for the device)
+    is split over several calls.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, u in enumerate(us):
+        groups.setdefault((*ns_shape(u), u.dtype, u.device), []).append(i)
+    out: list[Tensor] = [None] * len(us)
+    for (n, m, _, device), idx in groups.items():
+        per_call = max(1, (max_numel or NS_BATCH_NUMEL.get(device.type, 2 ** 26)) // (n * m))
+        tall = [us[i].size(-2) > us[i].size(-1) for i in idx]
+        wide = [us[i].mT if t else us[i] for i, t in zip(idx, tall)]
+        stack = torch.cat([w.reshape(-1, n, m) for w in wide])            # [matrices, n, m]
+        o = torch.cat([zeropower_ns5(x, ns_steps, sym_matmul=sym_matmul)
+                       for x in stack.split(per_call)]) * muon_scale((n, m))
+        for i, t, w, oi in zip(idx, tall, wide, o.split([w.numel() // (n * m) for w in wide])):
+            oi = oi.view(w.shape)
+            out[i] = oi.mT if t else oi                                   # back to u's orientation
+    return out
+
+
 # ----------------------------------------------------------------------------- 3. step math
 
 def apply_update_(p: Tensor, u: Tensor, lr: Tensor, weight_decay: Tensor) -> Tensor:
     """W -= lr * (U + wd * W), the decay on the weight before this update (decoupled). Returns
     the sum of squares of the applied update (lr included, decay excluded), for the logged RMS."""
     p.mul_(1 - lr * weight_decay)
-    p.sub_(lr * u.to(p.dtype))
-    return (lr * u.float()).square().sum()
+    p.addcmul_(u.to(p.dtype), lr, value=-1)        # p -= lr * u, with no temporary as big as p
+    return lr.square() * u.float().square().sum()
 
 
 def muon_step_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], lr: Tensor,
                weight_decay: Tensor, beta: float = 0.95, nesterov: bool = True,
                ns_steps: int = 5) -> Tensor:
-    """W -= lr * (muon_update(G) + wd * W) for every parameter. lr, weight_decay: 0-d tensors.
+    """W -= lr * (muon_update(G) + wd * W) for every parameter, all matrices of one shape
+    orthogonalised together (orthogonal_updates). lr, weight_decay: 0-d tensors.
     Returns the sum of squares of the applied updates (lr included, decay excluded)."""
+    us = [momentum_(g, buf, beta, nesterov) for g, buf in zip(grads, bufs)]
+    sq = torch.zeros((), device=lr.device)
+    for p, o in zip(params, orthogonal_updates(us, ns_steps)):
+        sq = sq + apply_update_(p, o, lr, weight_decay)
+    return sq
+
+
+def muon_step_per_matrix_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], lr: Tensor,
+                          weight_decay: Tensor, beta: float = 0.95, nesterov: bool = True,
+                          ns_steps: int = 5) -> Tensor:
+    """muon_step_ one parameter at a time, the definition read literally. Kept as the reference
+    the batched step is tested against (and timed against: `bench.py optim --share`)."""
     sq = torch.zeros((), device=lr.device)
     for p, g, buf in zip(params, grads, bufs):
         sq = sq + apply_update_(p, muon_update(g, buf, beta, nesterov, ns_steps), lr, weight_decay)
@@ -144,8 +206,11 @@ def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         t += 1
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
-        u = (m / (1 - beta1 ** t)) / denom
+        # u = (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps), in ONE temporary: the
+        # embedding and head are the largest tensors of a small model, and each extra pass over
+        # them (or a fresh allocation of their size) costs more than the arithmetic.
+        u = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
+        u.reciprocal_().mul_(m).div_(1 - beta1 ** t)
         sq = sq + apply_update_(p, u, lr, weight_decay)
     return sq
 
@@ -252,7 +317,8 @@ def muon_step_sharded_(params: list[DTensor], grads: list[DTensor], bufs: list[D
 
     - Momentum and Nesterov are elementwise: each rank updates its own rows.
     - A 3-D expert stack [E, n, m] is sharded on E, so each rank holds whole experts and
-      orthogonalises them where they are: no communication at all.
+      orthogonalises them where they are (all stacks of one shape in one batched call): no
+      communication at all.
     - A 2-D matrix is sharded by rows. Matrices are dealt out W at a time (largest first, so each
       round's work is even): in a round, rank j owns matrix j. One all_to_all sends every rank's
       rows of matrix j to rank j, which orthogonalises the whole matrix; a second all_to_all sends
@@ -262,14 +328,10 @@ def muon_step_sharded_(params: list[DTensor], grads: list[DTensor], bufs: list[D
     """
     group = params[0].device_mesh.get_group()  # the ranks the parameters are sharded over
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    updates: dict[int, Tensor] = {}
-    matrices = []
-    for i, (g, buf) in enumerate(zip(grads, bufs)):
-        u = momentum_(_local(g), _local(buf), beta, nesterov)
-        if u.ndim == 3:
-            updates[i] = orthogonal_update(u, ns_steps)
-        else:
-            matrices.append((i, u))
+    us = [momentum_(_local(g), _local(buf), beta, nesterov) for g, buf in zip(grads, bufs)]
+    stacks = [i for i, u in enumerate(us) if u.ndim == 3]   # whole experts: batched, in place
+    updates = dict(zip(stacks, orthogonal_updates([us[i] for i in stacks], ns_steps)))
+    matrices = [(i, u) for i, u in enumerate(us) if u.ndim != 3]
     matrices.sort(key=lambda iu: -params[iu[0]].numel())  # same order on every rank
     for start in range(0, len(matrices), world):
         round_ = matrices[start:start + world]
@@ -324,7 +386,7 @@ class MuonClip(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, lr: float = 2e-4, weight_decay: float = 0.1,
                  momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
                  adamw_betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 qk_clip_tau: float | None = 100.0, compile: bool = False):
+                 qk_clip_tau: float | None = 100.0, compile: bool = False, batched_ns: bool = True):
         if not lr >= 0 or not weight_decay >= 0 or not 0 <= momentum < 1:
             raise ValueError(f"need lr >= 0, weight_decay >= 0, 0 <= momentum < 1; "
                              f"got {lr}, {weight_decay}, {momentum}")
@@ -340,6 +402,7 @@ class MuonClip(torch.optim.Optimizer):
         self.qk_clip_tau = qk_clip_tau
         self.attn_layers = [m for m in model.modules() if isinstance(m, MLA)]
         self._muon_fn = torch.compile(muon_step_) if compile else muon_step_
+        self.batched_ns = batched_ns   # False: muon_step_per_matrix_, the reference (eager, 1 process)
         self._adamw_fn = torch.compile(adamw_step_) if compile else adamw_step_
         self._hparams: dict[int, tuple[Tensor, Tensor]] = {}   # group index -> (lr, wd) 0-d tensors
         self._stats: dict = {}
@@ -373,7 +436,8 @@ class MuonClip(torch.optim.Optimizer):
                 if sharded:
                     sq = muon_step_sharded_(params, grads, bufs, lr, wd, *hp)
                 else:
-                    sq = self._muon_fn(params, grads, bufs, lr, wd, *hp)
+                    muon_fn = self._muon_fn if self.batched_ns else muon_step_per_matrix_
+                    sq = muon_fn(params, grads, bufs, lr, wd, *hp)
                 key = "update_rms"
             else:
                 st = [self._state(p, exp_avg=torch.zeros_like, exp_avg_sq=torch.zeros_like,

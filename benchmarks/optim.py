@@ -22,6 +22,8 @@ def bench_optim(a):
     """AdamW vs MuonClip on the tiny preset: same seed, data and tokens, each at the best lr of a
     small sweep; then QK-Clip on a run made to grow its logits (high lr, no decay, small tau)."""
     import tempfile
+    if a.share:
+        return bench_optim_share(a)
     check_flags(a, at_least={"steps": 1, "batch_size": 1, "seq_len": 1, "seed": 0, "demo_steps": 1},
                 positive=("adamw_lrs", "muon_lrs", "demo_lr", "demo_tau"))
     check_preset(a.preset, a.seq_len)
@@ -70,6 +72,60 @@ def bench_optim(a):
     write_json("optim", {"sweep": runs, "gap_val_loss": gap, "demo": demo, "args": vars(a) | {"fn": None}})
 
 
+def bench_optim_share(a):
+    """`bench.py optim --share`: the optimizer's share of a MuonClip training step, Newton-Schulz
+    one matrix at a time (muonclip.muon_step_per_matrix_, the reference) against same-shape
+    matrices batched (muon_step_, the default). One model, one batch, one optimizer whose path is
+    switched between rounds, the order alternating, so both paths see the same weights and the
+    same machine load; each path's figures are medians over its steps."""
+    import time
+
+    import numpy as np
+    import torch
+
+    import parallel
+    import train
+    check_flags(a, at_least={"batch_size": 1, "seq_len": 1, "seed": 0, "share_rounds": 1, "share_steps": 1})
+    check_preset(a.preset, a.seq_len)
+    args = train.parse_args(["--preset", a.preset, "--batch-size", str(a.batch_size),
+                             "--seq-len", str(a.seq_len), "--seed", str(a.seed), "--no-compile"])
+    d, device = parallel.setup_distributed(args)
+    model = parallel.make_model(train.model_args_from(args, 8192), d, device, args.seed, False)
+    optimizer = train.build_optimizer(model, args)  # MuonClip at train.py's default lr
+    model.set_record_max_logits(True)               # as train.py does for QK-Clip
+    x, y = torch.from_numpy(np.random.default_rng(a.seed).integers(0, 8192, (2, a.batch_size, a.seq_len)))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    paths = {"per-matrix": False, "batched": True}
+    times = {p: [] for p in paths}  # (step s, optimizer s) per timed step
+
+    def run(path, n):
+        optimizer.batched_ns = paths[path]
+        for _ in range(n):
+            t0 = time.perf_counter()
+            train.forward_backward(model, x, y, args, device, autocast, d)
+            t_opt = train.optimizer_step(model, optimizer, args, d)[1]
+            times[path].append((time.perf_counter() - t0, t_opt))
+
+    for path in paths:  # warm-up, not kept
+        run(path, 2)
+        times[path].clear()
+    for r in range(a.share_rounds):
+        for path in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
+            run(path, a.share_steps)
+    rows = []
+    for path, ts in times.items():
+        step, opt = np.array(ts).T
+        rows.append({"ns_path": path, "step_ms": round(1e3 * float(np.median(step)), 1),
+                     "opt_ms": round(1e3 * float(np.median(opt)), 1),
+                     "opt_share": float(np.median(opt / step)), "steps": len(ts)})
+    print(f"\n{a.preset} preset, MuonClip, batch {a.batch_size} x {a.seq_len}, {torch.get_num_threads()} "
+          f"threads, {a.share_rounds} rounds of {a.share_steps} steps per path, interleaved; medians")
+    print_table(rows, ["ns_path", "step_ms", "opt_ms", "opt_share", "steps"])
+    print(f"optimizer time, per-matrix / batched: {rows[0]['opt_ms'] / rows[1]['opt_ms']:.2f}x")
+    d.close()
+    write_json("optim_share", {"rows": rows, "times_s": times, "args": vars(a) | {"fn": None}})
+
+
 def _plot_demo(demo, tau):
     try:
         import matplotlib
@@ -100,4 +156,8 @@ def add_parser(sub):
     o.add_argument("--demo-steps", type=int, default=80)
     o.add_argument("--demo-lr", type=float, default=3e-2)
     o.add_argument("--demo-tau", type=float, default=10.0)
+    o.add_argument("--share", action="store_true",
+                   help="only the optimizer's share of a MuonClip step: per-matrix vs batched Newton-Schulz")
+    o.add_argument("--share-rounds", type=int, default=6, help="--share: interleaved rounds per path")
+    o.add_argument("--share-steps", type=int, default=3, help="--share: timed steps per round")
     o.set_defaults(fn=bench_optim)

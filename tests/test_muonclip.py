@@ -179,6 +179,76 @@ def test_update_rms_is_0p2_lr():
     assert 0.8 * 0.2 * lr < rms < 1.0 * 0.2 * lr, rms / (0.2 * lr)
 
 
+def test_orthogonal_updates_equal_one_at_a_time():
+    """The grouped call gives each tensor what orthogonal_update gives it alone (fp64): wide,
+    tall and square matrices, stacks of both orientations, a stack with no experts (an FSDP2
+    rank's empty shard), and an fp32 tensor of a shape also present in fp64 (its own group).
+    Once in one call per shape, once with the 8 matrices of 12 x 20 split 2 per call."""
+    g = torch.Generator().manual_seed(8)
+    shapes = [(12, 20), (20, 12), (3, 12, 20), (2, 20, 12), (0, 12, 20), (16, 16), (5, 16, 16), (4, 20)]
+    us = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    us.append(torch.randn(12, 20, generator=g))
+    for max_numel in (None, 2 * 12 * 20):
+        got = muonclip.orthogonal_updates(us, max_numel=max_numel)
+        assert len(got) == len(us)
+        for u, o in zip(us, got):
+            assert o.shape == u.shape and o.dtype == u.dtype, u.shape
+            tol = dict(rtol=1e-10, atol=1e-12) if u.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(o, muonclip.orthogonal_update(u), **tol,
+                                       msg=lambda m: f"{u.shape}: {m}")
+
+
+def _double_grads(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+
+
+@pytest.mark.parametrize("q_lora_rank", [0, 16])
+def test_batched_step_equals_per_matrix_step(q_lora_rank):
+    """MuonClip's batched step against muon_step_per_matrix_ (each parameter through muon_update
+    on its own), in fp64, on a tiny model with every kind of Muon tensor (attention projections,
+    dense MLP, expert stacks, the shared expert's tall w2, the router gate): 4 steps, so momentum
+    carries over, with weight decay and an lr change midway."""
+    models = [tiny_model(q_lora_rank).double() for _ in range(2)]
+    w0 = [p.detach().clone() for p in models[0].parameters()]
+    opts = [MuonClip(m, lr=0.02, weight_decay=0.1, qk_clip_tau=None, batched_ns=b)
+            for m, b in zip(models, (True, False))]
+    for step in range(4):
+        for m, opt in zip(models, opts):
+            _double_grads(m, step)
+            if step == 2:
+                for group in opt.param_groups:
+                    group["lr"] = 0.01
+            opt.step()
+        rms = [opt.last_stats["update_rms"] for opt in opts]
+        assert rms[0] == pytest.approx(rms[1], rel=1e-9) and rms[0] > 0  # (summed in fp32)
+    batched, per_matrix = (dict(m.named_parameters()) for m in models)
+    for (n, p), p0 in zip(batched.items(), w0):
+        assert not torch.equal(p, p0), n  # every parameter moved
+        torch.testing.assert_close(p, per_matrix[n], rtol=1e-12, atol=1e-14, msg=lambda m: f"{n}: {m}")
+    for pa, pb in zip(opts[0].param_groups[0]["params"], opts[1].param_groups[0]["params"]):
+        torch.testing.assert_close(opts[0].state[pa]["momentum_buffer"], opts[1].state[pb]["momentum_buffer"],
+                                   rtol=1e-12, atol=1e-14)
+
+
+def test_batched_step_is_one_ns_call_per_shape(monkeypatch):
+    """The point of the batched step: one Newton-Schulz call per NS shape, every matrix of every
+    layer in it (6 calls for 18 tensors here), not one per tensor."""
+    model = tiny_model()
+    muon = [p for _, p in split_params(model)[0]]
+    calls, ns = [], muonclip.zeropower_ns5
+    monkeypatch.setattr(muonclip, "zeropower_ns5", lambda G, *a, **k: calls.append(G.shape) or ns(G, *a, **k))
+    random_grads(model, 0)
+    MuonClip(model, qk_clip_tau=None).step()
+    matrices = {}  # NS shape -> how many matrices of it, in order of first appearance
+    for p in muon:
+        s = muonclip.ns_shape(p)
+        matrices[s] = matrices.get(s, 0) + p.numel() // math.prod(s)
+    assert [tuple(c) for c in calls] == [(b, *s) for s, b in matrices.items()]
+    assert len(calls) == 6 and len(muon) == 18
+
+
 def test_adamw_part_matches_torch_adamw():
     class Net(nn.Module):
         def __init__(self):
@@ -204,6 +274,22 @@ def test_adamw_part_matches_torch_adamw():
     for n in adamw_names:
         torch.testing.assert_close(dict(net.named_parameters())[n].detach(), ref_params[n].detach(),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_adamw_update_rms_is_the_applied_update():
+    """adamw_update_rms is the RMS of what the step subtracted, decay excluded: measured here on
+    the weights themselves (second step, so the bias corrections are not trivial)."""
+    torch.manual_seed(9)
+    net = nn.ModuleDict({"embed": nn.Embedding(50, 24), "norm": RMSNorm(24)})
+    lr, wd = 0.01, 0.1
+    opt = MuonClip(net, lr=lr, weight_decay=wd, qk_clip_tau=None)
+    for step in range(2):
+        random_grads(net, step)
+        before = {n: p.detach().clone() for n, p in net.named_parameters()}
+        opt.step()
+    applied = torch.cat([(before[n] * (1 - lr * (wd if p.ndim > 1 else 0)) - p.detach()).flatten()
+                         for n, p in net.named_parameters()])
+    assert opt.last_stats["adamw_update_rms"] == pytest.approx(applied.square().mean().sqrt().item(), rel=1e-4)
 
 
 def test_lr_change_does_not_recompile():
