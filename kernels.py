@@ -1,5 +1,6 @@
 """
-kernels.py: the three GPU kernels nanoK2 cares about, each beside a readable torch reference.
+kernels.py: the three GPU kernels nanoK2 cares about, each beside a readable torch reference,
+and the grouped GEMM the MoE runs on.
 
 1. Causal flash attention for MLA training shapes (q, k: [B, H, T, 192], v: [B, H, T, 128]).
    The T x T score matrix never exists in memory: each program owns a block of queries, streams the
@@ -18,6 +19,8 @@ kernels.py: the three GPU kernels nanoK2 cares about, each beside a readable tor
    tiles on or above the diagonal are computed; each is written twice (itself and its mirror),
    about half the FLOPs of X @ X.mT. Newton-Schulz's A @ A equals A A^T (A is symmetric), so this
    kernel could compute it too; muonclip.py does not use it there: its A @ A is a plain matmul.
+4. (Not Triton.) The MoE's grouped expert GEMM: torch._grouped_mm wrapped as a custom op with its
+   own shape function and backward, so a compiled MoE calls it in any dtype without a graph break.
 
 For each kernel the file gives (a) the torch reference, (b) the @triton.jit kernel(s), (c) a thin
 wrapper that checks inputs, allocates outputs and launches, and (d) a dispatcher for callers:
@@ -510,3 +513,51 @@ def sym_matmul(X):
 def sym_matmul_auto(X):
     """Dispatcher for muonclip.py's Newton-Schulz: Triton on CUDA, X @ X.mT elsewhere."""
     return sym_matmul(X.contiguous()) if _backend(X) == "triton" else sym_matmul_reference(X)
+
+
+# ----------------------------------------------------------------------------- 4. grouped GEMM (MoE)
+# Not a Triton kernel: the MoE's expert matmuls (model.py, MoE.experts_grouped) run as one
+# torch._grouped_mm over rows sorted by expert. The reference path is the fp64 branch: one weight
+# matrix gathered per row, a batched matmul; tests/test_model.py compares the grouped MoE against
+# MoE.experts_loop, a plain loop over experts.
+# torch._grouped_mm runs fp32 on the CPU in eager mode, but its compile-time shape check only
+# admits bf16. Wrapping it in a custom op (with its own shape function and backward) lets the
+# compiled MoE call it as an opaque node, in any dtype, with no graph break.
+@torch.library.custom_op("nanok2::grouped_mm", mutates_args=())
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by group; group e (rows offs[e-1]:offs[e]) is multiplied by w[e].
+    x [R, I], w [E, I, O], offs [E] int32 cumulative row ends -> [R, O]."""
+    if x.dtype == torch.float64:  # not supported by _grouped_mm: per-row weights (tests only)
+        return torch.bmm(x[:, None, :], w[_group_of_rows(offs, x.shape[0])])[:, 0]
+    return torch._grouped_mm(x, w, offs=offs)
+
+
+def _group_of_rows(offs, n):
+    return torch.searchsorted(offs, torch.arange(n, device=offs.device, dtype=offs.dtype), right=True)
+
+
+grouped_mm.register_fake(lambda x, w, offs: x.new_empty(x.shape[0], w.shape[-1]))
+
+
+@torch.library.custom_op("nanok2::grouped_mm_wgrad", mutates_args=())
+def grouped_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Per-group x_e^T @ grad_e: the weight gradient of grouped_mm. -> [E, I, O]."""
+    if x.dtype == torch.float64:
+        out = x.new_zeros(offs.shape[0], x.shape[1], grad.shape[1])
+        return out.index_add_(0, _group_of_rows(offs, x.shape[0]), x[:, :, None] * grad[:, None, :])
+    return torch._grouped_mm(x.t(), grad, offs=offs)
+
+
+grouped_mm_wgrad.register_fake(lambda x, grad, offs: x.new_empty(offs.shape[0], x.shape[1], grad.shape[1]))
+
+
+def _grouped_mm_backward(ctx, grad):
+    x, w, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    gx = grouped_mm(grad, w.transpose(-2, -1).contiguous(), offs) if ctx.needs_input_grad[0] else None
+    gw = grouped_mm_wgrad(x, grad, offs) if ctx.needs_input_grad[1] else None
+    return gx, gw, None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward,
+                             setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))

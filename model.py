@@ -12,7 +12,8 @@ Read top to bottom:
   4. MoE: a sigmoid router whose bias picks experts but never weights them (aux-loss-free
      balancing), the routed experts as grouped matmuls, an always-on shared expert.
   5. Block and Transformer, built on the meta device, then `to_empty()` + `init_weights()`.
-  6. Plumbing, skip on first read: the grouped matmul as a compilable custom op, the aux-loss hook.
+  6. Plumbing, skip on first read: the aux-loss hook. (The grouped matmul, a compilable custom op
+     around torch._grouped_mm, lives in kernels.py with the other fast paths.)
 The model knows nothing about distribution or optimizers: train.py and parallel.py own those.
 
 Sizes. Shape comments and shape-suffixed names (x_ND: N tokens by D dims) use these symbols:
@@ -59,7 +60,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import attention_with_max
+from kernels import attention_with_max, grouped_mm
 
 
 def f32(t: torch.Tensor) -> torch.Tensor:
@@ -477,7 +478,7 @@ class MoE(nn.Module):
         offs_E = counts_E.cumsum(0, dtype=torch.int32)                       # end row of each group
         x_RD = x_ND[token_of_row]
         dt = torch.bfloat16 if x_ND.is_cuda else x_ND.dtype  # CUDA grouped GEMM wants bf16
-        gmm = lambda a, w: grouped_mm(a.to(dt), w.to(dt).transpose(-2, -1), offs_E)  # plumbing below
+        gmm = lambda a, w: grouped_mm(a.to(dt), w.to(dt).transpose(-2, -1), offs_E)  # kernels.py
         h_RF = F.silu(gmm(x_RD, self.w1)) * gmm(x_RD, self.w3)
         y_RD = gmm(h_RF, self.w2).to(x_ND.dtype)
         y_RD = y_RD * w_NK.flatten()[pair_of_row, None].to(y_RD.dtype)
@@ -642,50 +643,7 @@ def build_model(args: ModelArgs, device="cpu", seed: int | None = None) -> Trans
 
 
 # ----------------------------------------------------------------------------- plumbing
-# Skip on first read: mechanics the MoE above calls, none of them part of the architecture.
-
-# torch._grouped_mm runs fp32 on the CPU in eager mode, but its compile-time shape check only
-# admits bf16. Wrapping it in a custom op (with its own shape function and backward) lets the
-# compiled MoE call it as an opaque node, in any dtype, with no graph break.
-@torch.library.custom_op("nanok2::grouped_mm", mutates_args=())
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Rows of x sorted by group; group e (rows offs[e-1]:offs[e]) is multiplied by w[e].
-    x [R, I], w [E, I, O], offs [E] int32 cumulative row ends -> [R, O]."""
-    if x.dtype == torch.float64:  # not supported by _grouped_mm: per-row weights (tests only)
-        return torch.bmm(x[:, None, :], w[_group_of_rows(offs, x.shape[0])])[:, 0]
-    return torch._grouped_mm(x, w, offs=offs)
-
-
-def _group_of_rows(offs, n):
-    return torch.searchsorted(offs, torch.arange(n, device=offs.device, dtype=offs.dtype), right=True)
-
-
-grouped_mm.register_fake(lambda x, w, offs: x.new_empty(x.shape[0], w.shape[-1]))
-
-
-@torch.library.custom_op("nanok2::grouped_mm_wgrad", mutates_args=())
-def grouped_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Per-group x_e^T @ grad_e: the weight gradient of grouped_mm. -> [E, I, O]."""
-    if x.dtype == torch.float64:
-        out = x.new_zeros(offs.shape[0], x.shape[1], grad.shape[1])
-        return out.index_add_(0, _group_of_rows(offs, x.shape[0]), x[:, :, None] * grad[:, None, :])
-    return torch._grouped_mm(x.t(), grad, offs=offs)
-
-
-grouped_mm_wgrad.register_fake(lambda x, grad, offs: x.new_empty(offs.shape[0], x.shape[1], grad.shape[1]))
-
-
-def _grouped_mm_backward(ctx, grad):
-    x, w, offs = ctx.saved_tensors
-    grad = grad.contiguous()
-    gx = grouped_mm(grad, w.transpose(-2, -1).contiguous(), offs) if ctx.needs_input_grad[0] else None
-    gw = grouped_mm_wgrad(x, grad, offs) if ctx.needs_input_grad[1] else None
-    return gx, gw, None
-
-
-grouped_mm.register_autograd(_grouped_mm_backward,
-                             setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
-
+# Skip on first read: a mechanism the MoE above calls, not part of the architecture.
 
 class _AuxLoss(torch.autograd.Function):
     """Identity on y whose backward also sends gradient `scale` into `aux`: adds scale * aux to the
