@@ -82,7 +82,7 @@ def attend_latent(Q, kv, log_votes, scale, n_latent, return_logits=False):
 
 # ----------------------------------------------------------------------------- the latent merge
 
-def merge_latent(kept, leaving, target, mask, Q, ln_z, w_v, scale, mode="zip"):
+def merge_latent(kept, leaving, target, mask, Q, ln_z, w_v, scale, mode="zip", gram=None):
     """Merge leaving entries into kept ones (several may share a target), as derived above.
 
     kept = (kv [B, C', C+Dr], ln p [B, H, C'], ln S [B, H, C']); leaving: the same with M rows;
@@ -91,6 +91,7 @@ def merge_latent(kept, leaving, target, mask, Q, ln_z, w_v, scale, mode="zip"):
     w_v [H, Dv, C]. Returns the new kept rows, the targets touched [B, C'] and the relative value
     residual [B, C'] (sum_h omega_h |W_v_h (c_r - cbar_h)|^2 / sum_h omega_h |W_v_h cbar_h|^2).
     Everything runs relative to each (head, target) group's largest ln w, so exp never overflows.
+    gram: head_grams(w_v), if the caller keeps it (a cache does: it depends on the weights only).
     """
     kv, ln_p, ln_s = kept
     kv_in, ln_p_in, ln_s_in = leaving
@@ -113,12 +114,9 @@ def merge_latent(kept, leaving, target, mask, Q, ln_z, w_v, scale, mode="zip"):
     mix = (omega[..., None] * kbar).sum(1) / omega.sum(1)[..., None]            # [B, C', C+Dr]
     cbar = kbar[..., :n_lat]
     if mode == "zip":   # least squares in the heads' W_v metrics, ridge toward cmix
-        gram = torch.einsum("bhn,hcd->bncd", omega, torch.einsum("hvc,hvd->hcd", wv, wv))   # [B, C', C, C]
+        G = head_grams(w_v, cdt) if gram is None else gram.to(cdt)                 # [H, C, C]
         rhs = torch.einsum("bhn,hvc,bhnv->bnc", omega, wv, torch.einsum("hvc,bhnc->bhnv", wv, cbar))
-        ridge = 1e-6 * gram.diagonal(dim1=-2, dim2=-1).mean(-1) + 1e-30         # [B, C']
-        eye = torch.eye(n_lat, dtype=cdt, device=kv.device)
-        c_r = torch.linalg.solve(gram + ridge[..., None, None] * eye,
-                                 rhs + ridge[..., None] * mix[..., :n_lat])
+        c_r = solve_targets(omega, G, rhs, mix[..., :n_lat])
         k_r = torch.cat([c_r, mix[..., n_lat:]], -1)
         # the scoring query's logit of K_r, less its tilted mean over the parts (l_h is linear in
         # K, so that mean is l_h(kbar_h)): the merge's own effect on this query. Added to the
@@ -147,6 +145,32 @@ def merge_latent(kept, leaving, target, mask, Q, ln_z, w_v, scale, mode="zip"):
              torch.where(touched[:, None], ln_p_new, ln_p.to(cdt)).to(ln_p.dtype),
              torch.where(touched[:, None], ln_s_new, ln_s.to(cdt)).to(ln_s.dtype)),
             touched, torch.where(touched, residual, torch.zeros_like(residual)))
+
+
+def head_grams(w_v, dtype) -> torch.Tensor:
+    """G_h = W_v_h^T W_v_h [H, C, C]: each head's metric on the latent. It depends on the weights
+    only, so a cache computes it once: on K2 it is 2.1G multiply-adds per layer (H Dv C^2 = 64 x 128 x 512^2),
+    more than the rest of a merge, and 64 x 512^2 numbers (64 MiB in fp32) per layer to keep."""
+    wv = w_v.to(dtype)
+    return torch.einsum("hvc,hvd->hcd", wv, wv)
+
+
+def solve_targets(omega, G, rhs, prior, max_elems: int = 1 << 24):
+    """Each target's c_r: (sum_h omega_h G_h + ridge I) c_r = rhs + ridge * prior, one C x C system
+    per target (omega [B, H, C'], G [H, C, C], rhs and prior [B, C', C]). The systems are built and
+    solved a chunk of targets at a time, at most max_elems numbers of matrix each: a prefill that
+    keeps 10,000 entries of K2's 512-number latent would otherwise hold 10,000 x 512^2 numbers."""
+    B, _, n = omega.shape
+    C = G.shape[-1]
+    eye = torch.eye(C, dtype=G.dtype, device=G.device)
+    step = max(1, max_elems // (B * C * C))
+    out = []
+    for s in range(0, n, step):
+        gram = torch.einsum("bhn,hcd->bncd", omega[..., s:s + step], G)                 # [B, chunk, C, C]
+        ridge = 1e-6 * gram.diagonal(dim1=-2, dim2=-1).mean(-1) + 1e-30                 # [B, chunk]
+        out.append(torch.linalg.solve(gram + ridge[..., None, None] * eye,
+                                      rhs[:, s:s + step] + ridge[..., None] * prior[:, s:s + step]))
+    return torch.cat(out, 1)
 
 
 # ----------------------------------------------------------------------------- decisions per token
@@ -200,6 +224,12 @@ class LatentKeepKVCache(nn.Module):
         # as keepkv.KeepKVCache's (cache_stats reads both), + [8] the sum of merges' value residuals
         self.register_buffer("stats", torch.zeros(9, dtype=torch.float64, device=device))
         self.prefilled = False
+        self.gram = None  # head_grams(w_v), computed at the first merge (zip only)
+
+    def grams(self, w_v, dtype):
+        if self.gram is None or self.gram.dtype != dtype:
+            self.gram = head_grams(w_v, dtype)
+        return self.gram
 
     def reset(self):
         self.log_votes.fill_(NEG)
@@ -224,6 +254,10 @@ class LatentKeepKVCache(nn.Module):
                 raise ValueError("after the prefill a KeepKV cache takes one token per call")
             o_lat = self._decode(Q[:, 0], K[:, 0], w_v, input_pos[0], scale)[:, None]
         return torch.einsum("bthc,hvc->bthv", o_lat, w_v.to(o_lat.dtype))
+
+    def _mode(self, w_v, dtype):
+        """merge_latent's mode and gram for this policy."""
+        return ("zip", self.grams(w_v, dtype)) if self.cfg.policy == "keepkv" else ("convex", None)
 
     def _select(self, priority, pos, live, t, C=None):
         """keepkv.py's selection on one key group: the aggregated priority stands in for ln S."""
@@ -256,7 +290,7 @@ class LatentKeepKVCache(nn.Module):
                 target, merge = keepkv.merge_targets(cfg, leaving[0][:, None], kept[0][:, None])
                 ln_z = torch.logsumexp(ln_p + ln_s, -1)
                 kept, _, res = merge_latent(kept, leaving, target[:, 0], merge[:, 0], Qh[:, :, -1], ln_z,
-                                            w_v, scale, "zip" if cfg.policy == "keepkv" else "convex")
+                                            w_v, scale, *self._mode(w_v, cdt))
                 if self.track:
                     self.stats[6] += merge.numel()
                     self.stats[7] += merge.sum()
@@ -298,7 +332,7 @@ class LatentKeepKVCache(nn.Module):
             lw = (self.log_votes + self.log_score).masked_fill(~live[:, None], NEG)
             new, _, res = merge_latent(rows_at(self.kv, self.log_votes, self.log_score, target), leaving,
                                        torch.zeros_like(target), merged, Q, torch.logsumexp(lw, -1), w_v,
-                                       scale, "zip" if cfg.policy == "keepkv" else "convex")
+                                       scale, *self._mode(w_v, Q.dtype))
             self.kv.scatter_(1, target[..., None].expand(-1, 1, self.kv.shape[-1]), new[0])
             self.log_votes.scatter_(2, target[:, None].expand(-1, H, 1), new[1])
             self.log_score.scatter_(2, target[:, None].expand(-1, H, 1), new[2])

@@ -77,6 +77,29 @@ def test_merge_latent_keeps_every_heads_mass_and_solves_the_least_squares():
             assert residual[b, j] > 1e-6  # H * DV > C and different head weightings: not exact
 
 
+def test_kept_grams_and_chunked_solves_change_nothing():
+    # a cache passes head_grams(w_v) computed once; the solve runs a chunk of targets at a time
+    kept, leaving, target, mask, Q, ln_z, w_v, scale = _scene(3, n_kept=7, n_leave=9)
+    ref = kl.merge_latent(kept, leaving, target, mask, Q, ln_z, w_v, scale)
+    given = kl.merge_latent(kept, leaving, target, mask, Q, ln_z, w_v, scale, gram=kl.head_grams(w_v, Q.dtype))
+    for a, b in zip(ref[0], given[0]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    g = torch.Generator().manual_seed(1)
+    omega = torch.rand(2, H, 7, generator=g, dtype=torch.float64)
+    G = kl.head_grams(torch.randn(H, DV, C, generator=g, dtype=torch.float64), torch.float64)
+    rhs, prior = torch.randn(2, 7, C, generator=g, dtype=torch.float64), torch.randn(2, 7, C, generator=g, dtype=torch.float64)
+    whole = kl.solve_targets(omega, G, rhs, prior)
+    chunked = kl.solve_targets(omega, G, rhs, prior, max_elems=2 * 3 * C * C)   # chunks of 3, 3, 1 targets
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    # and each is the solve of its own system (slow loop)
+    for b in range(2):
+        for n in range(7):
+            A = sum(omega[b, h, n] * G[h] for h in range(H))
+            lam = 1e-6 * A.diagonal().mean() + 1e-30
+            x = torch.linalg.solve(A + lam * torch.eye(C, dtype=torch.float64), rhs[b, n] + lam * prior[b, n])
+            torch.testing.assert_close(whole[b, n], x, rtol=1e-10, atol=1e-12)
+
+
 def test_convex_latent_merge_loses_the_mass():
     kept, leaving, target, mask, Q, ln_z, w_v, scale = _scene(1)
     (kv_r, ln_p_r, _), touched, _ = kl.merge_latent(kept, leaving, target, mask, Q, ln_z, w_v, scale, "convex")
