@@ -18,7 +18,7 @@ answers right (RL). Everything the model sees and everything that scores it is h
 
 2. Tasks with checkable answers, generated from a seed. Each kind is small enough for a 5M-parameter
    model to move on in minutes, and each has a budget, the most reply tokens it may use:
-       add       single-digit addition "7+5="          -> "12"          exact match
+       add       single-digit addition "7+5=", "What is 7 plus 5?" (4 wordings) -> "12"   exact match
        copy      "Repeat:\nqzkwv"                      -> "qzkwv"       exact match
        reverse   "Reverse: l u c k"                    -> "k c u l"     exact match
        defname   a `def` line from the stdlib corpus   -> its name      exact match
@@ -26,7 +26,7 @@ answers right (RL). Everything the model sees and everything that scores it is h
                  shown plus one hidden assert, in the executor (part 3); pass = every assert holds
    Held out: a task whose text hashes into 1 of 8 buckets is never trained on; evaluation draws
    only from that bucket (defname: from the corpus's val files, which pretraining held out too).
-   For `add`, held out means 12 of the 100 facts: the model must get them from the other 88.
+   For `add`, held out means 1 in 8 of the 400 (fact, wording) pairs: a fact met in another wording.
    SFT demonstrations of `fn` call the executor first half of the time ("run this, see it pass or
    fail, then answer"), with the executor's reply simulated from the task's own arithmetic; a test
    checks that the simulation prints what the real executor prints.
@@ -193,6 +193,10 @@ def held_out(text: str) -> bool:
 
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
+# One sum, four ways to ask: a held-out add task is a (fact, wording) pair never trained on, whose
+# fact the model has (almost always) seen asked in another wording. Holding out whole facts instead
+# would leave ~12 facts to evaluate on, that no amount of practice on the other 88 can teach.
+ADD_WORDINGS = ("{a}+{b}=", "{a} + {b} =", "What is {a} plus {b}?", "Add {a} and {b}.")
 _OPS = {"+": lambda x, k: x + k, "-": lambda x, k: x - k, "*": lambda x, k: x * k}
 
 
@@ -203,7 +207,7 @@ def fn_source(op: str, k: int) -> str:
 def _draw(kind: str, rng, corpus: dict) -> Task:
     if kind == "add":
         a, b = rng.randrange(10), rng.randrange(10)
-        return Task(kind, f"{a}+{b}=", str(a + b))
+        return Task(kind, rng.choice(ADD_WORDINGS).format(a=a, b=b), str(a + b))
     if kind in ("copy", "reverse"):
         n = rng.randint(3, 6) if kind == "copy" else rng.randint(3, 5)
         s = "".join(rng.choice(_LETTERS) for _ in range(n))

@@ -32,7 +32,12 @@ This file holds the learning (REFERENCE.md 4b: the K2 report, section 3; the obj
        cut at the budget before it ends its turn gets reward -penalty instead of being scored;
      - PTX: the pretraining loss on stdlib windows, mixed in with weight --ptx-coef, so the model
        keeps what pretraining taught it (the eval reports the stdlib val loss to show it);
-     - temperature decay: sampling starts hot for exploration and cools linearly.
+     - temperature decay: sampling starts hot for exploration and cools linearly;
+     - prioritized sampling (k1.5): task kinds are drawn with weight 1 - their recent pass rate.
+   Groups whose K rewards are all equal have advantage 0 and are left out; each step's lr is scaled
+   by the share of replies in groups that carry a signal (--live-lr). Muon's update has the same
+   size whatever the gradient's: without the scaling a batch with one informative group moves the
+   model as far as one with eight, mostly along noise (measured: pass@1 fell from 0.375 to 0.302).
 4. Evaluation: pass@1 = the share of held-out tasks (chat.py: never trained on; fixed seed) whose
    greedy reply is correct, per kind, with tool calls run by the executor, as in RL.
 5. Toy self-critique (--critic-coef, off by default): K2 scores open-ended replies with the model
@@ -46,6 +51,7 @@ This file holds the learning (REFERENCE.md 4b: the K2 report, section 3; the obj
    what the uninterrupted one would have.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -63,7 +69,7 @@ import chat
 import data
 import muonclip
 from chat import Chat, Task
-from checkpoint import load_checkpoint, load_pretrained, save_checkpoint
+from checkpoint import load_checkpoint, load_pretrained, save_checkpoint, save_when_due
 from parallel import Dist, pick_device
 from train import lr_multiplier, optimizer_step
 
@@ -193,8 +199,10 @@ def _chunks(items, n):
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def draw_tasks(kinds, n: int, rng, split: str, corpus: dict) -> list[Task]:
-    return [chat.make_task(kinds[i % len(kinds)], rng, split, corpus) for i in range(n)]
+def draw_order(rng, kinds, n: int) -> list[str]:
+    """n kinds taking turns, in an order shuffled by rng."""
+    order = rng.sample(kinds, len(kinds))
+    return [order[i % len(order)] for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- 3. RL
@@ -204,6 +212,12 @@ def advantages(rewards, group_size: int):
     """r - rbar(x): each reward minus the mean of its group (K = group_size consecutive replies)."""
     r = rewards.view(-1, group_size)
     return (r - r.mean(1, keepdim=True)).flatten()
+
+
+def informative(rewards, group_size: int) -> list[int]:
+    """The replies of the groups whose rewards differ: the only ones with a nonzero advantage."""
+    differ = (rewards.view(-1, group_size).amax(1) > rewards.view(-1, group_size).amin(1)).tolist()
+    return [i for i in range(rewards.numel()) if differ[i // group_size]]
 
 
 def k15_terms(logp, logp_old, advantage, tau: float):
@@ -239,16 +253,50 @@ def temperature_at(step: int, steps: int, t_start: float, t_end: float) -> float
 # ----------------------------------------------------------------------------- 4. evaluation
 
 
+def eval_tasks(kinds, n: int, corpus: dict, seed: int = 1234) -> list[Task]:
+    """Up to n DISTINCT held-out tasks of each kind, the same for every checkpoint. A kind with
+    fewer held-out prompts gives fewer (add: ~50 of its 400 (fact, wording) pairs): a prompt
+    counted twice would only make the score look more certain than it is."""
+    tasks = []
+    for k in kinds:
+        rng, seen = random.Random(f"{seed}-{k}"), {}  # a kind's tasks do not depend on the others'
+        for _ in range(20 * n):
+            t = chat.make_task(k, rng, "eval", corpus)
+            seen.setdefault(t.prompt, t)
+            if len(seen) == n:
+                break
+        tasks += seen.values()
+    return tasks
+
+
 def evaluate(model, c: Chat, kinds, n: int, corpus: dict, seed: int = 1234, runner=None) -> dict:
-    """pass@1 per kind on n held-out tasks of each (the same tasks for every checkpoint), greedy."""
-    rngs = {k: random.Random(f"{seed}-{k}") for k in kinds}  # a kind's tasks do not depend on the others'
-    tasks = [chat.make_task(k, rngs[k], "eval", corpus) for k in kinds for _ in range(n)]
+    """pass@1 per kind on eval_tasks (greedy), their mean over kinds, and how many tasks each had."""
+    tasks = eval_tasks(kinds, n, corpus, seed)
     runner = runner or CachedRunner()
     eps = rollout(model, c, tasks, 0.0, None, runner)
-    res = {k: sum(chat.score(e.task, e.reply, runner) for e in eps if e.task.kind == k) / n for k in kinds}
+    right = {k: [int(chat.score(e.task, e.reply, runner)) for e in eps if e.task.kind == k] for k in kinds}
+    res = {k: sum(right[k]) / len(right[k]) for k in kinds}
     res["all"] = sum(res[k] for k in kinds) / len(kinds)
     res["tool_calls"] = sum(e.calls for e in eps) / len(eps)
+    res["n"] = {k: len(v) for k, v in right.items()}
+    res["correct"] = right  # task by task, for paired comparisons (flips)
+    res["tasks"] = hashlib.sha1("\n".join(t.prompt for t in tasks).encode()).hexdigest()[:12]
     return res
+
+
+def flips(before: dict, after: dict) -> dict | None:
+    """Paired comparison of two evaluations on the same tasks: per kind, how many tasks went from
+    wrong to right and from right to wrong. With ~200 tasks a kind's pass@1 moves by +-0.05 with
+    the draw of tasks alone; on the same tasks only the flips are a change of the model."""
+    if before.get("tasks") is None or before.get("tasks") != after.get("tasks"):
+        return None
+    return {k: {"gained": sum(a > b for a, b in zip(after["correct"][k], v)),
+                "lost": sum(a < b for a, b in zip(after["correct"][k], v))}
+            for k, v in before["correct"].items()}
+
+
+def flips_line(name: str, f: dict) -> str:
+    return f"{name}: tasks gained/lost " + " ".join(f"{k} +{v['gained']}/-{v['lost']}" for k, v in f.items())
 
 
 @torch.no_grad()
@@ -264,7 +312,9 @@ def val_loss(model, tokens, seq_len: int = 256, batches: int = 4) -> float:
 
 
 def eval_line(name: str, res: dict) -> str:
-    return f"{name}: pass@1 " + " ".join(f"{k} {v:.2f}" for k, v in res.items())
+    n = res.get("n", {})
+    return f"{name}: pass@1 " + " ".join(f"{k} {v:.3f}" + (f" (of {n[k]})" if k in n else "")
+                                         for k, v in res.items() if k not in ("n", "correct", "tasks"))
 
 
 # ----------------------------------------------------------------------------- 5. toy self-critique
@@ -313,21 +363,38 @@ class RunState:
     """What a checkpoint records besides weights and optimizer (checkpoint.save_checkpoint calls it
     the sampler): the stage, so an SFT folder is not resumed as RL. Batches come from (seed, step)."""
 
-    def __init__(self, stage: str, seed: int):
+    def __init__(self, stage: str, seed: int, kinds=()):
         self.stage, self.seed = stage, seed
+        self.success = {k: 0.5 for k in kinds}  # RL: each kind's recent pass rate (prioritized sampling)
 
     def state_dict(self) -> dict:
-        return {"stage": self.stage, "seed": self.seed}
+        return {"stage": self.stage, "seed": self.seed, "success": self.success}
 
     def load_state_dict(self, d: dict) -> None:
         if d.get("stage") != self.stage:
             raise ValueError(f"--resume: the checkpoint is a {d.get('stage')!r} run, not {self.stage!r}; "
                              f"resume it with `python posttrain.py {d.get('stage')} --resume`, or use a new --out-dir")
+        self.success.update({k: float(v) for k, v in d.get("success", {}).items() if k in self.success})
+
+    def pick_kinds(self, rng, n: int, prioritize: bool) -> list[str]:
+        """The kinds of a step's n prompts. Prioritized sampling (Kimi k1.5, used by K2): a kind is
+        drawn with weight 1 - its recent pass rate (at least 0.05), so practice goes where the
+        model still fails; a kind it always passes gives groups that all score 1, which teach
+        nothing. Otherwise the kinds take turns, in an order shuffled per step."""
+        kinds = list(self.success)
+        if not prioritize:
+            return draw_order(rng, kinds, n)
+        return rng.choices(kinds, weights=[max(0.05, 1 - self.success[k]) for k in kinds], k=n)
+
+    def observe(self, kinds: list[str], scores: list[float], decay: float = 0.8) -> None:
+        for k in set(kinds):
+            mine = [s == 1 for kk, s in zip(kinds, scores) if kk == k]
+            self.success[k] = decay * self.success[k] + (1 - decay) * sum(mine) / len(mine)
 
 
 def sft_step(model, c: Chat, args, step: int, corpus: dict, ptx) -> dict:
     rng = random.Random(args.seed * 1_000_003 + step)
-    tasks = draw_tasks(rng.sample(args.tasks, len(args.tasks)), args.batch_size, rng, "train", corpus)
+    tasks = [chat.make_task(k, rng, "train", corpus) for k in draw_order(rng, args.tasks, args.batch_size)]
     convos = [judge_demonstration(t, rng) if rng.random() < args.judge_frac else chat.demonstration(t, rng)
               for t in tasks]
     batches = sft_batches(c, convos, model.args.max_seq_len, args.micro_batches)
@@ -350,23 +417,34 @@ def ptx_step(model, args, ptx, i: int) -> float:
     return loss.item()
 
 
-def rl_step(model, c: Chat, args, step: int, corpus: dict, ptx, runner, optimize) -> dict:
+def rl_step(model, c: Chat, args, step: int, corpus: dict, ptx, runner, optimize, state: RunState) -> dict:
     """One RL step: sample K replies to each of G prompts, score them, then --inner-steps updates of
     the k1.5 loss (+ PTX) against the log-probabilities at sampling time."""
     T = temperature_at(step, args.steps, args.temp_start, args.temp_end)
     rng = random.Random(args.seed * 1_000_003 + step)
     gen = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + step)
-    tasks = draw_tasks(rng.sample(args.tasks, len(args.tasks)), args.batch_size, rng, "train", corpus)
+    kinds = state.pick_kinds(rng, args.batch_size, args.prioritize)
+    tasks = [chat.make_task(k, rng, "train", corpus) for k in kinds]
     eps = rollout(model, c, [t for t in tasks for _ in range(args.group_size)], T, gen, runner, args.max_calls)
     scores = [reward(e, runner, args.budget_penalty) for e in eps]
+    state.observe([e.task.kind for e in eps], scores)
     r = torch.tensor(scores, device=args.device)
     if args.critic_coef:  # toy: the model's own grade, centred, added to the checker's reward
         grades = critic_yes(model, c, eps)
         r = r + args.critic_coef * (torch.tensor(grades, device=args.device) - 0.5)
     adv = advantages(r, args.group_size)
+    # A group whose replies all scored the same (all right, all wrong) has advantage 0: at pi = pi_old
+    # its gradient is 0, so it carries no signal, only the pull towards pi_old. It is left out, and
+    # the step size follows the share of groups that carry one: an optimizer whose update has the
+    # same size whatever the gradient's (Muon, Adam) would otherwise move the model as far on a batch
+    # with one informative group as on one with eight, mostly along noise.
+    live = informative(r, args.group_size)
     stats = {"reward": sum(scores) / len(scores), "pass": sum(s == 1 for s in scores) / len(scores),
-             "cut": sum(e.truncated for e in eps) / len(eps), "len": sum(e.used for e in eps) / len(eps), "T": T}
-    chunks = _chunks(sorted(range(len(eps)), key=lambda i: len(eps[i].ids)), args.micro_batches)  # little padding
+             "cut": sum(e.truncated for e in eps) / len(eps), "len": sum(e.used for e in eps) / len(eps), "T": T,
+             "live": len(live) / len(eps)}
+    if not live:  # every group flat: nothing to learn from this batch
+        return {**stats, "loss": 0.0, "ptx": 0.0, "calls": sum(e.calls for e in eps) / len(eps), "moved": 0.0}
+    chunks = _chunks(sorted(live, key=lambda i: len(eps[i].ids)), args.micro_batches)  # little padding
     with torch.no_grad():
         model.eval()
         logp_old = torch.cat([reply_logprob(model, [eps[i] for i in ch], T, c.enc.eot_token) for ch in chunks])
@@ -377,12 +455,12 @@ def rl_step(model, c: Chat, args, step: int, corpus: dict, ptx, runner, optimize
         for j, ch in enumerate(chunks):  # the loss is a sum over replies: backpropagated piece by piece
             lp = reply_logprob(model, [eps[i] for i in ch], T, c.enc.eot_token)
             start = sum(map(len, chunks[:j]))
-            part = k15_terms(lp, logp_old[start:start + len(ch)], adv[ch], args.tau).sum() / len(eps)
+            part = k15_terms(lp, logp_old[start:start + len(ch)], adv[ch], args.tau).sum() / len(live)
             part.backward()
             loss += part.item()
             moved.append(lp.detach() - logp_old[start:start + len(ch)])
         ptx_loss = ptx_step(model, args, ptx, step * args.inner_steps + inner)
-        optimize()
+        optimize(stats["live"] if args.live_lr else 1.0)
     # did the first update move each reply's log-probability with its advantage? (the correlation of
     # log(pi_theta / pi_old) at the last inner step with r - rbar; 0 when every group is flat)
     a, dlogp = adv[order], torch.cat(moved)
@@ -429,10 +507,10 @@ def run(args):
         log(eval_line(args.out_dir, res))
         return res
     model.set_record_max_logits(True)  # QK-Clip, as in pretraining
-    optimizer = muonclip.build_optimizer(model, "muonclip", args.lr, args.weight_decay, 100.0)
-    run_keys = SimpleNamespace(batch_size=args.batch_size, seq_len=model.args.max_seq_len, optimizer="muonclip",
+    optimizer = muonclip.build_optimizer(model, args.optimizer, args.lr, args.weight_decay, 100.0)
+    run_keys = SimpleNamespace(batch_size=args.batch_size, seq_len=model.args.max_seq_len, optimizer=args.optimizer,
                                seed=args.seed, grad_accum=1, copy_rows=0, copy_steps=0, grad_clip=1.0)
-    state, d, step = RunState(args.stage, args.seed), Dist(), 0
+    state, d, step = RunState(args.stage, args.seed, kinds), Dist(), 0
     runner = CachedRunner()  # (one per process: the count in posttrain.json covers this process's runs)
     report_path = os.path.join(args.out_dir, "posttrain.json")
     report = {"stage": args.stage, "args": {k: v for k, v in vars(args).items() if k != "device"}}
@@ -453,8 +531,8 @@ def run(args):
     n_updates = args.steps * (args.inner_steps if args.stage == "rl" else 1)
     updates = [step * (args.inner_steps if args.stage == "rl" else 1)]
 
-    def optimize():  # one optimizer step on the accumulated gradient, with the WSD schedule
-        mult = lr_multiplier(updates[0], n_updates, max(1, n_updates // 20), 0.3, 0.1)
+    def optimize(scale: float = 1.0):  # one optimizer step on the accumulated gradient, WSD schedule
+        mult = scale * lr_multiplier(updates[0], n_updates, max(1, n_updates // 20), 0.3, 0.1)
         for g, base in zip(optimizer.param_groups, base_lrs):
             g["lr"] = base * mult
         optimizer_step(model, optimizer, run_keys, d)
@@ -469,7 +547,7 @@ def run(args):
             rec = sft_step(model, c, args, step, corpus, ptx)
             optimize()
         else:
-            rec = rl_step(model, c, args, step, corpus, ptx, runner, optimize)
+            rec = rl_step(model, c, args, step, corpus, ptx, runner, optimize, state)
         if not math.isfinite(rec["loss"]):
             raise ValueError(f"step {step + 1}: the loss is {rec['loss']}; try a lower --lr")
         step += 1
@@ -478,21 +556,37 @@ def run(args):
             log(f"{args.stage} step {step:4d}/{args.steps} | " + " | ".join(
                 f"{k} {v:.4f}" if k in ("loss", "ptx") else f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                 for k, v in rec.items()) + f" | {time.time() - ts:.2f} s | ETA {eta:.0f} s", flush=True)
-        interrupted = stop or step == args.stop_at
-        if step % args.save_every == 0 or step == args.steps or interrupted:
-            save_checkpoint(args.out_dir, model, optimizer, step, state, run_keys, c.enc, d)
-        if interrupted:
-            log(f"stopped at step {step}; checkpoint saved in {args.out_dir} (continue with --resume)")
+        if save_when_due(args.out_dir, step, args.steps, args.save_every, stop or step == args.stop_at,
+                         lambda: save_checkpoint(args.out_dir, model, optimizer, step, state, run_keys, c.enc, d),
+                         log):
             return report
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.eval_n:
         report["after"] = {**evaluate(model, c, kinds, args.eval_n, corpus, runner=runner),
                            "val_loss": round(val_loss(model, ds.val), 4)}
         log(eval_line(f"after {args.stage.upper()}", report["after"]))
+        start = _start_eval(args, report)
+        if start is not None and (f := flips(start[1], report["after"])) is not None:
+            report["flips"] = {"vs": start[0], **f}
+            log(flips_line(f"after {args.stage.upper()} vs {start[0]}", f))
     report.update(steps=step, minutes=round((time.time() - t0) / 60, 2), executor_runs=runner.runs)
     data.atomic_write(report_path, json.dumps(report, indent=1).encode())
     log(f"done in {report['minutes']:.1f} min: weights in {args.out_dir}/ ({report_path})")
     return report
+
+
+def _start_eval(args, report):
+    """(name, evaluation) of the checkpoint this run started from: SFT's own "before", or the
+    final evaluation in --init-from's posttrain.json (RL from SFT)."""
+    if "before" in report:
+        return "before", report["before"]
+    path = os.path.join(args.init_from or "", "posttrain.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            prev = json.load(f)
+        if "after" in prev:
+            return args.init_from, prev["after"]
+    return None
 
 
 STAGE_DEFAULTS = {  # (each fits 10 minutes on 2 CPU cores with the tiny preset, evaluations included)
@@ -517,7 +611,8 @@ def parse_args(argv=None):
         s.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
         s.add_argument("--steps", type=int, help="optimizer steps (RL: sampling steps)")
         s.add_argument("--batch-size", type=int, help="conversations per step (RL: prompts per step)")
-        s.add_argument("--lr", type=float, help="peak learning rate (MuonClip)")
+        s.add_argument("--lr", type=float, help="peak learning rate")
+        s.add_argument("--optimizer", choices=("muonclip", "adamw"), default="muonclip")
         s.add_argument("--weight-decay", type=float, default=0.0)
         s.add_argument("--tasks", default=",".join(chat.KINDS), help="task kinds, comma-separated")
         s.add_argument("--eval-n", type=int, default=200, help="held-out tasks per kind in each evaluation (0 = none)")
@@ -540,6 +635,10 @@ def parse_args(argv=None):
         g.add_argument("--group-size", type=int, default=8, help="K: replies sampled per prompt")
         g.add_argument("--tau", type=float, default=1.0, help="the k1.5 loss's regulariser towards pi_old")
         g.add_argument("--inner-steps", type=int, default=2, help="optimizer steps per sampled batch")
+        g.add_argument("--prioritize", type=int, default=1, choices=(0, 1),
+                       help="1: draw task kinds with weight 1 - their recent pass rate (k1.5's prioritized sampling)")
+        g.add_argument("--live-lr", type=int, default=1, choices=(0, 1),
+                       help="1: scale each step's lr by the share of groups whose rewards differ")
         s.add_argument("--ptx-coef", type=float, help="weight of the pretraining (PTX) loss mixed into each step")
         s.add_argument("--ptx-batch", type=int, default=4, help="stdlib windows per PTX batch")
         g.add_argument("--temp-start", type=float, default=1.0, help="sampling temperature at the first step")

@@ -163,6 +163,23 @@ def test_held_out_tasks_are_never_trained_on():
     assert chat.make_task("defname", rng, "eval", corpus).answer == "b"
 
 
+def test_eval_tasks_are_distinct_held_out_and_fixed():
+    tasks = posttrain.eval_tasks(["add", "copy"], 200, {})
+    add = [t.prompt for t in tasks if t.kind == "add"]
+    # 100 facts x 4 wordings, 1 in 8 held out: far fewer than 200 distinct add prompts exist
+    n_held = sum(chat.held_out(w.format(a=a, b=b)) for a in range(10) for b in range(10) for w in chat.ADD_WORDINGS)
+    assert len(add) == len(set(add)) == n_held and 30 < n_held < 80
+    assert sum(t.kind == "copy" for t in tasks) == 200 and all(chat.held_out(t.prompt) for t in tasks)
+    assert [t.prompt for t in posttrain.eval_tasks(["add", "copy"], 200, {})] == [t.prompt for t in tasks]
+
+
+def test_flips_count_paired_changes():
+    before = {"tasks": "abc", "correct": {"add": [1, 0, 1, 0], "copy": [0, 0]}}
+    after = {"tasks": "abc", "correct": {"add": [0, 1, 1, 1], "copy": [0, 0]}}
+    assert posttrain.flips(before, after) == {"add": {"gained": 2, "lost": 1}, "copy": {"gained": 0, "lost": 0}}
+    assert posttrain.flips(before, {**after, "tasks": "other"}) is None   # not the same tasks: no pairing
+
+
 def test_toy_critic_labels_agree_with_the_checker():
     """The toy critic's SFT data grades replies; its grades must be the verifier's."""
     rng = random.Random(1)
@@ -194,6 +211,31 @@ def test_k15_loss_hand_computed():
     at_old = logp_old.clone().requires_grad_(True)
     posttrain.k15_loss(at_old, logp_old, r, 2, 0.5).backward()
     assert at_old.grad.tolist() == pytest.approx([-0.125, 0.125, 0.0, 0.0])
+
+
+def test_only_groups_whose_rewards_differ_are_learned_from():
+    # K = 2: rewards (1, 0) differ, (1, 1) and (0, 0) are flat, (0.5, 0.25) differ
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.5, 0.25])
+    assert posttrain.informative(r, 2) == [0, 1, 6, 7]
+    assert posttrain.informative(torch.zeros(6), 3) == []
+
+
+def test_prioritized_sampling_follows_the_pass_rates():
+    state = posttrain.RunState("rl", 0, ["add", "copy", "reverse"])
+    # EMA with decay 0.8 from 0.5: add passes 2 of 4 -> 0.5; copy 0 of 2 -> 0.4; reverse 2 of 2 -> 0.6
+    state.observe(["add"] * 4 + ["copy"] * 2 + ["reverse"] * 2, [1, 0, 1, 0, 0, 0, 1, 1])
+    assert state.success == pytest.approx({"add": 0.5, "copy": 0.4, "reverse": 0.6})
+    state.success["reverse"] = 1.0  # always passed: weight floored at 0.05, not 0
+    kinds = state.pick_kinds(random.Random(0), 20_000, prioritize=True)
+    share = {k: kinds.count(k) / len(kinds) for k in state.success}
+    total = 0.5 + 0.6 + 0.05
+    assert share == pytest.approx({"add": 0.5 / total, "copy": 0.6 / total, "reverse": 0.05 / total}, abs=0.01)
+    # off: the kinds take turns
+    assert sorted(state.pick_kinds(random.Random(0), 6, prioritize=False)) == ["add"] * 2 + ["copy"] * 2 + ["reverse"] * 2
+    # the rates travel with the checkpoint (--resume)
+    again = posttrain.RunState("rl", 0, ["add", "copy", "reverse"])
+    again.load_state_dict(state.state_dict())
+    assert again.success == state.success
 
 
 def test_reply_logprob_counts_only_the_model_tokens(enc):
@@ -331,10 +373,27 @@ def test_sft_then_rl_smoke_with_resume(sft_run, trained_checkpoint, corpus_dir, 
     # RL from the SFT checkpoint: two steps of group sampling, the k1.5 loss and PTX
     capsys.readouterr()
     report = posttrain.main(flags("rl", sft, rl, corpus_dir, cache_dir, "--steps", "2", "--batch-size", "2",
-                                  "--group-size", "4", "--ptx-batch", "2", "--eval-n", "2", "--critic-coef", "0.1"))
+                                  "--group-size", "4", "--ptx-batch", "2", "--critic-coef", "0.1"))
     out = capsys.readouterr().out
     assert "rl step    2/2 | reward" in out and "| T 0.60 |" in out and "after RL" in out
+    assert f"after RL vs {sft}: tasks gained/lost add +" in out and set(report["flips"]) == {"vs", "add", "copy"}
     assert report["steps"] == 2 and os.path.exists(rl / "train_state.json")
+
+
+def test_an_rl_batch_without_signal_changes_nothing(sft_run, monkeypatch):
+    # every reply scores the same: no group carries a signal, so no optimizer step (and no PTX)
+    from checkpoint import load_pretrained
+    sft, _ = sft_run
+    model, c = load_pretrained(str(sft)), chat.Chat(data.load_encoding(str(sft)))
+    args = posttrain.parse_args(["rl", "--tasks", "add,copy", "--batch-size", "2", "--group-size", "3"])
+    args.tasks, args.device = ["add", "copy"], "cpu"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(posttrain, "reward", lambda e, runner, penalty: 1.0)
+    steps = []
+    rec = posttrain.rl_step(model, c, args, 0, {}, None, posttrain.CachedRunner(), lambda *a: steps.append(a),
+                            posttrain.RunState("rl", 0, args.tasks))
+    assert steps == [] and rec["live"] == 0 and rec["loss"] == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_generate_chat_mode(sft_run, trained_checkpoint, capsys):
