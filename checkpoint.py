@@ -172,6 +172,16 @@ def save_checkpoint(out_dir, model, optimizer, step, sampler, args, enc, d: Dist
     d.barrier()
 
 
+def save_when_due(out_dir, step: int, last_step: int, every: int, interrupted, save, log) -> bool:
+    """The training loops' save rule: every `every` steps, at the last step, and when interrupted
+    (Ctrl-C, --stop-at), after which the loop stops. `save()` writes the checkpoint. True: stop now."""
+    if step % every == 0 or step == last_step or interrupted:
+        save()
+    if interrupted:
+        log(f"stopped at step {step}; checkpoint saved in {out_dir} (continue with --resume)")
+    return bool(interrupted)
+
+
 def commit_staged(out_dir):
     """Move a complete staged checkpoint (its train_state.json is written) over the current one.
     The old marker is removed first and the new one moved last: a crash in between leaves a mix

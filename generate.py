@@ -22,6 +22,7 @@ import time
 
 import torch
 
+import chat
 import data
 import hf
 import keepkv
@@ -51,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--kv-alpha", type=float, default=keepkv.KVConfig.alpha, help="EMA of the predicted score")
     p.add_argument("--kv-window", type=int, default=keepkv.KVConfig.window, help="recent tokens always kept")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--chat", action="store_true",
+                   help="a posttrain.py checkpoint: the prompt is a user turn, the reply ends at <|im_end|>")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if not 0 < args.kv_budget <= 1:
@@ -121,7 +124,15 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:  # no checkpoint, or a corrupt / mismatched one
         sys.exit(f"error: {e}")
     ctx = model.args.max_seq_len
-    ids = enc.encode_ordinary(prompt) or [enc.eot_token]   # empty prompt: start a document
+    stop = {enc.eot_token}
+    if args.chat:  # the prompt as a user turn in Kimi's chat format (chat.py), then the assistant's header
+        try:
+            c = chat.Chat(enc)
+        except ValueError as e:  # a base checkpoint: its tokenizer has no chat tokens
+            sys.exit(f"error: --chat: {e}")
+        ids, stop = c.prompt([{"role": "user", "content": prompt}]), {enc.eot_token, c.end}
+    else:
+        ids = enc.encode_ordinary(prompt) or [enc.eot_token]   # empty prompt: start a document
     P = len(ids)
     if max(ids) >= model.args.vocab_size:
         sys.exit(f"error: the tokenizer in {args.out} comes from another model than its weights: the "
@@ -148,7 +159,7 @@ def main(argv=None):
     for i in range(n_new):
         tok = sample(logits, args.temperature, args.top_k, gen)
         n += 1
-        if int(tok) == enc.eot_token:
+        if int(tok) in stop:
             break
         print(utf8.decode(enc.decode_single_token_bytes(int(tok))), end="", flush=True)
         if i == n_new - 1:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import data
 import muonclip
-from checkpoint import init_weights_from, load_checkpoint, save_checkpoint
+from checkpoint import init_weights_from, load_checkpoint, save_checkpoint, save_when_due
 from model import ModelArgs, PRESETS, count_params, get_args
 from parallel import Dist, global_router_loads, make_model, rank_rows, setup_distributed
 
@@ -368,11 +368,9 @@ def train(args, d: Dist, device):
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
             last_good_step = step
-            interrupted = stop or step == args.stop_at
-            if step % args.save_every == 0 or step == args.max_steps or interrupted:
-                save_checkpoint(args.out_dir, model, optimizer, step, sampler, args, ds.enc, d)
-            if interrupted:
-                log(f"stopped at step {step}; checkpoint saved in {args.out_dir} (continue with --resume)")
+            if save_when_due(args.out_dir, step, args.max_steps, args.save_every, stop or step == args.stop_at,
+                             lambda: save_checkpoint(args.out_dir, model, optimizer, step, sampler, args, ds.enc, d),
+                             log):
                 return None
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
