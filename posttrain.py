@@ -37,7 +37,7 @@ This file holds the learning (REFERENCE.md 4b: the K2 report, section 3; the obj
    Groups whose K rewards are all equal have advantage 0 and are left out; each step's lr is scaled
    by the share of replies in groups that carry a signal (--live-lr). Muon's update has the same
    size whatever the gradient's: without the scaling a batch with one informative group moves the
-   model as far as one with eight, mostly along noise (measured: pass@1 fell from 0.375 to 0.302).
+   model as far as one with eight, mostly along noise (before: pass@1 0.375 -> 0.302, README).
 4. Evaluation: pass@1 = the share of held-out tasks (chat.py: never trained on; fixed seed) whose
    greedy reply is correct, per kind, with tool calls run by the executor, as in RL.
 5. Toy self-critique (--critic-coef, off by default): K2 scores open-ended replies with the model
