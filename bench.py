@@ -2,13 +2,16 @@
 
     python bench.py train     tokens/s of a tiny-preset training step, eager vs compiled, and MFU
     python bench.py optim     AdamW vs MuonClip at equal tokens; the QK-Clip demonstration
+    python bench.py optim-match   tokens (and step seconds) MuonClip needs to reach AdamW's loss
+    python bench.py optim-clip    QK-Clip's cost: val loss with and without the clip, paired by seed
     python bench.py kv        KeepKV and baselines on the latent cache at equal bytes; decode speed, memory
     python bench.py testbed   builds (once) the long-context model `bench.py kv` uses; loss by position
     python bench.py kernels   Triton kernels vs their torch references (GPU; interpreter on CPU)
     python bench.py dist      tokens/s with 1 and 2 processes (FSDP2), optimizer and communication share
 
 Each lives in benchmarks/<name>.py, which adds its own subcommand and flags (add_parser) and says
-what it measures; `bench.py dist-worker` is one rank of `bench.py dist`, launched by it.
+what it measures; `bench.py dist-worker` is one rank of `bench.py dist`, launched by it, and
+optim-match and optim-clip live together in benchmarks/optim_claims.py.
 Machines are noisy: every ratio here is measured side by side within one run.
 """
 import argparse
@@ -18,12 +21,13 @@ import benchmarks.dist
 import benchmarks.kernels
 import benchmarks.kv
 import benchmarks.optim
+import benchmarks.optim_claims
 import benchmarks.testbed
 import benchmarks.train
 
 # in the order `--help` lists them; benchmarks.dist adds both dist and dist-worker
-MODULES = (benchmarks.train, benchmarks.optim, benchmarks.kv, benchmarks.testbed, benchmarks.kernels,
-           benchmarks.dist)
+MODULES = (benchmarks.train, benchmarks.optim, benchmarks.optim_claims, benchmarks.kv, benchmarks.testbed,
+           benchmarks.kernels, benchmarks.dist)
 
 
 def main(argv=None):

@@ -127,21 +127,38 @@ def bench_optim_share(a):
 
 
 def _plot_demo(demo, tau):
+    plot_panels("out/bench/optim_max_logit.png", [{
+        "lines": [{"y": d["max_logit"], "label": name.replace("_", " ")} for name, d in demo.items()],
+        "hlines": [(tau, f"tau = {tau}")]}], "step", "max attention logit")
+
+
+def plot_panels(path: str, panels: list[dict], xlabel: str, ylabel: str):
+    """One PNG of side-by-side panels, each {"title", "lines", "hlines", "logx"}: a line is
+    {"y", "x" (default: steps 1..n), "label"} plus any matplotlib style keys (color, ls, marker);
+    an hline is (y, label), drawn dashed. matplotlib is optional: without it, one line says so."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("(matplotlib not installed: no plot)")
+        print(f"(matplotlib not installed: no plot written to {path})")
         return
-    plt.figure(figsize=(6, 3.5))
-    for name, d in demo.items():
-        plt.plot(range(1, len(d["max_logit"]) + 1), d["max_logit"], label=name.replace("_", " "))
-    plt.axhline(tau, ls="--", c="gray", label=f"tau = {tau}")
-    plt.xlabel("step"), plt.ylabel("max attention logit"), plt.legend(), plt.tight_layout()
-    os.makedirs("out/bench", exist_ok=True)
-    plt.savefig("out/bench/optim_max_logit.png", dpi=120)
-    print("wrote out/bench/optim_max_logit.png")
+    fig, axes = plt.subplots(1, len(panels), figsize=(1 + 5 * len(panels), 3.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for line in panel["lines"]:
+            style = {k: v for k, v in line.items() if k not in ("x", "y")}
+            ax.plot(line.get("x", range(1, len(line["y"]) + 1)), line["y"], **style)
+        for y, label in panel.get("hlines", []):
+            ax.axhline(y, ls="--", c="gray", label=label)
+        if panel.get("logx"):
+            ax.set_xscale("log")
+        ax.set(xlabel=xlabel, ylabel=panel.get("ylabel", ylabel), title=panel.get("title", ""))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def add_parser(sub):

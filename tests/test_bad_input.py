@@ -182,6 +182,17 @@ CASES = [
     ("bench.py", "optim --steps 0", "--steps must be at least 1, got 0", None, EARLY),
     ("bench.py", "optim --muon-lrs 1e-3 -1", "--muon-lrs must be a positive number, got -1.0", None, EARLY),
     ("bench.py", "optim --preset nope", "unknown preset 'nope'", None, EARLY),
+    # bench.py optim-match and optim-clip
+    ("bench.py", "optim-match --adamw-steps 100 0", "--adamw-steps must be at least 1, got 0", None, EARLY),
+    ("bench.py", "optim-match --muon-lrs 1e-3 -1", "--muon-lrs must be a positive number, got -1.0", None, EARLY),
+    ("bench.py", "optim-match --seq-len 100000", "exceeds the tiny preset's max_seq_len 256", None, EARLY),
+    ("bench.py", "optim-match --train-flags='--lr 1e-3'", "--train-flags may not set --lr", None, EARLY),
+    ("bench.py", "optim-match --train-flags='--dim 0'", "--dim must be at least 1, got 0", None, EARLY),
+    ("bench.py", "optim-match --train-flags='--dim \"64'", "--train-flags '--dim \"64' is not a shell-quoted",
+     None, EARLY),
+    ("bench.py", "optim-clip --tau 0", "--tau must be a positive number, got 0.0", None, EARLY),
+    ("bench.py", "optim-clip --seeds 0 -1", "--seeds must be at least 0, got -1", None, EARLY),
+    ("bench.py", "optim-clip --train-flags=--bogus", "unrecognized arguments: --bogus", None, EARLY),
     # bench.py kv
     ("bench.py", "kv --kv-budgets 0", "--kv-budgets: kv budget must be in (0, 1]", None, EARLY),
     ("bench.py", "kv --kv-budgets 2", "--kv-budgets: kv budget must be in (0, 1]", None, EARLY),
