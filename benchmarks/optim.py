@@ -11,11 +11,16 @@ from benchmarks.common import check_flags, check_preset, print_table, write_json
 
 
 def _train_run(flags: list[str], out_dir: str) -> list[dict]:
-    """One real `train.py` run (same loop users run); returns its metrics.jsonl records."""
+    """One real `train.py` run (same loop users run); returns its metrics.jsonl records. The run's
+    folder (a checkpoint of ~60 MB for the tiny preset) is removed once read."""
+    import shutil
+
     import train
     train.main(flags + ["--out-dir", out_dir])
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        recs = [json.loads(line) for line in f]
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return recs
 
 
 def bench_optim(a):
@@ -30,7 +35,7 @@ def bench_optim(a):
     common = ["--preset", a.preset, "--max-steps", str(a.steps), "--batch-size", str(a.batch_size),
               "--seq-len", str(a.seq_len), "--seed", str(a.seed), "--eval-every", str(a.steps),
               "--log-every", str(max(1, a.steps // 4)), "--save-every", str(10**9), "--no-compile"]
-    tmp = tempfile.mkdtemp(prefix="bench-optim-")
+    tmp = tempfile.mkdtemp(prefix="bench-optim-")  # each run's folder is removed once read
     runs = []
     for opt, lrs in (("adamw", a.adamw_lrs), ("muonclip", a.muon_lrs)):
         for lr in lrs:
@@ -69,6 +74,7 @@ def bench_optim(a):
           f"The clip uses the logits of the forward before the update it follows, so a head can "
           f"re-enter a step above tau by that step's own growth: worst {max(over, default=1):.3f} x tau.")
     _plot_demo(demo, a.demo_tau)
+    os.rmdir(tmp)  # (emptied run by run)
     write_json("optim", {"sweep": runs, "gap_val_loss": gap, "demo": demo, "args": vars(a) | {"fn": None}})
 
 
