@@ -1,7 +1,9 @@
-"""chat.py -- what post-training talks in and is graded on: the chat format, the tasks, the executor.
+"""chat.py -- what post-training talks in and is graded on: the chat format, the tasks, the agent
+loop that plays them, and the evaluation.
 
 posttrain.py teaches a pretrained checkpoint to follow this file's format (SFT) and then to get its
-answers right (RL). Everything the model sees and everything that scores it is here, in three parts:
+answers right (RL). Everything the model sees and everything that scores it is here, in four parts
+(the programs it writes run in executor.py):
 
 1. The chat format (Kimi K2's role tokens). A conversation is a list of turns, each rendered as
        <|im_user|>user<|im_middle|>What is 3+4?<|im_end|><|im_assistant|>assistant<|im_middle|>7<|im_end|>
@@ -23,7 +25,7 @@ answers right (RL). Everything the model sees and everything that scores it is h
        reverse   "Reverse: l u c k"                    -> "k c u l"     exact match
        defname   a `def` line from the stdlib corpus   -> its name      exact match
        fn        "Write f so that: assert f(2) == 6 .." -> "def f(x): .." run against the asserts
-                 shown plus one hidden assert, in the executor (part 3); pass = every assert holds
+                 shown plus one hidden assert, in the executor (executor.py); pass = every assert holds
    Held out: a task whose text hashes into 1 of 8 buckets is never trained on; evaluation draws
    only from that bucket (defname: from the corpus's val files, which pretraining held out too).
    For `add`, held out means 1 in 8 of the 400 (fact, wording) pairs: a fact met in another wording.
@@ -31,43 +33,26 @@ answers right (RL). Everything the model sees and everything that scores it is h
    fail, then answer"), with the executor's reply simulated from the task's own arithmetic; a test
    checks that the simulation prints what the real executor prints.
 
-3. The executor: the model's programs never run in this process. `run_python` runs one in a fresh
-   `python -I -S` child, in its own session, in a scratch directory that is deleted afterwards.
-   What confines it, honestly:
-     kernel-enforced   a wall-clock timeout (the whole process group is killed); rlimits on address
-                       space, CPU seconds, file size, open files and core dumps, and RLIMIT_NPROC = 0
-                       (which the kernel ignores for root); a seccomp filter (x86-64 and arm64) that
-                       makes fork, clone, exec, socket and kill fail with EPERM, for root too; a fresh
-                       network namespace where the kernel allows one (root, or unprivileged user
-                       namespaces): no interface but a down loopback.
-     Python-level      a PEP 578 audit hook, installed before the program starts, that refuses every
-                       socket, fork/exec/spawn/subprocess, signals, ctypes, and writes, renames,
-                       deletions and links outside the scratch directory.
-   So processes, exec and the network are stopped by the kernel; writes outside the scratch
-   directory only by the audit hook, which is a guard against accidents and against a 5M-parameter
-   model, not a sandbox: its own documentation says native code bypasses it, and a program that set
-   out to escape could find a way (the harness's memory is readable by the program, so a cheating
-   program could even fake a pass). Reads are not restricted. A real sandbox adds filesystem
-   isolation (Landlock, a mount namespace, a container or a VM). tests/test_posttrain.py shows each
-   containment: an infinite loop, a fork bomb (with the audit hook, and with the kernel layers
-   alone), writes outside the scratch directory, a network connection, a memory hog.
+3. The agent loop (`rollout`). Replies are decoded from the absorbed latent KV cache, many at once:
+   rows of the same length share one batch (the cache has one position counter per batch, so a
+   batch cannot mix lengths). An episode is the assistant's turn; if it called the executor, the
+   tool's reply and a new assistant turn. Everything the model wrote is marked, the rest is not.
+
+4. Evaluation: pass@1 = the share of held-out tasks (distinct; fixed seed) whose greedy reply is
+   correct, per kind, with tool calls run by the executor, as in RL. Each evaluation keeps which
+   tasks it got right, so two checkpoints compare task by task (`flips`).
 """
 import hashlib
-import json
 import os
+import random
 import re
-import secrets
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import tiktoken
 import torch
 
 import data
+from executor import RunResult, run_python
 from model import Transformer, build_model
 
 # ----------------------------------------------------------------------------- 1. chat format
@@ -293,163 +278,150 @@ def score(task: Task, reply: str, runner=None) -> float:
     return float(result.ok)
 
 
-# ----------------------------------------------------------------------------- 3. the executor
-
-# Runs in the child as `python -I -S -c HARNESS`: read the job from stdin, confine the process,
-# run the program, then print a verdict line that starts with a secret the program never saw on
-# its stdin. The program's own output comes first; a crash or a kill leaves no verdict.
-HARNESS = r'''
-import json, os, resource, sys, traceback
+# ----------------------------------------------------------------------------- 3. the agent loop
 
 
-def confine(job, scratch):
-    layers = ["rlimits"]
-    for name, value in (("RLIMIT_AS", job["memory"]), ("RLIMIT_CPU", job["cpu"]), ("RLIMIT_FSIZE", 1 << 20),
-                        ("RLIMIT_NOFILE", 64), ("RLIMIT_NPROC", 0), ("RLIMIT_CORE", 0)):
-        resource.setrlimit(getattr(resource, name), (value, value))
-    import ctypes
-    if job["netns"]:  # a network namespace of our own: no interface but a down loopback
-        unshare = ctypes.CDLL(None, use_errno=True).unshare
-        NEWNET, NEWUSER = 0x40000000, 0x10000000  # root may unshare the network alone; others with a user ns
-        if unshare(NEWNET) == 0 or unshare(NEWUSER | NEWNET) == 0:
-            layers.append("netns")
-    if seccomp(ctypes):
-        layers.append("seccomp")
-    if job["audit"]:
-        realpath, fsdecode, sep = os.path.realpath, os.fsdecode, os.sep
-        inside = lambda p: isinstance(p, int) or (realpath(fsdecode(p)) + sep).startswith(scratch + sep)
-        WRITE = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-        PATH_EVENTS = {"os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.symlink", "os.link", "os.chmod",
-                       "os.chown", "os.truncate", "os.utime", "os.setxattr", "os.removexattr", "shutil.rmtree",
-                       "shutil.copyfile", "shutil.move"}
-        DENY = ("socket.", "ctypes.", "subprocess.", "os.fork", "os.forkpty", "os.exec", "os.spawn",
-                "os.posix_spawn", "os.system", "os.kill", "os.killpg", "signal.pthread_kill", "pty.")
-        NO_IMPORT = {"ctypes", "_ctypes", "_posixsubprocess", "_multiprocessing", "socket", "_socket"}
-
-        def hook(event, args):
-            if event.startswith(DENY) or (event == "import" and args[0] in NO_IMPORT):
-                raise PermissionError(f"sandbox: {event} is not allowed")
-            if event == "open" and args[0] is not None and args[2] & WRITE and not inside(args[0]):
-                raise PermissionError(f"sandbox: writing outside the scratch directory ({args[0]})")
-            if event in PATH_EVENTS and not all(inside(a) for a in args if isinstance(a, (str, bytes, os.PathLike))):
-                raise PermissionError(f"sandbox: {event} outside the scratch directory")
-        sys.addaudithook(hook)  # (an audit hook cannot be removed)
-        layers.append("audit")
-    return layers
+def sample_token(logits, temperature: float, gen) -> torch.Tensor:
+    """[B, V] -> [B] ids: argmax at temperature 0, else a draw from softmax(logits / T)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial((logits / temperature).softmax(-1), 1, generator=gen)[:, 0]
 
 
-# seccomp: a filter the kernel runs on every system call of this process from now on. These fail
-# with EPERM: new processes and threads (fork, vfork, clone, clone3), exec, sockets, and signals
-# (kill, tkill, tgkill). Syscall numbers of x86-64 and arm64; other machines go without it.
-SECCOMP_DENY = {0xC000003E: (57, 58, 56, 435, 59, 322, 41, 62, 200, 234),  # x86-64
-                0xC00000B7: (220, 435, 221, 281, 198, 129, 130, 131)}     # arm64 (no fork/vfork)
-
-
-def seccomp(ctypes):
-    import platform
-    arch = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}.get(platform.machine())
-    if arch is None:
-        return False
-    deny = SECCOMP_DENY[arch]
-    LD, JEQ, JGE, RET = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
-    ALLOW, EPERM = 0x7FFF0000, 0x00050000 | 1   # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
-    n = len(deny)
-    # [0] load arch [1] other arch: jump to EPERM [2] load nr [3] x32 numbers: EPERM, then one test per
-    # denied number (a match jumps to the EPERM return), then ALLOW, EPERM
-    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, EPERM), (LD, 0, 0, 0), (JGE, n + 1, 0, 0x40000000)]
-    prog += [(JEQ, n - i, 0, nr) for i, nr in enumerate(deny)]
-    prog += [(RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
-
-    class Insn(ctypes.Structure):
-        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
-
-    class Prog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
-
-    insns = (Insn * len(prog))(*[Insn(*i) for i in prog])
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
-    PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
-    return (libc.prctl(PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) == 0 and
-            libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(Prog(len(prog), insns)), 0, 0) == 0)
-
-
-def main():  # locals, not globals of __main__, which the program can import
-    job = json.loads(sys.stdin.read())
-    nonce, code = job["nonce"], job["code"]
-    sys.stderr.write("layers: " + ",".join(confine(job, os.path.realpath(job["scratch"]))) + "\n")
-    sys.stderr.flush()
-    del job
-    error = ""
-    try:
-        exec(compile(code, "<program>", "exec"), {"__name__": "__main__"})
-    except SystemExit as e:
-        error = f"SystemExit: {e.code}: the program must run to its end"
-    except BaseException as e:
-        error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        where = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == "<program>"]
-        if isinstance(e, AssertionError) and where:
-            error = f"AssertionError at line {where[-1].lineno}: {code.splitlines()[where[-1].lineno - 1].strip()}"
-    sys.stdout.write(f"\n{nonce} " + json.dumps(error) + "\n")
-
-
-main()
-'''
+@torch.no_grad()
+def generate(model, rows: list[list[int]], max_new: list[int], temperature: float, gen, stop: int) -> list[list[int]]:
+    """Continue each row until it writes `stop` or max_new[i] tokens (or the context is full)."""
+    was_training, device, ctx = model.training, model.embed.weight.device, model.args.max_seq_len
+    model.eval()  # (no router-load bookkeeping while sampling)
+    out = [[] for _ in rows]
+    by_len = {}
+    for i, r in enumerate(rows):
+        by_len.setdefault(len(r), []).append(i)
+    for P, idx in sorted(by_len.items()):
+        n = min(max(max_new[i] for i in idx), ctx - P)
+        if n <= 0:
+            continue
+        caches = model.make_caches(len(idx), P + n, absorbed=True)
+        x = torch.tensor([rows[i] for i in idx], device=device)
+        logits = model(x, torch.arange(P, device=device), caches)[:, -1]
+        done = [False] * len(idx)
+        for t in range(n):
+            tok = sample_token(logits, temperature, gen)
+            for j, (i, v) in enumerate(zip(idx, tok.tolist())):
+                if not done[j]:
+                    out[i].append(v)
+                    done[j] = v == stop or len(out[i]) >= max_new[i]
+            if all(done) or t == n - 1:
+                break
+            logits = model(tok[:, None], torch.tensor([P + t], device=device), caches)[:, -1]
+    model.train(was_training)
+    return out
 
 
 @dataclass
-class RunResult:
-    ok: bool           # the program ran to its end without an exception
-    output: str        # what it printed (at most 4 KB)
-    error: str         # the exception ("AssertionError at line 3: ..."), a timeout or a signal; "" if ok
-    layers: list       # the confinement layers that were active ("rlimits", "netns", "audit")
+class Episode:
+    task: Task
+    ids: list[int]                  # the prompt, then everything after it
+    prompt_len: int
+    mask: list[int] = field(default_factory=list)  # over ids[prompt_len:]: 1 = written by the model
+    reply: str = ""                 # the content of the last assistant turn
+    truncated: bool = True          # the budget (or the context) ran out before the turn ended
+    calls: int = 0                  # executor calls made
 
-    def reply(self) -> str:
-        """What the model sees as the tool's turn: its output and its error, or "ok"."""
-        text = "\n".join(s for s in (self.output.strip()[-200:], self.error) if s)
-        return text or "ok"
-
-
-def run_python(code: str, timeout: float = 2.0, memory_mb: int = 256, audit: bool = True,
-               netns: bool = True) -> RunResult:
-    """Run `code` in a confined child process (see part 3 of the docstring). `audit` and `netns`
-    switch those layers off, so the tests can show what the kernel layers contain on their own."""
-    scratch = tempfile.mkdtemp(prefix="nanok2-exec-")
-    nonce = secrets.token_hex(16)
-    job = {"nonce": nonce, "code": code, "scratch": scratch, "memory": memory_mb << 20,
-           "cpu": int(timeout) + 1, "netns": netns, "audit": audit}
-    env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8"}
-    try:
-        with open(os.path.join(scratch, ".out"), "w+b") as out, open(os.path.join(scratch, ".err"), "w+b") as err:
-            p = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", HARNESS], stdin=subprocess.PIPE,
-                                 stdout=out, stderr=err, cwd=scratch, env=env, start_new_session=True)
-            timed_out = False
-            try:
-                p.communicate(json.dumps(job).encode(), timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                _kill_group(p.pid)  # the child and anything it started, done or not
-                p.wait()
-            out.seek(0)
-            err.seek(0)
-            stdout, stderr = out.read(1 << 16).decode(errors="replace"), err.read(1 << 16).decode(errors="replace")
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    layers = stderr.split("\n", 1)[0][len("layers: "):].split(",") if stderr.startswith("layers: ") else []
-    head, sep, verdict = stdout.rpartition(f"\n{nonce} ")
-    if timed_out:
-        return RunResult(False, stdout[:4096], f"timeout after {timeout:g} s", layers)
-    if not sep:  # no verdict: the process died (a signal, a limit) before the program ended
-        why = f"killed by {signal.Signals(-p.returncode).name}" if p.returncode < 0 else f"exit status {p.returncode}"
-        return RunResult(False, stdout[:4096], f"{why}: {stderr.strip().splitlines()[-1] if stderr.strip() else ''}",
-                         layers)
-    error = json.loads(verdict)
-    return RunResult(not error, head[:4096], error, layers)
+    @property
+    def used(self) -> int:
+        return sum(self.mask)
 
 
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is gone already
+class CachedRunner:
+    """run_python, remembered by program text: a small model writes the same program often."""
+
+    def __init__(self):
+        self.cache, self.runs = {}, 0
+
+    def __call__(self, code: str) -> RunResult:
+        if code not in self.cache:
+            self.cache[code], self.runs = run_python(code), self.runs + 1
+        return self.cache[code]
+
+
+def rollout(model, c: Chat, tasks: list[Task], temperature: float, gen, runner, max_calls: int = 1) -> list[Episode]:
+    """The agent loop for every task at once: generate the assistant turns; a turn that ends with
+    a tool call gets the executor's reply and a new assistant turn, within the task's budget."""
+    eps = [Episode(t, ids, len(ids)) for t in tasks for ids in [c.prompt([{"role": "user", "content": t.prompt}])]]
+    active = list(range(len(eps)))
+    while active:
+        bodies = generate(model, [eps[i].ids for i in active], [eps[i].task.budget - eps[i].used for i in active],
+                          temperature, gen, c.end)
+        active_next = []
+        for i, body in zip(active, bodies):
+            e = eps[i]
+            e.ids += body
+            e.mask += [1] * len(body)
+            content, call, done = c.parse(body)
+            if done and call is not None and e.calls < max_calls and e.used < e.task.budget:
+                e.calls += 1
+                tool = c.header("tool") + c.text(runner(call).reply()[:120]) + [c.end] + c.header("assistant")
+                e.ids += tool
+                e.mask += [0] * len(tool)
+                if len(e.ids) < model.args.max_seq_len:
+                    active_next.append(i)
+                continue
+            e.reply, e.truncated = content, not done
+        active = active_next
+    return eps
+
+
+# ----------------------------------------------------------------------------- 4. evaluation
+
+
+def eval_tasks(kinds, n: int, corpus: dict, seed: int = 1234) -> list[Task]:
+    """Up to n DISTINCT held-out tasks of each kind, the same for every checkpoint. A kind with
+    fewer held-out prompts gives fewer (add: ~50 of its 400 (fact, wording) pairs): a prompt
+    counted twice would only make the score look more certain than it is."""
+    tasks = []
+    for k in kinds:
+        rng, seen = random.Random(f"{seed}-{k}"), {}  # a kind's tasks do not depend on the others'
+        for _ in range(20 * n):
+            t = make_task(k, rng, "eval", corpus)
+            seen.setdefault(t.prompt, t)
+            if len(seen) == n:
+                break
+        tasks += seen.values()
+    return tasks
+
+
+def evaluate(model, c: Chat, kinds, n: int, corpus: dict, seed: int = 1234, runner=None) -> dict:
+    """pass@1 per kind on eval_tasks (greedy), their mean over kinds, and how many tasks each had."""
+    tasks = eval_tasks(kinds, n, corpus, seed)
+    runner = runner or CachedRunner()
+    eps = rollout(model, c, tasks, 0.0, None, runner)
+    right = {k: [int(score(e.task, e.reply, runner)) for e in eps if e.task.kind == k] for k in kinds}
+    res = {k: sum(right[k]) / len(right[k]) for k in kinds}
+    res["all"] = sum(res[k] for k in kinds) / len(kinds)
+    res["tool_calls"] = sum(e.calls for e in eps) / len(eps)
+    res["n"] = {k: len(v) for k, v in right.items()}
+    res["correct"] = right  # task by task, for paired comparisons (flips)
+    res["tasks"] = hashlib.sha1("\n".join(t.prompt for t in tasks).encode()).hexdigest()[:12]
+    return res
+
+
+def flips(before: dict, after: dict) -> dict | None:
+    """Paired comparison of two evaluations on the same tasks: per kind, how many tasks went from
+    wrong to right and from right to wrong. With ~200 tasks a kind's pass@1 moves by +-0.05 with
+    the draw of tasks alone; on the same tasks only the flips are a change of the model."""
+    if before.get("tasks") is None or before.get("tasks") != after.get("tasks"):
+        return None
+    return {k: {"gained": sum(a > b for a, b in zip(after["correct"][k], v)),
+                "lost": sum(a < b for a, b in zip(after["correct"][k], v))}
+            for k, v in before["correct"].items()}
+
+
+def flips_line(name: str, f: dict) -> str:
+    return f"{name}: tasks gained/lost " + " ".join(f"{k} +{v['gained']}/-{v['lost']}" for k, v in f.items())
+
+
+def eval_line(name: str, res: dict) -> str:
+    n = res.get("n", {})
+    return f"{name}: pass@1 " + " ".join(f"{k} {v:.3f}" + (f" (of {n[k]})" if k in n else "")
+                                         for k, v in res.items() if k not in ("n", "correct", "tasks"))

@@ -6,19 +6,16 @@ itself, then reinforcement learning with rewards that a program checks.
     python posttrain.py eval --out-dir out/rl      # pass@1 of any chat checkpoint
     python generate.py --out-dir out/rl --chat --temperature 0 --prompt "7+5="
 
-chat.py holds what the model sees and what grades it: the chat format, the tasks, the executor.
-This file holds the learning (REFERENCE.md 4b: the K2 report, section 3; the objective of Kimi k1.5):
+chat.py holds what the model sees and what grades it: the chat format, the tasks, the agent loop
+(sampling, with tool calls run by executor.py) and the evaluation. This file holds the learning
+(REFERENCE.md 4b: the K2 report, section 3; the objective of Kimi k1.5):
 
-1. Sampling. Replies are decoded from the absorbed latent KV cache, many at once: rows of the same
-   length share one batch (the cache has one position counter per batch, so a batch cannot mix
-   lengths). An episode is the agent loop: the assistant's turn; if it called the executor, the
-   tool's reply and a new assistant turn. Everything the model wrote is marked, the rest is not.
-2. SFT. Demonstrations of every task kind (chat.demonstration); cross-entropy on the assistant's
+1. SFT. Demonstrations of every task kind (chat.demonstration); cross-entropy on the assistant's
    tokens only, so the model learns to answer, not to write questions. MuonClip, as K2 does. Unlike
    K2's SFT, the PTX loss of RL (below) is mixed in here too: K2's SFT data is broad, ours is five
    narrow tasks, and without it 300 steps took the stdlib val loss of a 100-step base checkpoint
    from 4.75 to 9.58 nats/token (worse than uniform); with it the val loss stays where it was.
-3. RL. Per step, G prompts, K replies to each, sampled from the current policy, which is pi_old
+2. RL. Per step, G prompts, K replies to each, sampled from the current policy, which is pi_old
    for this step. Rewards r in {0, 1} from the checker. The loss (Kimi k1.5, used by K2):
        L(theta) = mean over prompts x of  1/K sum_i ( r_i - rbar(x) - tau log(pi_theta(y_i|x) / pi_old(y_i|x)) )^2
    rbar(x), the mean reward of x's K replies, is the baseline: no value network. The squared form
@@ -38,20 +35,18 @@ This file holds the learning (REFERENCE.md 4b: the K2 report, section 3; the obj
    by the share of replies in groups that carry a signal (--live-lr). Muon's update has the same
    size whatever the gradient's: without the scaling a batch with one informative group moves the
    model as far as one with eight, mostly along noise (before: pass@1 0.375 -> 0.302, README).
-4. Evaluation: pass@1 = the share of held-out tasks (chat.py: never trained on; fixed seed) whose
-   greedy reply is correct, per kind, with tool calls run by the executor, as in RL.
-5. Toy self-critique (--critic-coef, off by default): K2 scores open-ended replies with the model
+3. What PTX protects: the stdlib val loss, reported beside pass@1 (chat.evaluate).
+4. Toy self-critique (--critic-coef, off by default): K2 scores open-ended replies with the model
    itself against rubrics, a critic kept calibrated on the verifiable tasks. Here the "rubric" is
    the one question "Correct?", the critic is the policy's own probability of answering "yes",
    and SFT shows it graded replies of the verifiable tasks. It is a toy: a 5M-parameter model is
    no judge, and every task here has a real checker, so it only adds shaping to the reward.
-6. Checkpoints and the command line: the weights and the optimizer state are saved with
+5. Checkpoints and the command line: the weights and the optimizer state are saved with
    checkpoint.py's staged, atomic save (safetensors, train_state.json), so --resume continues a
    stopped run as train.py's does. Sampling seeds come from (seed, step): a resumed run samples
    what the uninterrupted one would have.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -59,7 +54,6 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
@@ -68,106 +62,12 @@ import torch.nn.functional as F
 import chat
 import data
 import muonclip
-from chat import Chat, Task
+from chat import CachedRunner, Chat, Episode, Task, eval_line, evaluate, flips, flips_line, rollout
 from checkpoint import load_checkpoint, load_pretrained, save_checkpoint, save_when_due
 from parallel import Dist, pick_device
 from train import lr_multiplier, optimizer_step
 
-# ----------------------------------------------------------------------------- 1. sampling
-
-
-def sample_token(logits, temperature: float, gen) -> torch.Tensor:
-    """[B, V] -> [B] ids: argmax at temperature 0, else a draw from softmax(logits / T)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    return torch.multinomial((logits / temperature).softmax(-1), 1, generator=gen)[:, 0]
-
-
-@torch.no_grad()
-def generate(model, rows: list[list[int]], max_new: list[int], temperature: float, gen, stop: int) -> list[list[int]]:
-    """Continue each row until it writes `stop` or max_new[i] tokens (or the context is full)."""
-    was_training, device, ctx = model.training, model.embed.weight.device, model.args.max_seq_len
-    model.eval()  # (no router-load bookkeeping while sampling)
-    out = [[] for _ in rows]
-    by_len = {}
-    for i, r in enumerate(rows):
-        by_len.setdefault(len(r), []).append(i)
-    for P, idx in sorted(by_len.items()):
-        n = min(max(max_new[i] for i in idx), ctx - P)
-        if n <= 0:
-            continue
-        caches = model.make_caches(len(idx), P + n, absorbed=True)
-        x = torch.tensor([rows[i] for i in idx], device=device)
-        logits = model(x, torch.arange(P, device=device), caches)[:, -1]
-        done = [False] * len(idx)
-        for t in range(n):
-            tok = sample_token(logits, temperature, gen)
-            for j, (i, v) in enumerate(zip(idx, tok.tolist())):
-                if not done[j]:
-                    out[i].append(v)
-                    done[j] = v == stop or len(out[i]) >= max_new[i]
-            if all(done) or t == n - 1:
-                break
-            logits = model(tok[:, None], torch.tensor([P + t], device=device), caches)[:, -1]
-    model.train(was_training)
-    return out
-
-
-@dataclass
-class Episode:
-    task: Task
-    ids: list[int]                  # the prompt, then everything after it
-    prompt_len: int
-    mask: list[int] = field(default_factory=list)  # over ids[prompt_len:]: 1 = written by the model
-    reply: str = ""                 # the content of the last assistant turn
-    truncated: bool = True          # the budget (or the context) ran out before the turn ended
-    calls: int = 0                  # executor calls made
-
-    @property
-    def used(self) -> int:
-        return sum(self.mask)
-
-
-class CachedRunner:
-    """chat.run_python, remembered by program text: a small model writes the same program often."""
-
-    def __init__(self):
-        self.cache, self.runs = {}, 0
-
-    def __call__(self, code: str) -> chat.RunResult:
-        if code not in self.cache:
-            self.cache[code], self.runs = chat.run_python(code), self.runs + 1
-        return self.cache[code]
-
-
-def rollout(model, c: Chat, tasks: list[Task], temperature: float, gen, runner, max_calls: int = 1) -> list[Episode]:
-    """The agent loop for every task at once: generate the assistant turns; a turn that ends with
-    a tool call gets the executor's reply and a new assistant turn, within the task's budget."""
-    eps = [Episode(t, ids, len(ids)) for t in tasks for ids in [c.prompt([{"role": "user", "content": t.prompt}])]]
-    active = list(range(len(eps)))
-    while active:
-        bodies = generate(model, [eps[i].ids for i in active], [eps[i].task.budget - eps[i].used for i in active],
-                          temperature, gen, c.end)
-        active_next = []
-        for i, body in zip(active, bodies):
-            e = eps[i]
-            e.ids += body
-            e.mask += [1] * len(body)
-            content, call, done = c.parse(body)
-            if done and call is not None and e.calls < max_calls and e.used < e.task.budget:
-                e.calls += 1
-                tool = c.header("tool") + c.text(runner(call).reply()[:120]) + [c.end] + c.header("assistant")
-                e.ids += tool
-                e.mask += [0] * len(tool)
-                if len(e.ids) < model.args.max_seq_len:
-                    active_next.append(i)
-                continue
-            e.reply, e.truncated = content, not done
-        active = active_next
-    return eps
-
-
-# ----------------------------------------------------------------------------- 2. SFT
+# ----------------------------------------------------------------------------- 1. SFT
 
 
 def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
@@ -205,7 +105,7 @@ def draw_order(rng, kinds, n: int) -> list[str]:
     return [order[i % len(order)] for i in range(n)]
 
 
-# ----------------------------------------------------------------------------- 3. RL
+# ----------------------------------------------------------------------------- 2. RL
 
 
 def advantages(rewards, group_size: int):
@@ -250,53 +150,7 @@ def temperature_at(step: int, steps: int, t_start: float, t_end: float) -> float
     return t_start + (t_end - t_start) * step / max(1, steps - 1)
 
 
-# ----------------------------------------------------------------------------- 4. evaluation
-
-
-def eval_tasks(kinds, n: int, corpus: dict, seed: int = 1234) -> list[Task]:
-    """Up to n DISTINCT held-out tasks of each kind, the same for every checkpoint. A kind with
-    fewer held-out prompts gives fewer (add: ~50 of its 400 (fact, wording) pairs): a prompt
-    counted twice would only make the score look more certain than it is."""
-    tasks = []
-    for k in kinds:
-        rng, seen = random.Random(f"{seed}-{k}"), {}  # a kind's tasks do not depend on the others'
-        for _ in range(20 * n):
-            t = chat.make_task(k, rng, "eval", corpus)
-            seen.setdefault(t.prompt, t)
-            if len(seen) == n:
-                break
-        tasks += seen.values()
-    return tasks
-
-
-def evaluate(model, c: Chat, kinds, n: int, corpus: dict, seed: int = 1234, runner=None) -> dict:
-    """pass@1 per kind on eval_tasks (greedy), their mean over kinds, and how many tasks each had."""
-    tasks = eval_tasks(kinds, n, corpus, seed)
-    runner = runner or CachedRunner()
-    eps = rollout(model, c, tasks, 0.0, None, runner)
-    right = {k: [int(chat.score(e.task, e.reply, runner)) for e in eps if e.task.kind == k] for k in kinds}
-    res = {k: sum(right[k]) / len(right[k]) for k in kinds}
-    res["all"] = sum(res[k] for k in kinds) / len(kinds)
-    res["tool_calls"] = sum(e.calls for e in eps) / len(eps)
-    res["n"] = {k: len(v) for k, v in right.items()}
-    res["correct"] = right  # task by task, for paired comparisons (flips)
-    res["tasks"] = hashlib.sha1("\n".join(t.prompt for t in tasks).encode()).hexdigest()[:12]
-    return res
-
-
-def flips(before: dict, after: dict) -> dict | None:
-    """Paired comparison of two evaluations on the same tasks: per kind, how many tasks went from
-    wrong to right and from right to wrong. With ~200 tasks a kind's pass@1 moves by +-0.05 with
-    the draw of tasks alone; on the same tasks only the flips are a change of the model."""
-    if before.get("tasks") is None or before.get("tasks") != after.get("tasks"):
-        return None
-    return {k: {"gained": sum(a > b for a, b in zip(after["correct"][k], v)),
-                "lost": sum(a < b for a, b in zip(after["correct"][k], v))}
-            for k, v in before["correct"].items()}
-
-
-def flips_line(name: str, f: dict) -> str:
-    return f"{name}: tasks gained/lost " + " ".join(f"{k} +{v['gained']}/-{v['lost']}" for k, v in f.items())
+# ----------------------------------------------------------------------------- 3. what PTX protects
 
 
 @torch.no_grad()
@@ -311,13 +165,7 @@ def val_loss(model, tokens, seq_len: int = 256, batches: int = 4) -> float:
     return sum(losses) / len(losses)
 
 
-def eval_line(name: str, res: dict) -> str:
-    n = res.get("n", {})
-    return f"{name}: pass@1 " + " ".join(f"{k} {v:.3f}" + (f" (of {n[k]})" if k in n else "")
-                                         for k, v in res.items() if k not in ("n", "correct", "tasks"))
-
-
-# ----------------------------------------------------------------------------- 5. toy self-critique
+# ----------------------------------------------------------------------------- 4. toy self-critique
 
 
 def judge_prompt(task: Task, reply: str) -> str:
@@ -356,7 +204,7 @@ def critic_yes(model, c: Chat, eps: list[Episode]) -> list[float]:
     return out
 
 
-# ----------------------------------------------------------------------------- 6. loops, checkpoints, CLI
+# ----------------------------------------------------------------------------- 5. loops, checkpoints, CLI
 
 
 class RunState:

@@ -1,10 +1,9 @@
 """Post-training (chat.py, posttrain.py): the chat format and the vocabulary growth, the SFT loss
 mask against a hand computation, the rewards on known good and bad answers, the k1.5 objective
-against a hand-computed example, the executor's containment, and a short SFT + RL run with resume."""
+against a hand-computed example, and a short SFT + RL run with resume (the executor's containment:
+tests/test_executor.py)."""
 import os
 import random
-import socket
-import time
 
 import pytest
 import tiktoken
@@ -12,6 +11,7 @@ import torch
 
 import chat
 import data
+import executor
 import posttrain
 from model import build_model, get_args
 
@@ -135,7 +135,7 @@ def test_rewards_on_known_answers():
     assert chat.score(fn, "import sys\nsys.exit(0)") == 0.0                    # exiting early is no pass
     assert chat.score(fn, "x * 3") == 0.0 and chat.score(fn, "") == 0.0
     # K2's budget control: a reply cut at its budget scores -penalty, whatever it says
-    ep = posttrain.Episode(t["add"], [], 0, reply=t["add"].answer, truncated=True)
+    ep = chat.Episode(t["add"], [], 0, reply=t["add"].answer, truncated=True)
     assert posttrain.reward(ep, None, 0.5) == -0.5
     ep.truncated = False
     assert posttrain.reward(ep, None, 0.5) == 1.0
@@ -150,7 +150,7 @@ def test_simulated_tool_replies_match_the_executor():
         op, k, _ = task.fn
         for cand in [(op, k), ("+" if op != "+" else "-", k), (op, k % 9 + 1)]:
             program = chat.fn_source(*cand) + "\n" + "\n".join(task.tests.splitlines()[:2])
-            assert chat.run_python(program).reply() == chat.simulated_reply(task, *cand)
+            assert executor.run_python(program).reply() == chat.simulated_reply(task, *cand)
 
 
 def test_held_out_tasks_are_never_trained_on():
@@ -164,20 +164,20 @@ def test_held_out_tasks_are_never_trained_on():
 
 
 def test_eval_tasks_are_distinct_held_out_and_fixed():
-    tasks = posttrain.eval_tasks(["add", "copy"], 200, {})
+    tasks = chat.eval_tasks(["add", "copy"], 200, {})
     add = [t.prompt for t in tasks if t.kind == "add"]
     # 100 facts x 4 wordings, 1 in 8 held out: far fewer than 200 distinct add prompts exist
     n_held = sum(chat.held_out(w.format(a=a, b=b)) for a in range(10) for b in range(10) for w in chat.ADD_WORDINGS)
     assert len(add) == len(set(add)) == n_held and 30 < n_held < 80
     assert sum(t.kind == "copy" for t in tasks) == 200 and all(chat.held_out(t.prompt) for t in tasks)
-    assert [t.prompt for t in posttrain.eval_tasks(["add", "copy"], 200, {})] == [t.prompt for t in tasks]
+    assert [t.prompt for t in chat.eval_tasks(["add", "copy"], 200, {})] == [t.prompt for t in tasks]
 
 
 def test_flips_count_paired_changes():
     before = {"tasks": "abc", "correct": {"add": [1, 0, 1, 0], "copy": [0, 0]}}
     after = {"tasks": "abc", "correct": {"add": [0, 1, 1, 1], "copy": [0, 0]}}
-    assert posttrain.flips(before, after) == {"add": {"gained": 2, "lost": 1}, "copy": {"gained": 0, "lost": 0}}
-    assert posttrain.flips(before, {**after, "tasks": "other"}) is None   # not the same tasks: no pairing
+    assert chat.flips(before, after) == {"add": {"gained": 2, "lost": 1}, "copy": {"gained": 0, "lost": 0}}
+    assert chat.flips(before, {**after, "tasks": "other"}) is None   # not the same tasks: no pairing
 
 
 def test_toy_critic_labels_agree_with_the_checker():
@@ -243,7 +243,7 @@ def test_reply_logprob_counts_only_the_model_tokens(enc):
     model = tiny_model(enc.n_vocab, seed=1)
     prompt = c.prompt([{"role": "user", "content": "hi"}])
     body, tool = [104, 105, c.end], c.header("tool") + [111, 107, c.end] + c.header("assistant")
-    ep = posttrain.Episode(chat.Task("add", "hi", "x"), prompt + body + tool + [120, c.end], len(prompt),
+    ep = chat.Episode(chat.Task("add", "hi", "x"), prompt + body + tool + [120, c.end], len(prompt),
                            mask=[1] * len(body) + [0] * len(tool) + [1, 1])
     got = posttrain.reply_logprob(model, [ep, ep], temperature=0.7, eot=enc.eot_token)
     with torch.no_grad():
@@ -256,86 +256,13 @@ def test_batched_generation_matches_full_forward(enc):
     """The cached, length-grouped decode gives the greedy tokens a full forward pass gives."""
     model = tiny_model(enc.n_vocab, seed=2).eval()
     rows = [[256, 5, 9, 7], [256, 1, 2], [256, 3, 4, 8], [256]]
-    out = posttrain.generate(model, rows, [6, 4, 6, 5], 0.0, None, stop=-1)
+    out = chat.generate(model, rows, [6, 4, 6, 5], 0.0, None, stop=-1)
     for row, new, n in zip(rows, out, [6, 4, 6, 5]):
         seq = list(row)
         with torch.no_grad():
             for _ in range(n):
                 seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
         assert new == seq[len(row):]
-
-
-# ----------------------------------------------------------------------------- executor containment
-
-def test_executor_runs_a_program_and_reports_its_layers():
-    r = chat.run_python("print(sum(range(5)))\nopen('here.txt', 'w').write('ok')\nprint(open('here.txt').read())")
-    assert r.ok and r.output.split() == ["10", "ok"] and r.error == ""
-    assert {"rlimits", "audit"} <= set(r.layers)
-    r = chat.run_python("def f(x):\n    return x\nassert f(1) == 1\nassert f(2) == 3")
-    assert not r.ok and r.reply() == "AssertionError at line 4: assert f(2) == 3"
-
-
-def test_executor_contains_an_infinite_loop():
-    t0 = time.time()
-    r = chat.run_python("import os\nprint(os.getpid(), flush=True)\nwhile True:\n    pass", timeout=1.0)
-    assert not r.ok and r.error == "timeout after 1 s" and time.time() - t0 < 5
-    with pytest.raises(ProcessLookupError):  # the process is gone, not left spinning
-        os.kill(int(r.output.split()[0]), 0)
-
-
-def test_executor_contains_a_fork_bomb():
-    bomb = "import os\nwhile True:\n    os.fork()"
-    t0 = time.time()
-    r = chat.run_python(bomb)
-    assert not r.ok and "os.fork is not allowed" in r.error and time.time() - t0 < 5
-    for code in ("import subprocess\nsubprocess.run(['true'])", "import os\nos.system('true')",
-                 "import multiprocessing\nmultiprocessing.Process(target=print).start()"):
-        assert not chat.run_python(code).ok
-    # the kernel layers alone (no audit hook): seccomp refuses the fork itself
-    probe = chat.run_python("pass", audit=False)
-    if "seccomp" not in probe.layers:
-        pytest.skip("no seccomp on this machine; RLIMIT_NPROC alone does not bind root")
-    r = chat.run_python(bomb, audit=False)
-    assert not r.ok and "Operation not permitted" in r.error and time.time() - t0 < 10
-
-
-def test_executor_contains_writes_outside_the_scratch_dir(tmp_path):
-    victim, keep = tmp_path / "victim.txt", tmp_path / "keep.txt"
-    keep.write_text("precious")
-    for code in (f"open({str(victim)!r}, 'w').write('x')",
-                 f"import os\nos.close(os.open({str(victim)!r}, os.O_WRONLY | os.O_CREAT))",
-                 f"import os\nos.remove({str(keep)!r})",
-                 f"import os\nos.rename({str(keep)!r}, 'mine.txt')",
-                 f"import os\nos.symlink({str(keep)!r}, 'link')\nopen('link', 'w').write('x')",
-                 f"import shutil\nshutil.rmtree({str(tmp_path)!r})"):
-        r = chat.run_python(code)
-        assert not r.ok and "sandbox:" in r.error, (code, r)
-    assert not victim.exists() and keep.read_text() == "precious"
-
-
-def test_executor_contains_a_network_attempt():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    server.settimeout(0.5)
-    port = server.getsockname()[1]
-    code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'leak')"
-    try:
-        r = chat.run_python(code)
-        assert not r.ok and "sandbox: import is not allowed" in r.error
-        assert not chat.run_python("import urllib.request\nurllib.request.urlopen('http://127.0.0.1:1')").ok
-        kernel = chat.run_python(code, audit=False)  # the network namespace / seccomp alone
-        if {"netns", "seccomp"} & set(kernel.layers):
-            assert not kernel.ok and ("unreachable" in kernel.error or "not permitted" in kernel.error)
-        with pytest.raises(socket.timeout):
-            server.accept()  # nobody ever connected
-    finally:
-        server.close()
-
-
-def test_executor_contains_a_memory_hog():
-    r = chat.run_python("x = bytearray(2 * 1024 ** 3)", memory_mb=256)
-    assert not r.ok and r.error.startswith("MemoryError")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -390,7 +317,7 @@ def test_an_rl_batch_without_signal_changes_nothing(sft_run, monkeypatch):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     monkeypatch.setattr(posttrain, "reward", lambda e, runner, penalty: 1.0)
     steps = []
-    rec = posttrain.rl_step(model, c, args, 0, {}, None, posttrain.CachedRunner(), lambda *a: steps.append(a),
+    rec = posttrain.rl_step(model, c, args, 0, {}, None, chat.CachedRunner(), lambda *a: steps.append(a),
                             posttrain.RunState("rl", 0, args.tasks))
     assert steps == [] and rec["live"] == 0 and rec["loss"] == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -402,7 +329,7 @@ def test_generate_chat_mode(sft_run, trained_checkpoint, capsys):
     from checkpoint import load_pretrained
     sft = str(sft_run[0])
     c = chat.Chat(data.load_encoding(sft))
-    ep = posttrain.rollout(load_pretrained(sft), c, [chat.Task("add", "1+2=", "3")], 0.0, None, None)[0]
+    ep = chat.rollout(load_pretrained(sft), c, [chat.Task("add", "1+2=", "3")], 0.0, None, None)[0]
     capsys.readouterr()
     generate.main(["--out", sft, "--chat", "--prompt", "1+2=", "--temperature", "0", "--kv-policy", "full",
                    "--max-new-tokens", str(chat.BUDGET["add"])])
