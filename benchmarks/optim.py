@@ -23,6 +23,14 @@ def _train_run(flags: list[str], out_dir: str) -> list[dict]:
     return recs
 
 
+def run_flags(a, steps: int, seed: int) -> list[str]:
+    """The train.py flags every benchmark run here shares: a.preset, a.batch_size, a.seq_len, `steps`
+    steps evaluated once at the end (on the whole val split), no periodic saves, no compile."""
+    return ["--preset", a.preset, "--max-steps", str(steps), "--batch-size", str(a.batch_size),
+            "--seq-len", str(a.seq_len), "--seed", str(seed), "--eval-every", str(steps),
+            "--log-every", str(max(1, steps // 4)), "--save-every", str(10**9), "--no-compile"]
+
+
 def bench_optim(a):
     """AdamW vs MuonClip on the tiny preset: same seed, data and tokens, each at the best lr of a
     small sweep; then QK-Clip on a run made to grow its logits (high lr, no decay, small tau)."""
@@ -32,9 +40,7 @@ def bench_optim(a):
     check_flags(a, at_least={"steps": 1, "batch_size": 1, "seq_len": 1, "seed": 0, "demo_steps": 1},
                 positive=("adamw_lrs", "muon_lrs", "demo_lr", "demo_tau"))
     check_preset(a.preset, a.seq_len)
-    common = ["--preset", a.preset, "--max-steps", str(a.steps), "--batch-size", str(a.batch_size),
-              "--seq-len", str(a.seq_len), "--seed", str(a.seed), "--eval-every", str(a.steps),
-              "--log-every", str(max(1, a.steps // 4)), "--save-every", str(10**9), "--no-compile"]
+    common = run_flags(a, a.steps, a.seed)
     tmp = tempfile.mkdtemp(prefix="bench-optim-")  # each run's folder is removed once read
     runs = []
     for opt, lrs in (("adamw", a.adamw_lrs), ("muonclip", a.muon_lrs)):
@@ -56,9 +62,8 @@ def bench_optim(a):
     print(f"tuned MuonClip - tuned AdamW: {gap:+.4f} val loss")
 
     demo = {}
-    demo_flags = common[:] + ["--optimizer", "muonclip", "--lr", str(a.demo_lr), "--weight-decay", "0"]
-    demo_flags[demo_flags.index("--max-steps") + 1] = str(a.demo_steps)
-    demo_flags[demo_flags.index("--eval-every") + 1] = str(a.demo_steps)
+    demo_flags = run_flags(a, a.demo_steps, a.seed) + ["--optimizer", "muonclip", "--lr", str(a.demo_lr),
+                                                        "--weight-decay", "0"]
     for name, extra in (("no_clip", ["--no-qk-clip"]), ("clip", ["--qk-clip-tau", str(a.demo_tau)])):
         recs = _train_run(demo_flags + extra, os.path.join(tmp, f"demo-{name}"))
         demo[name] = {"max_logit": [r["max_logit"] for r in recs],

@@ -27,7 +27,7 @@ import tempfile
 import time
 
 from benchmarks.common import check_flags, check_preset, print_table, write_json
-from benchmarks.optim import _train_run, plot_panels
+from benchmarks.optim import _train_run, plot_panels, run_flags
 
 OPTIMIZERS = ("adamw", "muonclip")
 NAMES = {"adamw": "AdamW", "muonclip": "MuonClip"}
@@ -108,12 +108,6 @@ OWNED = ("preset", "max_steps", "batch_size", "seq_len", "seed", "eval_every", "
          "qk_clip_tau", "no_qk_clip", "out_dir", "resume", "stop_at", "init_from")
 
 
-def _flags(a, steps: int, seed: int) -> list[str]:
-    return ["--preset", a.preset, "--max-steps", str(steps), "--batch-size", str(a.batch_size),
-            "--seq-len", str(a.seq_len), "--seed", str(seed), "--eval-every", str(steps),
-            "--log-every", str(max(1, steps // 4)), "--save-every", str(10**9), "--no-compile"]
-
-
 def _check_train_flags(a, base: list[str]) -> list[str]:
     """--train-flags split, and checked with train.py's own checks on one run's flags, before any
     run starts (a bad value would otherwise fail only at the first run, or at the last)."""
@@ -155,7 +149,7 @@ def bench_optim_match(a):
     check_preset(a.preset, a.seq_len)
     budgets = {"adamw": sorted(set(a.adamw_steps)), "muonclip": sorted(set(a.muon_steps))}
     grids = {"adamw": sorted(set(a.adamw_lrs)), "muonclip": sorted(set(a.muon_lrs))}
-    extra = _check_train_flags(a, _flags(a, max(budgets["adamw"]), a.seed) + ["--optimizer", "adamw"])
+    extra = _check_train_flags(a, run_flags(a, max(budgets["adamw"]), a.seed) + ["--optimizer", "adamw"])
     tps = a.batch_size * a.seq_len
     # interleaved (each length, each lr rank: AdamW, then MuonClip), so that a change in the
     # machine's load while this runs falls on both optimizers' step times alike
@@ -167,7 +161,7 @@ def bench_optim_match(a):
     runs, curves = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-optim-match-") as tmp:
         for k, (opt, steps, lr) in enumerate(jobs, 1):
-            flags = _flags(a, steps, a.seed) + ["--optimizer", opt, "--lr", str(lr)] + extra
+            flags = run_flags(a, steps, a.seed) + ["--optimizer", opt, "--lr", str(lr)] + extra
             recs, wall = _run(flags, tmp, f"{opt}-{steps}-{lr}")
             curves[opt, steps, lr] = recs
             runs.append({"optimizer": opt, "steps": steps, "tokens": steps * tps, "lr": lr,
@@ -244,14 +238,14 @@ def bench_optim_clip(a):
     check_preset(a.preset, a.seq_len)
     seeds = list(dict.fromkeys(a.seeds))
     lr_tau = ["--optimizer", "muonclip", "--lr", str(a.lr)]
-    extra = _check_train_flags(a, _flags(a, a.steps, seeds[0]) + lr_tau + ["--qk-clip-tau", str(a.tau)])
+    extra = _check_train_flags(a, run_flags(a, a.steps, seeds[0]) + lr_tau + ["--qk-clip-tau", str(a.tau)])
     print(f"optim-clip: MuonClip, lr {a.lr:g}, tau {a.tau:g}, {a.steps} steps of {a.batch_size} x {a.seq_len} "
           f"tokens, seeds {seeds}: {2 * len(seeds)} train.py runs", flush=True)
     runs = {}
     with tempfile.TemporaryDirectory(prefix="bench-optim-clip-") as tmp:
         for seed in seeds:
             for name, clip_flags in (("no_clip", ["--no-qk-clip"]), ("clip", ["--qk-clip-tau", str(a.tau)])):
-                recs, wall = _run(_flags(a, a.steps, seed) + lr_tau + clip_flags + extra, tmp, f"{name}-{seed}")
+                recs, wall = _run(run_flags(a, a.steps, seed) + lr_tau + clip_flags + extra, tmp, f"{name}-{seed}")
                 runs[name, seed] = {"seed": seed, "clip": name == "clip", "val_loss": recs[-1]["val_loss"],
                                     "val_bpb": recs[-1]["val_bpb"], "wall_s": round(wall, 1),
                                     "loss": [r["loss"] for r in recs], "max_logit": [r["max_logit"] for r in recs],
