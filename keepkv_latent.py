@@ -247,13 +247,20 @@ class LatentKeepKVCache(nn.Module):
     def attend_latent(self, q_nope, q_rope, c, k_rope, w_kc, w_v, input_pos, scale):
         Q = absorbed_query(q_nope, q_rope, w_kc)                                   # [B, T, H, C+Dr]
         K = torch.cat([c, k_rope], -1)                                             # [B, T, C+Dr]
-        if not self.prefilled:
-            o_lat = self._prefill(Q, K, w_v, input_pos, scale)                     # [B, T, H, C]
-        else:
-            if Q.shape[1] != 1:
-                raise ValueError("after the prefill a KeepKV cache takes one token per call")
-            o_lat = self._decode(Q[:, 0], K[:, 0], w_v, input_pos[0], scale)[:, None]
+        o_lat = self.attend_shared(Q, K, w_v, input_pos, scale)                    # [B, T, H, C]
         return torch.einsum("bthc,hvc->bthv", o_lat, w_v.to(o_lat.dtype))
+
+    def attend_shared(self, Q, K, w_v, input_pos, scale):
+        """The cache's own protocol, for any cache whose entries are shared by several query heads:
+        queries Q [B, T, H, D] over shared keys K [B, T, D] whose first n_latent dims are the value;
+        head h's output is read through w_v [H, Dv, n_latent] (the merge's metric). Returns the
+        value-space outputs [B, T, H, n_latent]. MLA's absorbed path is one user; a GQA group (key
+        [v | k], query [0 | q], w_v = I) is another (benchmarks/smollm2.py)."""
+        if not self.prefilled:
+            return self._prefill(Q, K, w_v, input_pos, scale)
+        if Q.shape[1] != 1:
+            raise ValueError("after the prefill a KeepKV cache takes one token per call")
+        return self._decode(Q[:, 0], K[:, 0], w_v, input_pos[0], scale)[:, None]
 
     def _mode(self, w_v, dtype):
         """merge_latent's mode and gram for this policy."""
