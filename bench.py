@@ -42,7 +42,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         a.fn(a)
-    except (ValueError, FileNotFoundError) as e:  # the message names the fix
+    except (ValueError, FileNotFoundError, ImportError) as e:  # the message names the fix
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

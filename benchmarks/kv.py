@@ -50,7 +50,7 @@ import torch.nn.functional as F
 import data
 import keepkv
 import keepkv_latent
-from benchmarks import kv_speed, testbed
+from benchmarks import kv_smollm2, kv_speed, testbed
 from benchmarks.common import check_flags
 from benchmarks.kv_speed import cache_bytes, make_caches
 from checkpoint import load_pretrained
@@ -61,6 +61,9 @@ PARTS = ("quality", "sweep", "throughput", "memory")  # what --kv-skip can name
 
 
 def add_kv_args(p: argparse.ArgumentParser):
+    p.add_argument("--model", choices=("testbed", "smollm2"), default="testbed",
+                   help="testbed: this project's MLA model, latent cache (the --kv-* flags); smollm2: "
+                        "SmolLM2-135M, a pretrained GQA model that uses its context (benchmarks/kv_smollm2.py)")
     p.add_argument("--kv-ckpt", default=None,
                    help="checkpoint folder (train.py's output; default: the testbed, built if missing)")
     p.add_argument("--kv-data", default=None, help="corpus the checkpoint was trained on (default: stdlib)")
@@ -94,6 +97,7 @@ def add_kv_args(p: argparse.ArgumentParser):
                    help="comma list of parts to skip: quality, sweep, throughput, memory")
     p.add_argument("--kv-out", default="out/bench/kv.json")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    kv_smollm2.add_args(p)
     return p
 
 
@@ -482,6 +486,8 @@ def plot(q, path):
 
 
 def bench_kv(args, log=print):
+    if args.model == "smollm2":
+        return kv_smollm2.run(args, log)
     check_kv_args(args)
     t0 = time.time()
     torch.manual_seed(0)
