@@ -2,7 +2,8 @@
 kernels.py: the three GPU kernels nanoK2 cares about, each beside a readable torch reference,
 and the grouped GEMM the MoE runs on.
 
-1. Causal flash attention for MLA training shapes (q, k: [B, H, T, 192], v: [B, H, T, 128]).
+1. Causal flash attention (FlashAttention-2, arXiv 2307.08691) for MLA training shapes (q, k:
+   [B, H, T, 192], v: [B, H, T, 128]).
    The T x T score matrix never exists in memory: each program owns a block of queries, streams the
    keys past it and keeps a running max m and running sum l of exp(s - m) ("online softmax"). When a
    new block raises the max, the old sum and output accumulator are rescaled by exp(m_old - m_new).
@@ -11,7 +12,8 @@ and the grouped GEMM the MoE runs on.
    number is free: it is the final running max m of each query row, which online softmax tracks
    anyway. K2's head dims are not powers of two (192 = 128 nope + 64 rope); Triton blocks are, so
    head dims are padded up to the next power of two with masked loads (192 -> 256 lanes).
-2. Decode attention over a KV cache (flash-decoding). One query per sequence cannot fill a GPU, so
+2. Decode attention over a KV cache (Flash-Decoding: Dao, Haziza, Massa, Sizov 2023,
+   crfm.stanford.edu/2023/10/12/flashdecoding.html). One query per sequence cannot fill a GPU, so
    the keys are split into chunks, one program per (batch, head, chunk). Each writes a partial
    (max, sum of exp, unnormalised output) and a second small kernel merges them with log-sum-exp.
    A per-key additive bias carries KeepKV's ln(votes) and a per-sequence length hides empty slots.

@@ -8,7 +8,7 @@ itself, then reinforcement learning with rewards that a program checks.
 
 chat.py holds what the model sees and what grades it: the chat format, the tasks, the agent loop
 (sampling, with tool calls run by executor.py) and the evaluation. This file holds the learning
-(REFERENCE.md 4b: the K2 report, section 3; the objective of Kimi k1.5):
+(the Kimi K2 report, arXiv 2507.20534, section 3; the objective of Kimi k1.5, arXiv 2501.12599):
 
 1. SFT. Demonstrations of every task kind (chat.demonstration); cross-entropy on the assistant's
    tokens only, so the model learns to answer, not to write questions. MuonClip, as K2 does. Unlike
