@@ -60,20 +60,39 @@ def test_model_matches_transformers_llama():
     assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
 
 
-@pytest.mark.parametrize("policy,gqa", [("full", "shared"), ("snapkv", "shared"), ("snapkv", "expanded")])
-def test_decode_through_cache_equals_forward(policy, gqa):
-    """The full cache, and caches that keep everything (snapkv at budget 1 only appends after the
-    prefill), decode exactly what the no-cache forward predicts: the [0 | q], [v | k] layout of the
-    shared cache and the copies of the expanded one change nothing."""
+def _decode_run(model, x, P, cfg, gqa):
+    """Prefill x[:, :P] into one cache per layer, then feed the rest one token at a time: the
+    predictions for positions P .. end [B, n, V] (the first from the prefill)."""
+    n = x.shape[1] - P
+    caches = smollm2.make_caches(model, cfg, P, n, x.shape[0], gqa)
+    with torch.no_grad():
+        out = [model(x[:, :P], torch.arange(P), caches)[:, -1]]
+        out += [model(x[:, t:t + 1], torch.tensor([t]), caches)[:, 0] for t in range(P, x.shape[1] - 1)]
+    return torch.stack(out, 1)
+
+
+def test_full_cache_decode_equals_forward():
     model = _random_model()
     x = torch.randint(0, SMALL.vocab_size, (2, 30))
-    P, n = 20, 10
     with torch.no_grad():
         ref = model(x)
-        caches = smollm2.make_caches(model, keepkv.KVConfig(policy=policy, budget=1.0), P, n, 2, gqa)
-        out = [model(x[:, :P], torch.arange(P), caches)[:, -1]]
-        out += [model(x[:, t:t + 1], torch.tensor([t]), caches)[:, 0] for t in range(P, P + n - 1)]
-    assert torch.allclose(torch.stack(out, 1), ref[:, P - 1:P + n - 1], atol=1e-4)
+    out = _decode_run(model, x, 20, keepkv.KVConfig(policy="full", budget=1.0), "shared")
+    assert torch.allclose(out, ref[:, 19:29], atol=1e-4)
+
+
+def test_shared_and_expanded_caches_agree_where_heads_cannot_differ():
+    """StreamingLLM keeps the same positions in every head, so the shared GQA cache (one
+    LatentKeepKVCache over [v | k] entries) and the expanded one (keepkv.KeepKVCache over per-head
+    copies), two separate code paths, must decode the same logits. They must also differ from the
+    full cache: entries really left."""
+    model = _random_model()
+    x = torch.randint(0, SMALL.vocab_size, (2, 40))
+    cfg = keepkv.KVConfig(policy="streaming", budget=0.4)
+    shared, expanded = (_decode_run(model, x, 30, cfg, g) for g in ("shared", "expanded"))
+    full = _decode_run(model, x, 30, keepkv.KVConfig(policy="full", budget=1.0), "shared")
+    assert torch.allclose(shared, expanded, atol=1e-4)
+    assert torch.allclose(shared[:, 0], full[:, 0], atol=1e-4)        # the prefill is exact
+    assert not torch.allclose(shared[:, 1:], full[:, 1:], atol=1e-2)
 
 
 def test_shared_prefill_equals_per_cell_prefill():
