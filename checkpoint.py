@@ -167,7 +167,7 @@ def save_checkpoint(out_dir, model, optimizer, step, sampler, args, enc, d: Dist
             shutil.rmtree(stage, ignore_errors=True)
         prior = committed_step(out_dir)
         kept = f"; the step-{prior} checkpoint there is untouched" if prior else ""
-        raise data.disk_full(n, out_dir, checkpoint_bytes(model, optimizer), f"saving the step-{step} checkpoint",
+        raise data.disk_full(n, out_dir, checkpoint_bytes(model, optimizer, enc), f"saving the step-{step} checkpoint",
                              kept) from None
 
 
@@ -218,10 +218,11 @@ def _agreed(d: Dist, device):
         raise error
 
 
-def checkpoint_bytes(model, optimizer) -> int:
-    """About the bytes one checkpoint takes (weights and optimizer tensors, all ranks together)."""
+def checkpoint_bytes(model, optimizer, enc) -> int:
+    """About the bytes one checkpoint takes: weights and optimizer tensors (all ranks together),
+    the tokenizer's ranks (~16 bytes a token), the JSON files and headers."""
     tensors = [*model.state_dict().values(), *optimizer_tensors(model, optimizer).values()]
-    return sum(t.numel() * t.element_size() for t in tensors) + (1 << 20)  # + config, tokenizer, headers
+    return sum(t.numel() * t.element_size() for t in tensors) + 16 * enc.n_vocab + (1 << 14)
 
 
 def exists(out_dir) -> bool:

@@ -453,7 +453,8 @@ def load_dataset(data_path: str | None = None, tokenizer: str | None = None,
         log(f"data: encoding {len(train_docs)} train / {len(val_docs)} val documents with "
             f"{tok_id}...", end="", flush=True)
         t0 = time.time()
-        with full_disk_is_one_line(folder, lambda: _cache_bytes(enc, splits()), "writing the token cache"):
+        with full_disk_is_one_line(folder, lambda: _cache_bytes(enc, splits()), "writing the token cache"), \
+                _removed_on_error(*(os.path.join(folder, f) for f in ("train.bin", "val.bin", "val.txt"))):
             meta = _encode_splits(enc, folder, splits(), {
                 "tokenizer": tok_id, "tokenizer_fingerprint": enc_fingerprint, "vocab_size": enc.n_vocab,
                 "source": root if data_path is not None else "stdlib"})
