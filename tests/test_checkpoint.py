@@ -55,8 +55,10 @@ def test_resume_is_bit_identical(corpus_dir, cache_dir, tmp_path, optimizer):
     # checkpoint beside it is untouched, and the next save clears the leftover
     os.makedirs(part / "checkpoint.tmp")
     (part / "checkpoint.tmp" / "model.safetensors").write_bytes(b"half a file")
+    (part / "metrics.jsonl.tmp4242").write_bytes(b"")  # data.atomic_write's, cut short (issue 27)
+    train.main(train_flags(corpus_dir, cache_dir, part, *common, "--resume", "--stop-at", "4"))
+    assert not os.path.exists(part / "checkpoint.tmp") and not os.path.exists(part / "metrics.jsonl.tmp4242")
     train.main(train_flags(corpus_dir, cache_dir, part, *common, "--resume"))
-    assert not os.path.exists(part / "checkpoint.tmp")
     a, b = losses(full), losses(part)
     assert sorted(b) == list(range(1, 9))
     for s in range(1, 9):
