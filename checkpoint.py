@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 import data
+import disk
 from model import ModelArgs, Transformer, build_model
 from parallel import Dist
 
@@ -154,20 +155,20 @@ def save_checkpoint(out_dir, model, optimizer, step, sampler, args, enc, d: Dist
     full weights + config (what generate.py reads), tokenizer, the sharded training state. Only
     then are the parts moved over the previous checkpoint's, train_state.json (the marker of a
     complete checkpoint) last, so a crash while writing leaves the previous checkpoint intact.
-    A full disk (data.FULL_DISK) on any rank: the partial stage is removed, and every rank raises
-    data.DiskFull, one line naming the folder and the bytes needed; the previous checkpoint stays."""
+    A full disk (disk.FULL_DISK) on any rank: the partial stage is removed, and every rank raises
+    disk.DiskFull, one line naming the folder and the bytes needed; the previous checkpoint stays."""
     stage = os.path.join(out_dir, STAGE)
     try:
         _save_staged(out_dir, stage, model, optimizer, step, sampler, args, enc, d)
     except BaseException as e:
-        n = data.full_disk_errno(e)
+        n = disk.full_errno(e)
         if n is None:
             raise
         if d.main and not os.path.exists(os.path.join(stage, MARKER)):  # (a complete one: --resume commits it)
             shutil.rmtree(stage, ignore_errors=True)
         prior = committed_step(out_dir)
         kept = f"; the step-{prior} checkpoint there is untouched" if prior else ""
-        raise data.disk_full(n, out_dir, checkpoint_bytes(model, optimizer, enc), f"saving the step-{step} checkpoint",
+        raise disk.error(n, out_dir, checkpoint_bytes(model, optimizer, enc), f"saving the step-{step} checkpoint",
                              kept) from None
 
 
@@ -210,7 +211,7 @@ def _agreed(d: Dist, device):
     except BaseException as e:
         error = e
     if d.enabled:
-        code = 0 if error is None else data.full_disk_errno(error) or -1
+        code = 0 if error is None else disk.full_errno(error) or -1
         code = int(d.all_reduce(torch.tensor([float(code)], device=device), dist.ReduceOp.MAX).item())
         if error is None and code:
             error = OSError(code, os.strerror(code)) if code > 0 else RuntimeError("rank 0 failed while saving")

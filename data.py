@@ -17,16 +17,12 @@ Importing this module has no side effects; the work happens in load_dataset().
 """
 
 import base64
-import contextlib
-import errno
 import gzip
 import hashlib
 import json
 import lzma
 import math
 import os
-import re
-import shutil
 import sys
 import sysconfig
 import time
@@ -37,6 +33,9 @@ import numpy as np
 import tiktoken
 import tiktoken.load
 import torch
+
+import disk
+from disk import removed_on_error
 
 EOT = "<|endoftext|>"
 DOC_SEP = "\n\n"  # joins documents in the text; in the token stream the EOT token takes its place
@@ -157,75 +156,10 @@ def atomic_write(path: str, data: bytes) -> None:
     # at the same time) can never leave a half-written file under the real name; a failed write
     # (a full disk) leaves none at all.
     tmp = f"{path}.tmp{os.getpid()}"
-    with _removed_on_error(tmp):
+    with removed_on_error(tmp):
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def _removed_on_error(*paths):
-    try:
-        yield
-    except BaseException:
-        for p in paths:
-            with contextlib.suppress(OSError):
-                os.remove(p)
-        raise
-
-
-# A write that fails for want of space (or with an I/O error) is this one line, from every writer
-# (checkpoint saves, the token cache, hf.py export): the folder, the bytes needed and the fix.
-FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
-
-
-class DiskFull(ValueError):
-    """A ValueError, so that every command line prints it as its one `error:` line."""
-
-    def __init__(self, message, errno_: int):
-        super().__init__(message)
-        self.errno = errno_
-
-
-def full_disk_errno(e: BaseException | None) -> int | None:
-    """ENOSPC, EDQUOT or EIO if that is what made `e` fail, else None. Found in e's causes, in DCP's
-    CheckpointException (the failure of each rank) and in safetensors' text ("os error 28")."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, DiskFull) or isinstance(e, OSError) and e.errno in FULL_DISK:
-            return e.errno
-        found = re.search(r"os error (\d+)", str(e))
-        if found and int(found.group(1)) in FULL_DISK:
-            return int(found.group(1))
-        for failure in (getattr(e, "failures", None) or {}).values():  # CheckpointException
-            n = full_disk_errno(failure[0] if isinstance(failure, tuple) else failure)
-            if n:
-                return n
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def disk_full(n: int, folder: str, needed: int, what: str, kept: str = "") -> DiskFull:
-    try:
-        free = f"{shutil.disk_usage(folder).free:,} bytes are"
-    except OSError:
-        free = "less is"
-    return DiskFull(f"{os.strerror(n)} while {what} in {folder!r}: it needs about {needed:,} bytes "
-                    f"free there, {free}; nothing half-written is left{kept}: free some space, or "
-                    f"write elsewhere, and run again", n)
-
-
-@contextlib.contextmanager
-def full_disk_is_one_line(folder: str, needed, what: str, kept: str = ""):
-    """Turn a full disk inside the block into DiskFull; `needed()`: the bytes the block writes."""
-    try:
-        yield
-    except BaseException as e:
-        n = full_disk_errno(e)
-        if n is None or isinstance(e, DiskFull):
-            raise
-        raise disk_full(n, folder, needed(), what, kept) from None
 
 
 def fingerprint(pat_str: str, mergeable_ranks: dict, special_tokens: dict) -> str:
@@ -360,7 +294,7 @@ def _hash(*parts) -> str:
 def _encode_to_file(enc: tiktoken.Encoding, docs: list[str], path: str, dtype) -> int:
     """Encode documents (joined by EOT) straight into a binary file; return the token count."""
     n, tmp = 0, f"{path}.tmp{os.getpid()}"
-    with _removed_on_error(tmp), open(tmp, "wb") as f:
+    with removed_on_error(tmp), open(tmp, "wb") as f:
         for i in range(0, len(docs), 256):  # in chunks: memory stays bounded, threads stay busy
             for j, ids in enumerate(enc.encode_ordinary_batch(docs[i:i + 256])):
                 if i + j > 0:
@@ -435,7 +369,7 @@ def load_dataset(data_path: str | None = None, tokenizer: str | None = None,
                 f"text...", end="", flush=True)
             t0 = time.time()
             spec = train_bpe(train_docs, vocab_size)
-            with full_disk_is_one_line(tok_dir, lambda: 2 * sum(len(t) + 8 for t in spec["mergeable_ranks"]),
+            with disk.full_is_one_line(tok_dir, lambda: 2 * sum(len(t) + 8 for t in spec["mergeable_ranks"]),
                                        "saving the tokenizer"):
                 save_tokenizer(tok_dir, tok_id, spec)
             enc = tiktoken.Encoding(name=tok_id, **spec)
@@ -453,8 +387,8 @@ def load_dataset(data_path: str | None = None, tokenizer: str | None = None,
         log(f"data: encoding {len(train_docs)} train / {len(val_docs)} val documents with "
             f"{tok_id}...", end="", flush=True)
         t0 = time.time()
-        with full_disk_is_one_line(folder, lambda: _cache_bytes(enc, splits()), "writing the token cache"), \
-                _removed_on_error(*(os.path.join(folder, f) for f in ("train.bin", "val.bin", "val.txt"))):
+        with disk.full_is_one_line(folder, lambda: _cache_bytes(enc, splits()), "writing the token cache"), \
+                removed_on_error(*(os.path.join(folder, f) for f in ("train.bin", "val.bin", "val.txt"))):
             meta = _encode_splits(enc, folder, splits(), {
                 "tokenizer": tok_id, "tokenizer_fingerprint": enc_fingerprint, "vocab_size": enc.n_vocab,
                 "source": root if data_path is not None else "stdlib"})

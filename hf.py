@@ -48,6 +48,7 @@ from safetensors.torch import save_file
 
 import checkpoint
 import data
+import disk
 from model import ModelArgs, Transformer
 
 MODEL_TYPES = ("deepseek_v3", "kimi_k2")        # the same fields; Kimi K2 ships its own name
@@ -502,7 +503,7 @@ def save_hf(model: Transformer, folder: str, enc: tiktoken.Encoding | None = Non
     created = not os.path.exists(folder)
     os.makedirs(folder, exist_ok=True)
     try:
-        with data.full_disk_is_one_line(folder, lambda: sum(t.numel() * t.element_size() for t in
+        with disk.full_is_one_line(folder, lambda: sum(t.numel() * t.element_size() for t in
                                                             model.state_dict().values()), "exporting"):
             return _write_hf(model, folder, enc, config, fp8, max_shard_bytes, fp8_block)
     except BaseException:
@@ -578,7 +579,7 @@ def main(argv=None):
         if os.path.isdir(args.hf_dir) and os.listdir(args.hf_dir):
             raise ValueError(f"{args.hf_dir!r} exists and is not empty; export into a new folder")
         files = export(args.out_dir, args.hf_dir, args.fp8, int(args.max_shard_gb * (1 << 30)))
-    except (FileNotFoundError, ValueError) as err:  # (data.DiskFull is a ValueError)
+    except (FileNotFoundError, ValueError) as err:  # (disk.DiskFull is a ValueError)
         sys.exit(f"error: {err}")
     print(f"wrote {args.hf_dir}: config.json, {len(files)} safetensors file(s)"
           f"{' (FP8 blocks)' if args.fp8 else ''}; load it with "

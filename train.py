@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import data
+import disk
 import muonclip
 from checkpoint import init_weights_from, load_checkpoint, save_checkpoint, save_when_due
 from model import ModelArgs, PRESETS, count_params, get_args
@@ -232,7 +233,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)  # flags, preset and overrides checked before the corpus is read
     if args.resume and not checkpoint.exists(args.out_dir):
-        raise FileNotFoundError(f"--resume: no checkpoint in {args.out_dir!r} (train_state.json missing); "
+        raise FileNotFoundError(f"--resume: no checkpoint in {args.out_dir!r} ({checkpoint.MARKER} missing); "
                                 f"drop --resume to start a new run")
     if args.init_from and not args.resume and not all(
             os.path.isfile(os.path.join(args.init_from, f)) for f in ("model.safetensors", "config.json")):
@@ -402,20 +403,20 @@ def _truncate_metrics(path, step) -> int:
 @contextlib.contextmanager
 def _metrics_not_ahead(metrics, committed, out_dir):
     """A full disk (a save, or metrics.jsonl itself): metrics.jsonl is cut back to the last committed
-    checkpoint (removed if there is none), and the error is data.DiskFull's one line."""
+    checkpoint (removed if there is none), and the error is disk.DiskFull's one line."""
     try:
         yield
     except BaseException as e:
-        n = data.full_disk_errno(e)
+        n = disk.full_errno(e)
         if n is None:
             raise
         if metrics:
             metrics.truncate(committed[0])
             if not committed[0]:
                 os.remove(metrics.name)
-        if isinstance(e, data.DiskFull):
+        if isinstance(e, disk.DiskFull):
             raise
-        raise data.disk_full(n, out_dir, 1 << 16, "writing metrics.jsonl") from None
+        raise disk.error(n, out_dir, 1 << 16, "writing metrics.jsonl") from None
 
 
 def _fmt_time(seconds):

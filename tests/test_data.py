@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import disk  # noqa: E402
 from conftest import needs_fork  # noqa: E402
 
 VOCAB = 400
@@ -353,7 +354,7 @@ def test_full_disk_in_a_cache_build_is_one_line(corpus, tmp_path, ds, monkeypatc
         raise OSError(28, os.strerror(28))
     monkeypatch.setattr(data, "atomic_write", full)
     monkeypatch.setattr(data, "_encode_to_file", encode)
-    with pytest.raises(data.DiskFull, match=r"No space left on device while (saving the tokenizer|writing the "
+    with pytest.raises(disk.DiskFull, match=r"No space left on device while (saving the tokenizer|writing the "
                                             r"token cache) in '.*/(bpe|tokens-).*': it needs about [\d,]+ bytes"):
         data.load_dataset(str(corpus), cache_dir=str(tmp_path), vocab_size=VOCAB, verbose=False)
     monkeypatch.undo()
