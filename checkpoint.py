@@ -21,11 +21,13 @@ after it (2 ranks: a sample of them), and checks that --resume continues exactly
 import contextlib
 import json
 import os
+import re
 import shutil
 import warnings
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -34,8 +36,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 import data
+import disk
 from model import ModelArgs, Transformer, build_model
 from parallel import Dist
+
+STAGE, MARKER = "checkpoint.tmp", "train_state.json"  # the staging folder; a complete checkpoint's marker
 
 # DCP works without a process group too (one process); it warns about that on every call.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -55,7 +60,7 @@ def save_pretrained(model: Transformer, folder: str, extra_config: dict | None =
     save_file(state, tmp)
     os.replace(tmp, os.path.join(folder, "model.safetensors"))
     config = {"model_args": asdict(model.args), **(extra_config or {})}
-    data.atomic_write(os.path.join(folder, "config.json"), json.dumps(config, indent=1).encode())
+    data.atomic_write(os.path.join(folder, "config.json"), json.dumps(config, indent=1, allow_nan=False).encode())
 
 
 def load_pretrained(folder: str, device="cpu") -> Transformer:
@@ -65,12 +70,16 @@ def load_pretrained(folder: str, device="cpu") -> Transformer:
     if not (os.path.exists(weights) and os.path.exists(config)):
         raise FileNotFoundError(f"no checkpoint in {folder!r} (model.safetensors + config.json); "
                                 f"run `python train.py` first, or pass the folder it wrote to")
+    if os.path.isdir(config) or os.path.isdir(weights):
+        raise ValueError(f"{config if os.path.isdir(config) else weights} is a folder, not a file; restore "
+                         f"the checkpoint's files, or point at a folder written by train.py")
     try:
         with open(config) as f:
-            args = ModelArgs(**saved_model_args(json.load(f)["model_args"]))
-    except (ValueError, KeyError, TypeError) as e:  # not JSON, no model_args, unknown fields
+            saved = json.load(f)["model_args"]
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, no model_args
         raise ValueError(f"{config} is not a nanoK2 model config ({type(e).__name__}: {e}); "
                          f"point at a folder written by train.py") from e
+    args = ModelArgs.from_config(saved_model_args(saved), f"{config}: ")  # every field there, each valid
     try:
         state = load_file(weights, device=str(device))
     except Exception as e:  # safetensors raises its own error type for a truncated/garbled file
@@ -145,31 +154,112 @@ def save_checkpoint(out_dir, model, optimizer, step, sampler, args, enc, d: Dist
     """All ranks call this. Every part is first written whole into out_dir/checkpoint.tmp/:
     full weights + config (what generate.py reads), tokenizer, the sharded training state. Only
     then are the parts moved over the previous checkpoint's, train_state.json (the marker of a
-    complete checkpoint) last, so a crash while writing leaves the previous checkpoint intact."""
-    stage = os.path.join(out_dir, "checkpoint.tmp")
+    complete checkpoint) last, so a crash while writing leaves the previous checkpoint intact.
+    A full disk (disk.FULL_DISK) on any rank: the partial stage is removed, and every rank raises
+    disk.DiskFull, one line naming the folder and the bytes needed; the previous checkpoint stays."""
+    stage = os.path.join(out_dir, STAGE)
+    try:
+        _save_staged(out_dir, stage, model, optimizer, step, sampler, args, enc, d)
+    except BaseException as e:
+        n = disk.full_errno(e)
+        if n is None:
+            raise
+        if d.main and not os.path.exists(os.path.join(stage, MARKER)):  # (a complete one: --resume commits it)
+            shutil.rmtree(stage, ignore_errors=True)
+        prior = committed_step(out_dir)
+        kept = f"; the step-{prior} checkpoint there is untouched" if prior else ""
+        raise disk.error(n, out_dir, checkpoint_bytes(model, optimizer, enc), f"saving the step-{step} checkpoint",
+                             kept) from None
+
+
+def _save_staged(out_dir, stage, model, optimizer, step, sampler, args, enc, d: Dist):
     run = {k: getattr(args, k) for k in RUN_KEYS}
     full = (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if d.enabled else None)  # gathered onto rank 0 (others get {})
-    if d.main:
-        shutil.rmtree(stage, ignore_errors=True)  # left by a crash during an earlier save
-        save_pretrained(model, stage, extra_config={"run": run, "step": step}, state_dict=full)
-        data.save_encoding(enc, stage)
-    d.barrier()
-    # every rank writes its own shards, as safetensors with the offsets in its JSON header
+    device = next(model.parameters()).device
+    with _agreed(d, device):  # rank 0 writes; the barrier after it also tells every rank if it failed
+        if d.main:
+            shutil.rmtree(stage, ignore_errors=True)  # left by a crash during an earlier save
+            save_pretrained(model, stage, extra_config={"run": run, "step": step}, state_dict=full)
+            data.save_encoding(enc, stage)
+    # every rank writes its own shards, as safetensors with the offsets in its JSON header (a failure
+    # on any rank fails dcp.save on all of them)
     state = {**optimizer_tensors(model, optimizer), "rng_cpu": torch.get_rng_state()}
     dcp.save(state, storage_writer=HuggingFaceStorageWriter(os.path.join(stage, "train_state"),
                                                             save_distributed=True))
     d.barrier()
-    if d.main:
-        # the marker also records the size of each file --resume reads: a file truncated or
-        # swapped after the save is then named by the resume, not found by DCP mid-load
-        shards = sorted(os.listdir(os.path.join(stage, "train_state")))
-        files = {name: os.path.getsize(os.path.join(stage, *name.split("/")))
-                 for name in ["config.json", "model.safetensors", *(f"train_state/{f}" for f in shards)]}
-        state = {"step": step, "sampler": sampler.state_dict(), "world_size": d.world, "files": files}
-        data.atomic_write(os.path.join(stage, "train_state.json"), json.dumps(state).encode())
-        commit_staged(out_dir)
-    d.barrier()
+    with _agreed(d, device):
+        if d.main:
+            # the marker also records the size of each file --resume reads: a file truncated or
+            # swapped after the save is then named by the resume, not found by DCP mid-load
+            shards = sorted(os.listdir(os.path.join(stage, "train_state")))
+            files = {name: os.path.getsize(os.path.join(stage, *name.split("/")))
+                     for name in ["config.json", "model.safetensors", *(f"train_state/{f}" for f in shards)]}
+            state = {"step": step, "sampler": sampler.state_dict(), "world_size": d.world, "files": files}
+            data.atomic_write(os.path.join(stage, MARKER), json.dumps(state).encode())
+            commit_staged(out_dir)
+
+
+@contextlib.contextmanager
+def _agreed(d: Dist, device):
+    """Run the block (rank 0's writing), then a barrier at which the ranks also learn whether the
+    block failed: rank 0 raises its error, the others an OSError with its errno (a full disk: each
+    rank's DiskFull is then the same line), instead of waiting at the next barrier for ever."""
+    error = None
+    try:
+        yield
+    except BaseException as e:
+        error = e
+    if d.enabled:
+        code = 0 if error is None else disk.full_errno(error) or -1
+        code = int(d.all_reduce(torch.tensor([float(code)], device=device), dist.ReduceOp.MAX).item())
+        if error is None and code:
+            error = OSError(code, os.strerror(code)) if code > 0 else RuntimeError("rank 0 failed while saving")
+    if error is not None:
+        raise error
+
+
+def checkpoint_bytes(model, optimizer, enc) -> int:
+    """About the bytes one checkpoint takes: weights and optimizer tensors (all ranks together),
+    the tokenizer's ranks (~16 bytes a token), the JSON files and headers."""
+    tensors = [*model.state_dict().values(), *optimizer_tensors(model, optimizer).values()]
+    return sum(t.numel() * t.element_size() for t in tensors) + 16 * enc.n_vocab + (1 << 14)
+
+
+def exists(out_dir) -> bool:
+    """A checkpoint for --resume in out_dir: a complete one, one whose commit a crash cut short
+    (load_checkpoint finishes it), or one in the older format (load_checkpoint names it)."""
+    return any(os.path.exists(os.path.join(out_dir, *f)) for f in ([MARKER], [STAGE, MARKER], ["train_state.pt"]))
+
+
+def committed_step(out_dir) -> int | None:
+    """The step of the complete checkpoint in out_dir, None if there is none (or it is unreadable)."""
+    try:
+        with open(os.path.join(out_dir, MARKER)) as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def remove_partial(out_dir) -> None:
+    """At a run's start (rank 0): what a save cut short by a crash or a full disk left behind: a
+    staging folder without its marker, and the temporary files of data.atomic_write."""
+    if not os.path.exists(os.path.join(out_dir, STAGE, MARKER)):
+        shutil.rmtree(os.path.join(out_dir, STAGE), ignore_errors=True)
+    for name in os.listdir(out_dir):
+        if re.fullmatch(r".+\.tmp\d+", name) and os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+
+
+def check_folder(path, what: str) -> None:
+    """A folder to write (or read) given on a command line is a folder, or can be made one: a
+    ValueError naming `what` (e.g. "--out-dir") before any work, not a NotADirectoryError after it."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)  # the nearest part of the path that exists
+    if not os.path.isdir(p):
+        where = "is a file" if p == os.path.abspath(path) else f"lies under {p!r}, which is a file"
+        raise ValueError(f"{what} {path!r} {where}, not a folder; pass a folder")
 
 
 def save_when_due(out_dir, step: int, last_step: int, every: int, interrupted, save, log) -> bool:
@@ -186,11 +276,11 @@ def commit_staged(out_dir):
     """Move a complete staged checkpoint (its train_state.json is written) over the current one.
     The old marker is removed first and the new one moved last: a crash in between leaves a mix
     of parts but no marker in out_dir, and a complete stage that the next --resume finishes."""
-    stage = os.path.join(out_dir, "checkpoint.tmp")
-    marker = os.path.join(out_dir, "train_state.json")
+    stage = os.path.join(out_dir, STAGE)
+    marker = os.path.join(out_dir, MARKER)
     if os.path.exists(marker):
         os.remove(marker)
-    for name in sorted(os.listdir(stage), key=lambda n: n == "train_state.json"):
+    for name in sorted(os.listdir(stage), key=lambda n: n == MARKER):
         target = os.path.join(out_dir, name)
         if os.path.isdir(target):
             shutil.rmtree(target)
@@ -204,10 +294,10 @@ def load_checkpoint(out_dir, model, optimizer, sampler, args, margs, d: Dist) ->
     Whatever is wrong with the folder (a missing, truncated, corrupt or swapped file, another
     model's config) is one ValueError (FileNotFoundError: no checkpoint at all) that names the
     file and the fix, raised alike on every rank, never a traceback from DCP or safetensors."""
-    if d.main and os.path.exists(os.path.join(out_dir, "checkpoint.tmp", "train_state.json")):
+    if d.main and os.path.exists(os.path.join(out_dir, STAGE, MARKER)):
         commit_staged(out_dir)  # a save that was complete but cut short while moving in
     d.barrier()
-    state_json = os.path.join(out_dir, "train_state.json")
+    state_json = os.path.join(out_dir, MARKER)
     if not os.path.exists(state_json):
         if os.path.exists(os.path.join(out_dir, "train_state.pt")):
             raise ValueError(f"--resume: {out_dir!r} holds a checkpoint in the older single-file "

@@ -34,6 +34,9 @@ import tiktoken
 import tiktoken.load
 import torch
 
+import disk
+from disk import removed_on_error
+
 EOT = "<|endoftext|>"
 DOC_SEP = "\n\n"  # joins documents in the text; in the token stream the EOT token takes its place
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -150,11 +153,13 @@ def train_bpe(docs: list[str], vocab_size: int) -> dict:
 
 def atomic_write(path: str, data: bytes) -> None:
     # Write under a temporary name, then rename: a crash (or a second process doing the same work
-    # at the same time) can never leave a half-written file under the real name.
+    # at the same time) can never leave a half-written file under the real name; a failed write
+    # (a full disk) leaves none at all.
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    with removed_on_error(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
 
 
 def fingerprint(pat_str: str, mergeable_ranks: dict, special_tokens: dict) -> str:
@@ -289,7 +294,7 @@ def _hash(*parts) -> str:
 def _encode_to_file(enc: tiktoken.Encoding, docs: list[str], path: str, dtype) -> int:
     """Encode documents (joined by EOT) straight into a binary file; return the token count."""
     n, tmp = 0, f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with removed_on_error(tmp), open(tmp, "wb") as f:
         for i in range(0, len(docs), 256):  # in chunks: memory stays bounded, threads stay busy
             for j, ids in enumerate(enc.encode_ordinary_batch(docs[i:i + 256])):
                 if i + j > 0:
@@ -364,7 +369,9 @@ def load_dataset(data_path: str | None = None, tokenizer: str | None = None,
                 f"text...", end="", flush=True)
             t0 = time.time()
             spec = train_bpe(train_docs, vocab_size)
-            save_tokenizer(tok_dir, tok_id, spec)
+            with disk.full_is_one_line(tok_dir, lambda: 2 * sum(len(t) + 8 for t in spec["mergeable_ranks"]),
+                                       "saving the tokenizer"):
+                save_tokenizer(tok_dir, tok_id, spec)
             enc = tiktoken.Encoding(name=tok_id, **spec)
             log(f" done in {time.time() - t0:.1f}s")
     else:
@@ -380,21 +387,11 @@ def load_dataset(data_path: str | None = None, tokenizer: str | None = None,
         log(f"data: encoding {len(train_docs)} train / {len(val_docs)} val documents with "
             f"{tok_id}...", end="", flush=True)
         t0 = time.time()
-        os.makedirs(folder, exist_ok=True)
-        # meta.json vouches for the files beside it: it goes before any of them is replaced, so
-        # a rebuild cut short can never leave an old meta.json beside some new files
-        if os.path.exists(os.path.join(folder, "meta.json")):
-            os.remove(os.path.join(folder, "meta.json"))
-        dtype = "uint16" if enc.n_vocab <= 2**16 else "uint32"  # half the disk/RAM when it fits
-        meta = {"tokenizer": tok_id, "tokenizer_fingerprint": enc_fingerprint,
-                "vocab_size": enc.n_vocab, "dtype": dtype,
-                "source": root if data_path is not None else "stdlib"}
-        for split, split_docs in (("train", train_docs), ("val", val_docs)):
-            n_tok = _encode_to_file(enc, split_docs, os.path.join(folder, f"{split}.bin"), dtype)
-            n_bytes = len(DOC_SEP) * (len(split_docs) - 1) + sum(len(d.encode()) for d in split_docs)
-            meta[split] = {"n_tokens": n_tok, "n_bytes": n_bytes, "n_docs": len(split_docs)}
-        atomic_write(os.path.join(folder, "val.txt"), DOC_SEP.join(val_docs).encode())
-        atomic_write(os.path.join(folder, "meta.json"), json.dumps(meta, indent=1).encode())
+        with disk.full_is_one_line(folder, lambda: _cache_bytes(enc, splits()), "writing the token cache"), \
+                removed_on_error(*(os.path.join(folder, f) for f in ("train.bin", "val.bin", "val.txt"))):
+            meta = _encode_splits(enc, folder, splits(), {
+                "tokenizer": tok_id, "tokenizer_fingerprint": enc_fingerprint, "vocab_size": enc.n_vocab,
+                "source": root if data_path is not None else "stdlib"})
         log(f" done in {time.time() - t0:.1f}s")
 
     tr, va = meta["train"], meta["val"]
@@ -408,6 +405,29 @@ def load_dataset(data_path: str | None = None, tokenizer: str | None = None,
                    val=_open_tokens(os.path.join(folder, "val.bin"), meta["dtype"], va["n_tokens"]),
                    enc=enc, vocab_size=enc.n_vocab, val_bytes=va["n_bytes"],
                    val_text_bytes=val_text, name=name)
+
+
+def _encode_splits(enc, folder: str, splits: tuple[list[str], list[str]], meta: dict) -> dict:
+    """Write the token cache: train.bin, val.bin, val.txt, then meta.json (its marker)."""
+    os.makedirs(folder, exist_ok=True)
+    # meta.json vouches for the files beside it: it goes before any of them is replaced, so
+    # a rebuild cut short can never leave an old meta.json beside some new files
+    if os.path.exists(os.path.join(folder, "meta.json")):
+        os.remove(os.path.join(folder, "meta.json"))
+    meta["dtype"] = dtype = "uint16" if enc.n_vocab <= 2**16 else "uint32"  # half the disk/RAM when it fits
+    for split, split_docs in zip(("train", "val"), splits):
+        n_tok = _encode_to_file(enc, split_docs, os.path.join(folder, f"{split}.bin"), dtype)
+        n_bytes = len(DOC_SEP) * (len(split_docs) - 1) + sum(len(d.encode()) for d in split_docs)
+        meta[split] = {"n_tokens": n_tok, "n_bytes": n_bytes, "n_docs": len(split_docs)}
+    atomic_write(os.path.join(folder, "val.txt"), DOC_SEP.join(splits[1]).encode())
+    atomic_write(os.path.join(folder, "meta.json"), json.dumps(meta, indent=1).encode())
+    return meta
+
+
+def _cache_bytes(enc, splits) -> int:
+    """At most what _encode_splits writes: a token per byte and an EOT per document, and val.txt."""
+    item = 2 if enc.n_vocab <= 2**16 else 4
+    return sum(item * (len(d.encode()) + 1) for docs in splits for d in docs) + sum(map(len, splits[1])) * 4
 
 
 # ---- 4. Batches: random training windows, fixed evaluation windows ----------------------------

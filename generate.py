@@ -16,6 +16,7 @@ and the cache's bytes against the full latent cache and against the full per-hea
 """
 import argparse
 import codecs
+import math
 import os
 import sys
 import time
@@ -58,15 +59,20 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.kv_budget <= 1:
         p.error(f"--kv-budget must be in (0, 1] (the fraction of the prompt kept), got {args.kv_budget}")
-    for name, v, low in (("max-new-tokens", args.max_new_tokens, 1), ("temperature", args.temperature, 0),
-                         ("top-k", args.top_k, 0)):
+    for name, v, low, most in (("max-new-tokens", args.max_new_tokens, 1, 2**63 - 1),
+                               ("temperature", args.temperature, 0, math.inf), ("top-k", args.top_k, 0, 2**63 - 1),
+                               ("seed", args.seed, 0, 2**64 - 1), ("kv-window", args.kv_window, 1, 2**63 - 1)):
+        # (kv-window: the recent tokens always kept; seed: at most what torch.Generator takes)
         if not v >= low:  # (NaN fails too)
             p.error(f"--{name} must be at least {low}, got {v}")
+        if not v <= most or v == math.inf:
+            p.error(f"--{name} must be {'a finite number' if most == math.inf else f'at most {most}'}, got {v}")
     if not 0 <= args.kv_alpha < 1:
         p.error(f"--kv-alpha must be in [0, 1) (the weight of the past in the predicted score; "
                 f"0 = the current query only), got {args.kv_alpha:g}")
-    if args.kv_window < 1:
-        p.error(f"--kv-window must be at least 1 (the recent tokens always kept), got {args.kv_window}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out-dir {args.out!r} is a file, not a folder; pass the checkpoint folder train.py "
+                f"wrote (or a Hugging Face folder)")
     if args.prompt_file is not None and not os.path.isfile(args.prompt_file):
         what = "a folder" if os.path.isdir(args.prompt_file) else "no such file"
         p.error(f"--prompt-file {args.prompt_file!r}: {what}; pass an existing file, "

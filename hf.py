@@ -37,6 +37,7 @@ import base64
 import json
 import math
 import os
+import shutil
 import sys
 
 import tiktoken
@@ -47,6 +48,7 @@ from safetensors.torch import save_file
 
 import checkpoint
 import data
+import disk
 from model import ModelArgs, Transformer
 
 MODEL_TYPES = ("deepseek_v3", "kimi_k2")        # the same fields; Kimi K2 ships its own name
@@ -114,21 +116,22 @@ def rope_from_hf(cfg: dict) -> dict:
     kind = rope.get("rope_type", rope.get("type", "default"))
     orig, factor = rope.get("original_max_position_embeddings"), rope.get("factor")
     ms, ms_all = rope.get("mscale"), rope.get("mscale_all_dim")
-    if kind != "default" and (kind != "yarn" or not isinstance(orig, int) or not (factor or 0) > 1 or not ms
-                              or ms != ms_all or rope.get("attention_factor") is not None
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if kind != "default" and (kind != "yarn" or not isinstance(orig, int) or not (number(factor) and factor > 1)
+                              or not number(ms) or ms != ms_all or rope.get("attention_factor") is not None
                               or not rope.get("truncate", True)):
         raise ValueError(f"unsupported rope_scaling {json.dumps(rope)} in config.json: nanoK2 runs YaRN with "
                          f"factor > 1, mscale == mscale_all_dim and original_max_position_embeddings, or none")
     theta = cfg.get("rope_theta", new_style.get("rope_theta"))
     max_len = cfg.get("max_position_embeddings")
-    if theta is None or not isinstance(max_len, int):
+    if theta is None or max_len is None:
         raise ValueError("config.json lacks rope_theta or max_position_embeddings; it is not a "
                          "DeepSeek-V3 config: point at the model's own config.json")
-    if kind == "default":
-        return dict(max_seq_len=max_len, yarn=False, rope_theta=float(theta))
-    return dict(max_seq_len=max_len, yarn=True, original_seq_len=orig, rope_theta=float(theta),
-                rope_factor=float(factor), beta_fast=rope.get("beta_fast") or 32,
-                beta_slow=rope.get("beta_slow") or 1, mscale=float(ms))
+    if kind == "default":  # (the values are checked by ModelArgs.check, in config_to_args)
+        return dict(max_seq_len=max_len, yarn=False, rope_theta=theta)
+    return dict(max_seq_len=max_len, yarn=True, original_seq_len=orig, rope_theta=theta,
+                rope_factor=factor, beta_fast=rope.get("beta_fast") or 32,
+                beta_slow=rope.get("beta_slow") or 1, mscale=ms)
 
 
 def rope_to_hf(a: ModelArgs) -> dict:
@@ -148,35 +151,41 @@ REQUIRED = {"hidden_act": "silu", "norm_topk_prob": True, "scoring_func": "sigmo
             "rope_interleave": True, "moe_layer_freq": 1}
 
 
-def config_to_args(cfg: dict) -> ModelArgs:
-    """A DeepSeek-V3 / Kimi K2 config.json (as a dict) -> ModelArgs, or one ValueError line."""
+# ModelArgs field -> its config.json name (rope_from_hf reads the RoPE fields); None: optional
+HF_NAMES = {"vocab_size": "vocab_size", "dim": "hidden_size", "inter_dim": "intermediate_size",
+            "moe_inter_dim": "moe_intermediate_size", "n_layers": "num_hidden_layers",
+            "n_dense_layers": "first_k_dense_replace", "n_heads": "num_attention_heads",
+            "n_routed_experts": "n_routed_experts", "n_shared_experts": "n_shared_experts",
+            "n_activated_experts": "num_experts_per_tok", "route_scale": "routed_scaling_factor",
+            "kv_lora_rank": "kv_lora_rank", "qk_nope_head_dim": "qk_nope_head_dim",
+            "qk_rope_head_dim": "qk_rope_head_dim", "v_head_dim": "v_head_dim", "norm_eps": "rms_norm_eps"}
+HF_OPTIONAL = {"n_expert_groups": ("n_group", 1), "n_limited_groups": ("topk_group", 1),
+               "aux_loss_alpha": ("aux_loss_alpha", 0.0), "q_lora_rank": ("q_lora_rank", 0),
+               "init_std": ("initializer_range", 0.02)}  # null or absent: the default
+HF_ROPE_NAMES = {"max_seq_len": "max_position_embeddings", "original_seq_len": "rope_scaling.original_max_"
+                 "position_embeddings", "rope_factor": "rope_scaling.factor", "beta_fast": "rope_scaling.beta_fast",
+                 "beta_slow": "rope_scaling.beta_slow", "mscale": "rope_scaling.mscale"}
+
+
+def config_to_args(cfg: dict, path: str = "config.json") -> ModelArgs:
+    """A DeepSeek-V3 / Kimi K2 config.json (as a dict) -> ModelArgs, or one ValueError line that
+    names `path`, the field as config.json spells it, its value and the fix (ModelArgs.check)."""
     kind = cfg.get("model_type")
     if kind not in MODEL_TYPES:
-        raise ValueError(f"unknown model_type {kind!r} in config.json: hf.py reads {' and '.join(MODEL_TYPES)} "
+        raise ValueError(f"unknown model_type {kind!r} in {path}: hf.py reads {' and '.join(MODEL_TYPES)} "
                          f"(DeepSeek-V3, Kimi K2, Moonlight) folders only")
     for k, want in REQUIRED.items():
         if k in cfg and cfg[k] != want:
-            raise ValueError(f"unsupported {k}={cfg[k]!r} in config.json: nanoK2 implements {k}={want!r} only")
-    try:
-        args = ModelArgs(
-            vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], inter_dim=cfg["intermediate_size"],
-            moe_inter_dim=cfg["moe_intermediate_size"], n_layers=cfg["num_hidden_layers"],
-            n_dense_layers=cfg["first_k_dense_replace"], n_heads=cfg["num_attention_heads"],
-            n_routed_experts=cfg["n_routed_experts"], n_shared_experts=cfg["n_shared_experts"],
-            n_activated_experts=cfg["num_experts_per_tok"], n_expert_groups=cfg.get("n_group") or 1,
-            n_limited_groups=cfg.get("topk_group") or 1, route_scale=float(cfg["routed_scaling_factor"]),
-            aux_loss_alpha=float(cfg.get("aux_loss_alpha", 0.0)), q_lora_rank=cfg["q_lora_rank"] or 0,
-            kv_lora_rank=cfg["kv_lora_rank"], qk_nope_head_dim=cfg["qk_nope_head_dim"],
-            qk_rope_head_dim=cfg["qk_rope_head_dim"], v_head_dim=cfg["v_head_dim"],
-            norm_eps=float(cfg["rms_norm_eps"]), init_std=float(cfg.get("initializer_range", 0.02)),
-            **rope_from_hf(cfg))
-    except KeyError as e:
-        raise ValueError(f"config.json lacks the field {e.args[0]!r}; it is not a complete DeepSeek-V3 "
-                         f"config: point at the model's own config.json") from None
-    if args.n_routed_experts % args.n_expert_groups:
-        raise ValueError(f"config.json: n_routed_experts ({args.n_routed_experts}) is not divisible by "
-                         f"n_group ({args.n_expert_groups})")
-    return args
+            raise ValueError(f"unsupported {k}={cfg[k]!r} in {path}: nanoK2 implements {k}={want!r} only")
+    missing = [hf for hf in HF_NAMES.values() if hf not in cfg]
+    if missing:
+        raise ValueError(f"{path} lacks the field {missing[0]!r}; it is not a complete DeepSeek-V3 "
+                         f"config: point at the model's own config.json")
+    fields = {k: cfg[hf] for k, hf in HF_NAMES.items()}
+    fields.update({k: default if cfg.get(hf) is None else cfg[hf] for k, (hf, default) in HF_OPTIONAL.items()})
+    names = {**HF_NAMES, **{k: hf for k, (hf, _) in HF_OPTIONAL.items()}, **HF_ROPE_NAMES}
+    return ModelArgs(**fields, **rope_from_hf(cfg)).check(
+        f"{path}: ", lambda k: names.get(k, k), "; correct it, or point at the model's own config.json")
 
 
 def args_to_config(a: ModelArgs) -> dict:
@@ -198,10 +207,12 @@ def args_to_config(a: ModelArgs) -> dict:
 
 def read_config(folder: str) -> dict:
     path = os.path.join(folder, "config.json")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not a file; point at a model folder whose config.json is a file")
     try:
         with open(path) as f:
             cfg = json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(f"no config.json in {folder!r}; point at a Hugging Face model folder") from None
     except ValueError as e:
         raise ValueError(f"{path} is not readable JSON ({e}); restore it from the model's release") from None
@@ -292,6 +303,10 @@ def allocate(model: Transformer, device, dtype) -> Transformer:
     """Give a meta-built model its memory, once, in `dtype` on `device`, ready to be filled."""
     for name, p in model.named_parameters():  # dtypes set while on meta: nothing allocated yet
         p.data = p.data.to(_param_dtype(name, dtype))
+    for module in model.modules():  # the rotary tables, the router bias: at least fp32, as the router
+        for name, b in module.named_buffers(recurse=False):
+            if b.is_floating_point():
+                module._buffers[name] = b.to(torch.promote_types(dtype, torch.float32))
     model.to_empty(device=device)
     # model.py's own init sets the rotary tables (its YaRN rule) and the runtime buffers; the weights
     # it draws are all overwritten by the checkpoint (load_model checks that every one is there)
@@ -314,7 +329,7 @@ def load_model(folder: str, device="cpu", dtype: torch.dtype | None = None) -> T
     missing file) naming the file or tensor and the fix, found before any memory is allocated
     (or, for a shard that is corrupt inside, while reading it)."""
     cfg = read_config(folder)
-    args, block = config_to_args(cfg), fp8_block(cfg)
+    args, block = config_to_args(cfg, os.path.join(folder, "config.json")), fp8_block(cfg)
     files = weight_map(folder)
     with torch.device("meta"):
         model = Transformer(args)
@@ -484,7 +499,24 @@ def save_hf(model: Transformer, folder: str, enc: tiktoken.Encoding | None = Non
                                          "weight_block_size": list(fp8_block)}
     if enc is not None:
         config["bos_token_id"] = config["eos_token_id"] = enc.eot_token
+    json.dumps(config, allow_nan=False)  # nothing that is not JSON (NaN, Infinity) reaches the file
+    created = not os.path.exists(folder)
     os.makedirs(folder, exist_ok=True)
+    try:
+        with disk.full_is_one_line(folder, lambda: sum(t.numel() * t.element_size() for t in
+                                                            model.state_dict().values()), "exporting"):
+            return _write_hf(model, folder, enc, config, fp8, max_shard_bytes, fp8_block)
+    except BaseException:
+        # a folder that was new or empty: whatever the export wrote into it goes (a full disk, Ctrl-C)
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if created:
+            os.rmdir(folder)
+        raise
+
+
+def _write_hf(model, folder, enc, config, fp8, max_shard_bytes, fp8_block) -> list[str]:
     # Fill one shard at a time and write it when full (the model plus one shard in memory); shards
     # get their final names, which need the count, once all are written.
     shards, shard, size = [], {}, 0  # written shards as (names, bytes); the one being filled
@@ -512,7 +544,7 @@ def save_hf(model: Transformer, folder: str, enc: tiktoken.Encoding | None = Non
     if enc is not None:
         save_tokenizer(enc, folder)
     with open(os.path.join(folder, "config.json"), "w") as f:  # last: a folder with it is complete
-        json.dump(config, f, indent=1)
+        json.dump(config, f, indent=1, allow_nan=False)
     return files
 
 
@@ -524,9 +556,14 @@ def export(out_dir: str, hf_dir: str, fp8: bool = False, max_shard_bytes: int = 
     return save_hf(model, hf_dir, enc, fp8, max_shard_bytes, fp8_block)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block, like train.py's and generate.py's
+        self.exit(2, f"error: {message} (see: python {self.prog} --help)\n")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="hf.py", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="write a nanoK2 checkpoint as a Hugging Face (transformers) folder")
     e.add_argument("out_dir", help="checkpoint folder written by train.py")
@@ -534,11 +571,15 @@ def main(argv=None):
     e.add_argument("--fp8", action="store_true", help="linear weights as float8_e4m3fn in 128x128 blocks")
     e.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard (GB)")
     args = p.parse_args(argv)
-    if args.max_shard_gb <= 0:
-        p.error(f"--max-shard-gb must be positive, got {args.max_shard_gb:g}")
+    if not 0 < args.max_shard_gb <= 2**33:  # (NaN fails too; 2**33 GB: 2**63 bytes)
+        e.error(f"--max-shard-gb must be a positive number of GB, at most 2**33, got {args.max_shard_gb:g}")
     try:
+        for path, what in ((args.out_dir, "the checkpoint folder"), (args.hf_dir, "the folder to write")):
+            checkpoint.check_folder(path, what)
+        if os.path.isdir(args.hf_dir) and os.listdir(args.hf_dir):
+            raise ValueError(f"{args.hf_dir!r} exists and is not empty; export into a new folder")
         files = export(args.out_dir, args.hf_dir, args.fp8, int(args.max_shard_gb * (1 << 30)))
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError) as err:  # (disk.DiskFull is a ValueError)
         sys.exit(f"error: {err}")
     print(f"wrote {args.hf_dir}: config.json, {len(files)} safetensors file(s)"
           f"{' (FP8 blocks)' if args.fp8 else ''}; load it with "

@@ -111,6 +111,67 @@ class ModelArgs:
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
+    def check(self, where: str = "", name=lambda k: k, fix: str = "") -> "ModelArgs":
+        """Every field's type and range, and the relations between fields, whatever the source
+        (presets and flags: get_args; nanoK2 folders: from_config; HF folders: hf.config_to_args).
+        A ValueError of one line: `where` (the file, or "" for flags), the field as that source
+        spells it (`name(field)`), the value, and the fix. Ints in float fields become floats."""
+        def bad(k, want):
+            return ValueError(f"{where}{name(k)} must be {want}, got {getattr(self, k)!r}{fix}")
+        for f in fields(self):
+            k, v = f.name, getattr(self, f.name)
+            if f.type is bool and not isinstance(v, bool):
+                raise bad(k, "true or false")
+            if f.type is int and not (isinstance(v, int) and not isinstance(v, bool)):
+                raise bad(k, "an integer")
+            if f.type is float:
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise bad(k, "a number")
+                if not math.isfinite(v):
+                    raise bad(k, "a finite number")
+                setattr(self, k, float(v))
+            if f.type is int and not (0 if k in AT_LEAST_0 else 1) <= v <= MAX_SIZE:
+                raise bad(k, f"at most {MAX_SIZE:,}" if v > 0 else f"at least {0 if k in AT_LEAST_0 else 1}")
+            if f.type is float and k in AT_LEAST_0 and not v >= 0:
+                raise bad(k, "at least 0")
+            if f.type is float and k not in AT_LEAST_0 and not v > (1 if k == "rope_theta" else 0):
+                raise bad(k, "greater than 1" if k == "rope_theta" else "positive")
+        E, G = self.n_routed_experts, self.n_expert_groups
+        for k, most in (("n_activated_experts", "n_routed_experts"), ("n_limited_groups", "n_expert_groups"),
+                        ("n_dense_layers", "n_layers")):
+            if getattr(self, k) > getattr(self, most):
+                raise ValueError(f"{where}{name(k)} {getattr(self, k)} exceeds {name(most)} {getattr(self, most)}; "
+                                 f"lower the one or raise the other{fix}")
+        if E % G or (G > 1 and E // G < 2):  # (the group score is the sum of a group's top 2)
+            raise ValueError(f"{where}{name('n_routed_experts')} {E} does not split into {name('n_expert_groups')} "
+                             f"{G} groups of 2 or more experts; pick a divisor{fix}")
+        if self.n_activated_experts > self.n_limited_groups * (E // G):
+            raise ValueError(f"{where}{name('n_activated_experts')} {self.n_activated_experts} exceeds the "
+                             f"{self.n_limited_groups * (E // G)} experts of the {name('n_limited_groups')} "
+                             f"{self.n_limited_groups} groups routing keeps; lower it or keep more groups{fix}")
+        if self.qk_rope_head_dim % 2:
+            raise bad("qk_rope_head_dim", "even (RoPE rotates pairs of dims)")
+        return self
+
+    @classmethod
+    def from_config(cls, saved, where: str) -> "ModelArgs":
+        """A config file's model fields (a dict): all of them present, none unknown, each checked."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(saved, dict):
+            raise ValueError(f"{where}model_args is not a JSON object; point at a folder written by train.py")
+        unknown, missing = sorted(set(saved) - set(names)), [k for k in names if k not in saved]
+        if unknown or missing:
+            k = (unknown or missing)[0]
+            raise ValueError(f"{where}model_args {'has the unknown field' if unknown else 'lacks the field'} "
+                             f"{k!r}; it was not written by this version of train.py: restore the file, or "
+                             f"{'remove' if unknown else 'add'} the field")
+        return cls(**saved).check(where, lambda k: f"model_args.{k}",
+                                  "; correct the file, or point at a folder written by train.py")
+
+
+MAX_SIZE = 2**31 - 1  # the largest size (int field) a model may have
+AT_LEAST_0 = {"n_dense_layers", "n_shared_experts", "q_lora_rank", "bias_update_speed", "aux_loss_alpha"}
+
 
 PRESETS = {
     # CPU default: trains in minutes on 2 cores. Small heads, 8 experts, top-2.
@@ -140,18 +201,16 @@ PRESETS = {
 }
 
 
-def get_args(preset: str = "tiny", **overrides) -> ModelArgs:
-    """A preset with some fields overridden; unknown names are errors, not silently ignored."""
+def get_args(preset: str = "tiny", name=lambda k: k, **overrides) -> ModelArgs:
+    """A preset with some fields overridden; unknown names are errors, not silently ignored.
+    Checked (ModelArgs.check); `name`: how the caller's user spells a field (train.py: its flag)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     names = {f.name for f in fields(ModelArgs)}
     bad = [k for k in overrides if k not in names]
     if bad:
         raise ValueError(f"unknown model field(s) {bad}; ModelArgs has {sorted(names)}")
-    args = ModelArgs(**{**PRESETS[preset], **overrides})
-    if args.n_routed_experts % args.n_expert_groups:
-        raise ValueError("n_routed_experts must be divisible by n_expert_groups")
-    return args
+    return ModelArgs(**{**PRESETS[preset], **overrides}).check(name=name)
 
 
 # ----------------------------------------------------------------------------- norm + rope

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 import chat
+import checkpoint
 import data
 import muonclip
 from chat import CachedRunner, Chat, Episode, Task, eval_line, evaluate, flips, flips_line, rollout
@@ -521,12 +522,17 @@ def check_args(args) -> None:
         v = getattr(args, name)
         if v is not None and not v >= low:  # (NaN fails too)
             raise ValueError(f"--{name.replace('_', '-')} must be at least {low:g}, got {v}")
+        most = 2**44 if name == "seed" else 2**63 - 1  # (seed * 1_000_003 + step seeds a torch.Generator)
+        if v is not None and not v <= most:  # (a float flag: inf)
+            raise ValueError(f"--{name.replace('_', '-')} must be "
+                             f"{f'at most {most}' if isinstance(v, int) else 'a finite number'}, got {v}")
     if args.judge_frac > 1:
         raise ValueError(f"--judge-frac is a fraction: at most 1, got {args.judge_frac}")
     if args.stage != "eval" and not 0 < args.lr < math.inf:
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
-    if args.resume and not os.path.exists(os.path.join(args.out_dir, "train_state.json")):
-        raise FileNotFoundError(f"--resume: no checkpoint in {args.out_dir!r} (train_state.json missing); "
+    checkpoint.check_folder(args.out_dir, "--out-dir")
+    if args.resume and not checkpoint.exists(args.out_dir):
+        raise FileNotFoundError(f"--resume: no checkpoint in {args.out_dir!r} ({checkpoint.MARKER} missing); "
                                 f"drop --resume to start a new run")
     folder = args.out_dir if args.resume or args.stage == "eval" else args.init_from
     if not all(os.path.isfile(os.path.join(folder, f)) for f in ("model.safetensors", "config.json")):

@@ -20,13 +20,15 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import checkpoint
 import data
+import disk
 import muonclip
 from checkpoint import init_weights_from, load_checkpoint, save_checkpoint, save_when_due
 from model import ModelArgs, PRESETS, count_params, get_args
@@ -91,25 +93,10 @@ def parse_args(argv=None):
 
 
 def model_args_from(args, vocab_size: int) -> ModelArgs:
+    """The preset, the overrides, checked (ModelArgs.check; an error names the flag)."""
     overrides = {f.name: getattr(args, f.name) for f in fields(ModelArgs)
                  if f.name != "vocab_size" and getattr(args, f.name) is not None}
-    margs = get_args(args.preset, vocab_size=vocab_size, **overrides)
-    flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
-    for k, v in asdict(margs).items():  # sizes >= 1 (or 0 = off), scales > 0; NaN fails too
-        if isinstance(v, bool) or not isinstance(v, (int, float)):  # switches
-            continue
-        low = 0 if k in ("n_dense_layers", "n_shared_experts", "q_lora_rank", "bias_update_speed",
-                         "aux_loss_alpha") else 1 if isinstance(v, int) else None
-        if not (v >= low if low is not None else v > 0):
-            raise ValueError(f"{flag(k)} must be {'positive' if low is None else f'at least {low}'}, got {v}")
-    for k, most in (("n_activated_experts", "n_routed_experts"), ("n_limited_groups", "n_expert_groups"),
-                    ("n_dense_layers", "n_layers")):
-        if getattr(margs, k) > getattr(margs, most):
-            raise ValueError(f"{flag(k)} {getattr(margs, k)} exceeds {flag(most)} {getattr(margs, most)}; "
-                             f"lower the one or raise the other")
-    if margs.qk_rope_head_dim % 2:
-        raise ValueError(f"--qk-rope-head-dim must be even (RoPE rotates pairs of dims), "
-                         f"got {margs.qk_rope_head_dim}")
+    margs = get_args(args.preset, name=lambda k: "--" + k.replace("_", "-"), vocab_size=vocab_size, **overrides)
     if args.seq_len > margs.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len "
                          f"{margs.max_seq_len}; pass --max-seq-len {args.seq_len} or a shorter --seq-len")
@@ -124,9 +111,12 @@ def check_args(args) -> None:  # (testbed.py checks its stages' flags with it to
                 "copy_rows": 0, "copy_steps": 0, "seed": 0, "weight_decay": 0, "grad_clip": 0,
                 "decay_frac": 0, "min_lr_frac": 0}
     for name, low in at_least.items():
-        v = getattr(args, name)
+        v, most = getattr(args, name), 2**64 - 1 if name == "seed" else 2**63 - 1  # (seed: what torch takes)
         if v is not None and not v >= low:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
+        if v is not None and not v <= most:  # (a float flag: inf)
+            limit = f"at most {most}" if isinstance(v, int) else "a finite number"
+            raise ValueError(f"--{name.replace('_', '-')} must be {limit}, got {v}")
     for name in ("decay_frac", "min_lr_frac"):
         if getattr(args, name) > 1:
             raise ValueError(f"--{name.replace('_', '-')} is a fraction: it must be at most 1, "
@@ -135,7 +125,7 @@ def check_args(args) -> None:  # (testbed.py checks its stages' flags with it to
         raise ValueError(f"--lr must be a positive number, got {args.lr}; omit it for the optimizer's default")
     if args.tokenizer is None and not 257 <= args.vocab_size <= 2**20:
         raise ValueError(f"--vocab-size must be between 257 (256 bytes + EOT) and 2**20, got {args.vocab_size}")
-    if not args.dist_timeout > 0:
+    if not 0 < args.dist_timeout < math.inf:
         raise ValueError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
     if not args.no_qk_clip:
         muonclip.check_tau(args.qk_clip_tau)
@@ -145,7 +135,9 @@ def check_args(args) -> None:  # (testbed.py checks its stages' flags with it to
         raise ValueError(f"--copy-rows {args.copy_rows} exceeds --batch-size {args.batch_size}; "
                          f"at most every row of a batch can be a copy-task row")
     model_args_from(args, args.vocab_size)
-
+    checkpoint.check_folder(args.out_dir, "--out-dir")
+    if args.cache_dir is not None:
+        checkpoint.check_folder(args.cache_dir, "--cache-dir")
 
 
 def lr_multiplier(step: int, max_steps: int, warmup: int, decay_frac: float, min_frac: float) -> float:
@@ -240,9 +232,8 @@ def _sync(model):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)  # flags, preset and overrides checked before the corpus is read
-    if args.resume and not any(os.path.exists(os.path.join(args.out_dir, *f)) for f in (
-            ["train_state.json"], ["checkpoint.tmp", "train_state.json"], ["train_state.pt"])):
-        raise FileNotFoundError(f"--resume: no checkpoint in {args.out_dir!r} (train_state.json missing); "
+    if args.resume and not checkpoint.exists(args.out_dir):
+        raise FileNotFoundError(f"--resume: no checkpoint in {args.out_dir!r} ({checkpoint.MARKER} missing); "
                                 f"drop --resume to start a new run")
     if args.init_from and not args.resume and not all(
             os.path.isfile(os.path.join(args.init_from, f)) for f in ("model.safetensors", "config.json")):
@@ -266,6 +257,8 @@ def train(args, d: Dist, device):
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     os.makedirs(args.out_dir, exist_ok=True)
+    if d.main:
+        checkpoint.remove_partial(args.out_dir)  # what a save cut short left (a later save would too)
 
     # rank 0 trains the tokenizer and writes the token cache; the others then just read it
     if not d.main:
@@ -304,8 +297,9 @@ def train(args, d: Dist, device):
                 f"{args.max_steps}; pass a larger --max-steps to train on")
             return None
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    if d.main:
-        _truncate_metrics(metrics_path, step)  # lines logged after the checkpoint are replayed exactly
+    # the bytes of metrics.jsonl up to the last committed checkpoint: lines logged after it are
+    # replayed exactly after a resume, and cut off when a save fails for want of space
+    committed = [_truncate_metrics(metrics_path, step) if d.main else 0]
 
     val_bytes = data.window_bytes(ds.enc, val_ys)
     baselines = data.compression_baselines(val_bytes)
@@ -319,7 +313,12 @@ def train(args, d: Dist, device):
     t_start, steps_timed = time.time(), 0
     last_good_step = step
     with contextlib.ExitStack() as stack:
-        metrics = stack.enter_context(open(metrics_path, "a")) if d.main else None
+        metrics = stack.enter_context(open(metrics_path, "ab", buffering=0)) if d.main else None
+        stack.enter_context(_metrics_not_ahead(metrics, committed, args.out_dir))
+
+        def save():
+            save_checkpoint(args.out_dir, model, optimizer, step, sampler, args, ds.enc, d)
+            committed[0] = metrics.tell() if metrics else 0
         while step < args.max_steps:
             t0 = time.time()
             mult = lr_multiplier(step, args.max_steps, warmup, args.decay_frac, args.min_lr_frac)
@@ -365,12 +364,12 @@ def train(args, d: Dist, device):
                     line += f" | val {rec['val_loss']:.4f} ({rec['val_bpb']:.3f} bpb)"
                 log(line, flush=True)
             if metrics:
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
+                line = (json.dumps(rec) + "\n").encode()
+                while line:  # unbuffered: a failed write leaves nothing to flush later
+                    line = line[metrics.write(line):]
             last_good_step = step
             if save_when_due(args.out_dir, step, args.max_steps, args.save_every, stop or step == args.stop_at,
-                             lambda: save_checkpoint(args.out_dir, model, optimizer, step, sampler, args, ds.enc, d),
-                             log):
+                             save, log):
                 return None
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -381,21 +380,43 @@ def train(args, d: Dist, device):
     return final
 
 
-def _truncate_metrics(path, step):
+def _truncate_metrics(path, step) -> int:
     """Keep the lines up to the checkpoint's step; the later ones are logged again as the run
-    replays them. A line cut short by a kill (the last one) is dropped. Rewritten through a
-    temporary file, so a kill here cannot lose the history."""
+    replays them. A line cut short by a kill (the last one) is dropped. Cut in place (one
+    truncate: a kill cannot lose the history, and a full disk cannot stop it). Returns the bytes kept."""
     if not os.path.exists(path):
-        return
-    keep = []
-    with open(path) as f:
+        return 0
+    keep = 0
+    with open(path, "rb") as f:
         for line in f:
             try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line)
+                if json.loads(line)["step"] > step or not line.endswith(b"\n"):
+                    break
             except ValueError:  # a partial line: written when the process was killed
                 break
-    data.atomic_write(path, "".join(keep).encode())
+            keep += len(line)
+    if keep < os.path.getsize(path):
+        os.truncate(path, keep)
+    return keep
+
+
+@contextlib.contextmanager
+def _metrics_not_ahead(metrics, committed, out_dir):
+    """A full disk (a save, or metrics.jsonl itself): metrics.jsonl is cut back to the last committed
+    checkpoint (removed if there is none), and the error is disk.DiskFull's one line."""
+    try:
+        yield
+    except BaseException as e:
+        n = disk.full_errno(e)
+        if n is None:
+            raise
+        if metrics:
+            metrics.truncate(committed[0])
+            if not committed[0]:
+                os.remove(metrics.name)
+        if isinstance(e, disk.DiskFull):
+            raise
+        raise disk.error(n, out_dir, 1 << 16, "writing metrics.jsonl") from None
 
 
 def _fmt_time(seconds):

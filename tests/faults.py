@@ -33,10 +33,14 @@ Entry points, `python tests/faults.py MODE SPEC.json [train.py flags...]`:
   data    data.load_dataset on a cold cache (the tokenizer is trained, then the corpus encoded),
           one forked child per point, each with its own cache folder; the one that finishes is
           the uninterrupted build.
+  enospc  not a kill but a full disk: the write at one point of a save fails with ENOSPC (as
+          safetensors or the OS raise it), train.py handles it as a user would see it, and then
+          --resume runs; one forked child per write of the saves of spec["steps"].
 Each writes spec["results"] (JSON); the tests judge the outcomes.
 """
 import builtins
 import contextlib
+import errno
 import gc
 import hashlib
 import io
@@ -87,6 +91,10 @@ class Faults:
         k = self.count
         self.count += 1
         self.ops.append(op)
+        if self.armed == (k, "enospc"):  # a full disk at this write (mode enospc): it fails
+            if op.startswith("close("):  # (a close that fails to flush still closes the file)
+                real(*args, **kwargs)
+            raise full_disk_error(op)
         self.point(k, "before", op)
         try:
             return real(*args, **kwargs)
@@ -118,7 +126,9 @@ class Faults:
         real = getattr(module, name)
 
         def hooked(*args, **kwargs):
-            return self.call(f"{name}({', '.join(_short(a) for a in args)})", real, *args, **kwargs)
+            # (makedirs(exist_ok=True) calls mkdir on a folder that exists: EEXIST, whatever the space)
+            what = "mkdir of an existing folder" if name == "mkdir" and os.path.isdir(args[0]) else name
+            return self.call(f"{what}({', '.join(_short(a) for a in args)})", real, *args, **kwargs)
         setattr(module, name, hooked)
 
     def _hook_file(self, f, name):
@@ -143,6 +153,16 @@ class Faults:
 
 
 FAULTS = Faults()
+WRITES = ("open(", "first write(", "close(", "save_file(", "mkdir(")  # the calls a full disk fails
+
+
+def full_disk_error(op) -> Exception:
+    """What a full disk raises at this call: safetensors' own error type from its writer (the text
+    it gives, seen on a full tmpfs), an OSError from the others."""
+    if op.startswith("save_file("):
+        from safetensors import SafetensorError
+        return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def _short(x):
@@ -274,6 +294,105 @@ def mode_data(spec, argv):
     faults, ops, clean = fork_points(prepare, action, spec["root"])
     with open(spec["results"], "w") as f:
         json.dump({"faults": faults, "ops": ops, "clean": clean}, f, indent=1)
+
+
+def _to_files(stdout, stderr):
+    for path, fd in ((stdout, 1), (stderr, 2)):
+        _flush()
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(f, fd)
+        os.close(f)
+
+
+def _state_after(out_dir) -> dict:
+    """What a failed save left in out_dir: every path, the committed checkpoint's step, the steps
+    in metrics.jsonl."""
+    import checkpoint
+    paths = sorted(os.path.relpath(os.path.join(d, n), out_dir) for d, dirs, files in os.walk(out_dir)
+                   for n in dirs + files)
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    steps = [json.loads(line)["step"] for line in open(metrics)] if os.path.exists(metrics) else None
+    return {"paths": paths, "committed": checkpoint.committed_step(out_dir), "metrics_steps": steps}
+
+
+def mode_enospc(spec, argv):
+    """A full disk (ENOSPC) at each write of the saves of spec["steps"] (WRITES: open for writing,
+    the first write and the close of such a file, safetensors' save_file, mkdir). Each fault is
+    a forked child that runs train.py (runpy, as __main__) into its own --out-dir with the write
+    failing, records the exit status, stderr and what is left on disk, then runs --resume there.
+    The reference run (a child too, no fault) lists the calls of each save."""
+    import torch
+    torch.set_num_threads(1)
+    __import__("train")
+    FAULTS.install()
+    gc.freeze()
+    root, steps = spec["root"], spec["steps"]
+    ref = os.path.join(root, "ref")
+    out = lambda d: [*argv, "--out-dir", d]  # noqa: E731
+
+    def record_ops():
+        ops = {}
+
+        def on_save(real_save, out_dir, model, optimizer, step, *rest):
+            with FAULTS.window():
+                real_save(out_dir, model, optimizer, step, *rest)
+            ops[step] = FAULTS.ops
+        code = run_train_script(out(ref), on_save)
+        with open(os.path.join(root, "ops.json"), "w") as f:
+            json.dump({"ops": ops, "exit": code}, f)
+    _forked(record_ops)
+    with open(os.path.join(root, "ops.json")) as f:
+        reference = json.load(f)
+    results = {"ref": ref, "ref_exit": reference["exit"], "ops": reference["ops"], "faults": []}
+    for step in steps:
+        for k, op in enumerate(reference["ops"][str(step)]):
+            if not op.startswith(WRITES):
+                continue
+            d = os.path.join(root, f"s{step}-{k:03d}")
+
+            def child():
+                def on_save(real_save, out_dir, model, optimizer, s, *rest):
+                    if s != step:
+                        return real_save(out_dir, model, optimizer, s, *rest)
+                    FAULTS.armed = (k, "enospc")
+                    with FAULTS.window():
+                        real_save(out_dir, model, optimizer, s, *rest)
+                _to_files(d + ".out", d + ".err")
+                fault = {"step": step, "k": k, "when": "ENOSPC", "op": op, "dir": d, "exit": run_train_script(out(d), on_save)}
+                _flush()
+                fault.update(_state_after(d), stderr=open(d + ".err").read())
+                _to_files(d + ".resume.out", d + ".resume.err")
+                FAULTS.armed = None
+                fault["resume_exit"] = run_train_script(out(d) + ["--resume"], lambda real, *a: real(*a))
+                _flush()
+                fault["resume_log"], fault["resume_err"] = open(d + ".resume.out").read(), open(d + ".resume.err").read()
+                with open(d + ".json", "w") as f:
+                    json.dump(fault, f)
+            if _forked(child) != 0:
+                raise AssertionError(f"fault child {d} failed: see {d}.err and {d}.resume.err")
+            with open(d + ".json") as f:
+                results["faults"].append(json.load(f))
+    gc.unfreeze()
+    with open(spec["results"], "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def _forked(fn) -> int:
+    """fn() in a forked child; its exit status (0: it returned)."""
+    _flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fn()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            _flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
 
 
 def _free_port() -> int:
@@ -433,4 +552,4 @@ if __name__ == "__main__":
     mode, spec_path, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
     with open(spec_path) as f:
         spec = json.load(f)
-    {"train": mode_train, "data": mode_data, "ranks2": mode_ranks2}[mode](spec, rest)
+    {"train": mode_train, "data": mode_data, "ranks2": mode_ranks2, "enospc": mode_enospc}[mode](spec, rest)

@@ -14,6 +14,7 @@ entry point again as a real process, for the exit status and stderr exactly as a
 Bad input that is repaired rather than refused (a damaged token cache is encoded again) or that
 has a meaning (an empty prompt starts a new document) is checked at the end.
 """
+import errno
 import hashlib
 import json
 import os
@@ -25,10 +26,13 @@ import sys
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import bench
+import checkpoint
 import data
 import generate
+import hf
 import train
 from conftest import ROOT, train_flags
 
@@ -45,6 +49,27 @@ def _garble(path):  # the same size, header bytes overwritten: only a reader of 
     b = bytearray(path.read_bytes())
     b[9:40] = b"\xff" * 31
     path.write_bytes(bytes(b))
+
+
+def _edit_model_args(out, **changes):  # a nanoK2 config.json edited by hand (None: the field deleted)
+    cfg = json.loads((out / "config.json").read_text())
+    for k, v in changes.items():
+        cfg["model_args"].pop(k) if v is None else cfg["model_args"].__setitem__(k, v)
+    (out / "config.json").write_text(json.dumps(cfg))
+
+
+def _as_hf_folder(out, **changes):  # {out} exported to a Hugging Face folder, its config.json edited
+    hf.export(str(out), str(out) + "-hf")
+    shutil.rmtree(out)
+    os.replace(str(out) + "-hf", out)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, **changes}))
+
+
+def _config_a_folder(out):
+    os.remove(out / "config.json")
+    (out / "config.json").mkdir()
+    (out / "config.json" / "x").write_text("{}")
 
 
 def _other_model_config(out):  # another model's config.json: one layer more
@@ -75,6 +100,42 @@ DAMAGE = {
     "tokenizer.json garbage": lambda out: (out / "tokenizer.json").write_text("{oops"),
     "bpe.tiktoken garbage": lambda out: (out / "bpe.tiktoken").write_bytes(b"not-base64!! 7\n"),
     "other tokenizer": _other_tokenizer,
+    "dim a word": lambda out: _edit_model_args(out, dim="one hundred"),
+    "n_layers a string": lambda out: _edit_model_args(out, n_layers="4"),
+    "dim deleted": lambda out: _edit_model_args(out, dim=None),
+    "rope_theta Infinity": lambda out: _edit_model_args(out, rope_theta=float("inf")),
+    "config.json a folder": _config_a_folder,
+    "HF: kv_lora_rank null": lambda out: _as_hf_folder(out, kv_lora_rank=None),
+    "HF: hidden_size -1": lambda out: _as_hf_folder(out, hidden_size=-1),
+    "HF: num_hidden_layers '4'": lambda out: _as_hf_folder(out, num_hidden_layers="4"),
+    "HF: num_experts_per_tok 9": lambda out: _as_hf_folder(out, num_experts_per_tok=9),
+    "HF: n_group 3": lambda out: _as_hf_folder(out, n_group=3),
+    "HF: config.json a folder": lambda out: (_as_hf_folder(out), _config_a_folder(out)),
+}
+
+
+# A full disk, injected where the writing happens (the write fails as it would on a full tmpfs)
+def _fails(n):
+    def fail(*args, **kwargs):
+        raise OSError(n, os.strerror(n))
+    return fail
+
+
+def _safetensors_full(*args, **kwargs):  # what safetensors raises on a full disk
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def _full_at(name, n):  # data.atomic_write of one file fails
+    real = data.atomic_write
+    return lambda path, *a: (_fails(n) if os.path.basename(path) == name else real)(path, *a)
+
+
+FULL_DISK = {  # name: (module, function, replacement)
+    "full disk: weights (ENOSPC)": (checkpoint, "save_file", _safetensors_full),
+    "full disk: tokenizer (EIO)": (data, "save_encoding", _fails(errno.EIO)),
+    "full disk: marker (EDQUOT)": (data, "atomic_write", _full_at("train_state.json", errno.EDQUOT)),
+    "full disk: HF shard (ENOSPC)": (hf, "save_file", _safetensors_full),
+    "full disk: HF index (ENOSPC)": (json, "dump", _fails(errno.ENOSPC)),
 }
 
 # ----------------------------------------------------------------------------- the cases
@@ -123,6 +184,28 @@ CASES = [
     ("train.py", "--qk-rope-head-dim 7", "--qk-rope-head-dim must be even", None, EARLY),
     ("train.py", "--no-such-flag", "unrecognized arguments: --no-such-flag (see: python train.py --help)",
      None, EARLY),
+    ("train.py", "--seed 1180591620717411303424", "--seed must be at most 18446744073709551615", None, EARLY),
+    ("train.py", "--max-steps 9223372036854775808", "--max-steps must be at most 9223372036854775807", None, EARLY),
+    ("train.py", "--weight-decay inf", "--weight-decay must be a finite number, got inf", None, EARLY),
+    ("train.py", "--grad-clip inf", "--grad-clip must be a finite number, got inf", None, EARLY),
+    ("train.py", "--dist-timeout inf", "--dist-timeout must be a positive number of seconds", None, EARLY),
+    ("train.py", "--rope-theta inf", "--rope-theta must be a finite number, got inf", None, EARLY),
+    ("train.py", "--rope-theta nan", "--rope-theta must be a finite number, got nan", None, EARLY),
+    ("train.py", "--rope-theta 1", "--rope-theta must be greater than 1, got 1.0", None, EARLY),
+    ("train.py", "--init-std -0.1", "--init-std must be positive, got -0.1", None, EARLY),
+    ("train.py", "--n-layers 3000000000", "--n-layers must be at most 2,147,483,647", None, EARLY),
+    ("train.py", "--n-dense-layers 3", "--n-dense-layers 3 exceeds --n-layers 2", None, EARLY),
+    ("train.py", "--n-expert-groups 3", "--n-routed-experts 4 does not split into --n-expert-groups 3 groups",
+     None, EARLY),
+    ("train.py", "--n-expert-groups 2 --n-limited-groups 3", "--n-limited-groups 3 exceeds --n-expert-groups 2",
+     None, EARLY),
+    ("train.py", "--n-expert-groups 2 --n-activated-experts 3", "--n-activated-experts 3 exceeds the 2 experts "
+     "of the --n-limited-groups 1 groups", None, EARLY),
+    # --- train.py: paths of the wrong kind
+    ("train.py", "--out-dir {binary}", "--out-dir '{binary}' is a file, not a folder", None, EARLY),
+    ("train.py", "--out-dir {binary}/run", "--out-dir '{binary}/run' lies under '{binary}', which is a file",
+     None, EARLY),
+    ("train.py", "--cache-dir {binary}", "--cache-dir '{binary}' is a file, not a folder", None, EARLY),
     # --- train.py: missing files, a corpus too short, a damaged checkpoint to resume or start from
     ("train.py", "--out-dir {tmp}/new --resume", "--resume: no checkpoint in", None, EARLY),
     ("train.py", "--init-from {tmp}/none", "no checkpoint there (model.safetensors + config.json)", None, EARLY),
@@ -138,6 +221,13 @@ CASES = [
     ("train.py", "--resume --max-steps 31", "config.json has", "other model's config", LATE),
     ("train.py", "--init-from {out} --n-layers 3", "its model differs from this run's (n_layers: 2 there, 3 here)",
      None, LATE),
+    # --- train.py: a full disk at a save: the step-30 checkpoint and metrics.jsonl stay as they were
+    ("train.py", "--resume --max-steps 31", "No space left on device while saving the step-31 checkpoint in "
+     "'{out}': it needs about", "full disk: weights (ENOSPC)", LATE),
+    ("train.py", "--resume --max-steps 31", "Input/output error while saving the step-31 checkpoint",
+     "full disk: tokenizer (EIO)", LATE),
+    ("train.py", "--resume --max-steps 31", "Disk quota exceeded while saving the step-31 checkpoint",
+     "full disk: marker (EDQUOT)", LATE),
     # --- generate.py: flags out of range, unknown names
     ("generate.py", "--kv-budget 0", "--kv-budget must be in (0, 1]", None, EARLY),
     ("generate.py", "--kv-budget 1.5", "--kv-budget must be in (0, 1]", None, EARLY),
@@ -153,6 +243,9 @@ CASES = [
     ("generate.py", "--top-k -1", "--top-k must be at least 0, got -1", None, EARLY),
     ("generate.py", "--device nope", "--device 'nope' is not a device", None, EARLY),
     ("generate.py", "--no-such-flag", "unrecognized arguments: --no-such-flag", None, EARLY),
+    ("generate.py", "--seed 1180591620717411303424", "--seed must be at most 18446744073709551615", None, EARLY),
+    ("generate.py", "--temperature inf", "--temperature must be a finite number, got inf", None, EARLY),
+    ("generate.py", "--out {binary}", "--out-dir '{binary}' is a file, not a folder", None, EARLY),
     # --- generate.py: missing and unreadable files, a damaged or mismatched checkpoint, a long prompt
     ("generate.py", "--prompt-file {tmp}/nope.py", "nope.py': no such file; pass an existing file", None, EARLY),
     ("generate.py", "--prompt-file {tmp}", "a folder; pass an existing file", None, EARLY),
@@ -168,6 +261,45 @@ CASES = [
     ("generate.py", f"--prompt {shlex.quote(FOREIGN_PROMPT)}", "comes from another model than its weights",
      "other tokenizer", LATE),
     ("generate.py", "--prompt-file {long}", "tokens but the model's context is 64 (max_seq_len)", None, LATE),
+    # --- generate.py: config.json with wrong values (nanoK2's, then a Hugging Face folder's)
+    ("generate.py", "", "config.json: model_args.dim must be an integer, got 'one hundred'; correct the file",
+     "dim a word", LATE),
+    ("generate.py", "", "config.json: model_args.n_layers must be an integer, got '4'", "n_layers a string", LATE),
+    ("generate.py", "", "config.json: model_args lacks the field 'dim'", "dim deleted", LATE),
+    ("generate.py", "", "config.json: model_args.rope_theta must be a finite number, got inf",
+     "rope_theta Infinity", LATE),
+    ("generate.py", "", "config.json is a folder, not a file", "config.json a folder", LATE),
+    ("generate.py", "", "config.json: kv_lora_rank must be an integer, got None", "HF: kv_lora_rank null", LATE),
+    ("generate.py", "", "config.json: hidden_size must be at least 1, got -1", "HF: hidden_size -1", LATE),
+    ("generate.py", "", "config.json: num_hidden_layers must be an integer, got '4'",
+     "HF: num_hidden_layers '4'", LATE),
+    ("generate.py", "", "config.json: num_experts_per_tok 9 exceeds n_routed_experts 4",
+     "HF: num_experts_per_tok 9", LATE),
+    ("generate.py", "", "config.json: n_routed_experts 4 does not split into n_group 3 groups", "HF: n_group 3",
+     LATE),
+    ("generate.py", "", "config.json is a folder, not a file", "HF: config.json a folder", LATE),
+    # --- hf.py export
+    ("hf.py", "", "the following arguments are required: command (see: python hf.py --help)", None, EARLY),
+    ("hf.py", "import {out} {tmp}/hf", "argument command: invalid choice: 'import'", None, EARLY),
+    ("hf.py", "export {out}", "the following arguments are required: hf_dir (see: python hf.py export --help)",
+     None, EARLY),
+    ("hf.py", "export {out} {tmp}/hf --bogus", "unrecognized arguments: --bogus", None, EARLY),
+    ("hf.py", "export {out} {tmp}/hf --max-shard-gb inf", "--max-shard-gb must be a positive number of GB, at "
+     "most 2**33, got inf", None, EARLY),
+    ("hf.py", "export {out} {tmp}/hf --max-shard-gb nan", "--max-shard-gb must be a positive number of GB", None,
+     EARLY),
+    ("hf.py", "export {out} {tmp}/hf --max-shard-gb 0", "--max-shard-gb must be a positive number of GB", None,
+     EARLY),
+    ("hf.py", "export {out} {binary}", "the folder to write '{binary}' is a file, not a folder", None, EARLY),
+    ("hf.py", "export {binary} {tmp}/hf", "the checkpoint folder '{binary}' is a file, not a folder", None, EARLY),
+    ("hf.py", "export {out} {cwd}/..", "exists and is not empty; export into a new folder", None, EARLY),
+    ("hf.py", "export {out} {tmp}/hf", "config.json: model_args lacks the field 'dim'", "dim deleted", LATE),
+    ("hf.py", "export {out} {tmp}/hf", "config.json: model_args.dim must be an integer", "dim a word", LATE),
+    ("hf.py", "export {out} {tmp}/hf", "config.json is a folder, not a file", "config.json a folder", LATE),
+    ("hf.py", "export {out} {tmp}/hf", "No space left on device while exporting in '{tmp}/hf': it needs about",
+     "full disk: HF shard (ENOSPC)", LATE),
+    ("hf.py", "export {out} {tmp}/hf --max-shard-gb 0.0001", "No space left on device while exporting",
+     "full disk: HF index (ENOSPC)", LATE),
     # --- bench.py: subcommands
     ("bench.py", "", "the following arguments are required: what", None, EARLY),
     ("bench.py", "nope", "argument what: invalid choice: 'nope'", None, EARLY),
@@ -244,10 +376,11 @@ def _case_id(case):
 # ----------------------------------------------------------------------------- running a case
 
 def snapshot(folder) -> dict:
-    """{relative path: sha256} of every file under folder: equal before and after = nothing was
-    written, removed or created there."""
+    """{relative path: sha256} of every file (and "folder" for each folder) under folder: equal
+    before and after = nothing was written, removed or created there."""
     out = {}
-    for d, _, files in os.walk(folder):
+    for d, dirs, files in os.walk(folder):
+        out.update({os.path.relpath(os.path.join(d, sub), folder): "folder" for sub in dirs})
         for f in files:
             path = os.path.join(d, f)
             with open(path, "rb") as fh:
@@ -300,6 +433,8 @@ def arm_tripwires(entry, monkeypatch):
         wire(data, "load_dataset")                  # the corpus, the tokenizer, the token cache
     elif entry == "generate.py":
         wire(generate, "load_pretrained")
+    elif entry == "hf.py":
+        wire(hf, "export")
     else:
         wire(train, "main")                         # optim's runs, the testbed's stages
         for module, name in [(benchmarks.train, "build_model"), (benchmarks.train, "matmul_rate"),
@@ -311,7 +446,7 @@ def arm_tripwires(entry, monkeypatch):
 
 
 MAINS = {"train.py": lambda argv: train.cli(argv), "generate.py": lambda argv: generate.main(argv),
-         "bench.py": lambda argv: bench.main(argv)}
+         "bench.py": lambda argv: bench.main(argv), "hf.py": lambda argv: hf.main(argv)}
 
 
 def run_in_process(entry, argv, capsys) -> tuple[int, str]:
@@ -326,8 +461,8 @@ def run_in_process(entry, argv, capsys) -> tuple[int, str]:
 
 
 def check_one_clear_line(entry, code, err, message):
-    # 2: bad flags (argparse's status) and train.py's and bench.py's refusals; 1: generate.py's
-    assert code == 2 or entry == "generate.py" and code == 1, f"exit status {code}"
+    # 2: bad flags (argparse's status) and train.py's and bench.py's refusals; 1: generate.py's, hf.py's
+    assert code == 2 or entry in ("generate.py", "hf.py") and code == 1, f"exit status {code}"
     assert "Traceback" not in err, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, f"{len(lines)} lines on stderr:\n{err}"
@@ -338,15 +473,18 @@ def check_one_clear_line(entry, code, err, message):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_bad_input_is_one_clear_line(case, place, capsys, monkeypatch):
     entry, flags, message, damage, early = case
-    if damage:
+    if damage in DAMAGE:
         DAMAGE[damage](pathlib.Path(place["out"]))
     argv = argv_for(entry, flags, place)
-    before = {f: snapshot(place[f]) for f in ("out", "cwd")}
+    before = {f: snapshot(place[f]) for f in ("out", "cwd", "tmp")}
+    if damage in FULL_DISK:
+        monkeypatch.setattr(*FULL_DISK[damage])
     if early:
         arm_tripwires(entry, monkeypatch)
     code, err = run_in_process(entry, argv, capsys)
+    monkeypatch.undo()
     check_one_clear_line(entry, code, err, message.format(**place))
-    assert {f: snapshot(place[f]) for f in ("out", "cwd")} == before, "a file was written"
+    assert {f: snapshot(place[f]) for f in ("out", "cwd", "tmp")} == before, "a file was written"
 
 
 # ----------------------------------------------------------------------------- as real processes
@@ -355,6 +493,7 @@ PROCESS_CASES = [  # one per entry point, each one that printed a traceback befo
     ("train.py", "--grad-accum 0", "--grad-accum must be at least 1, got 0", None),
     ("generate.py", "", "model.safetensors is not a readable safetensors file", "garbage weights"),
     ("bench.py", "kv --kv-budgets 0", "--kv-budgets: kv budget must be in (0, 1]", None),
+    ("hf.py", "export {out}", "the following arguments are required: hf_dir", None),  # was two lines (issue 27)
 ]
 
 

@@ -55,8 +55,10 @@ def test_resume_is_bit_identical(corpus_dir, cache_dir, tmp_path, optimizer):
     # checkpoint beside it is untouched, and the next save clears the leftover
     os.makedirs(part / "checkpoint.tmp")
     (part / "checkpoint.tmp" / "model.safetensors").write_bytes(b"half a file")
+    (part / "metrics.jsonl.tmp4242").write_bytes(b"")  # data.atomic_write's, cut short (issue 27)
+    train.main(train_flags(corpus_dir, cache_dir, part, *common, "--resume", "--stop-at", "4"))
+    assert not os.path.exists(part / "checkpoint.tmp") and not os.path.exists(part / "metrics.jsonl.tmp4242")
     train.main(train_flags(corpus_dir, cache_dir, part, *common, "--resume"))
-    assert not os.path.exists(part / "checkpoint.tmp")
     a, b = losses(full), losses(part)
     assert sorted(b) == list(range(1, 9))
     for s in range(1, 9):
@@ -296,3 +298,36 @@ def test_kill_in_a_save_two_ranks(battery_corpus, cache_dir, tmp_path, tmp_path_
           {"calls in the save": {r: len(o) for r, o in res["ops"].items()},
            "points tried": {r: sum(f["rank"] == int(r) for f in res["faults"]) for r in "01"},
            "distinct folders resumed": len(res["resumes"])})
+
+
+@needs_fork
+def test_full_disk_at_each_write_of_a_save(battery_corpus, cache_dir, tmp_path, tmp_path_factory, one_thread):
+    """ENOSPC at each write of the saves at steps 1 and 2 (faults.py enospc): train.py stops with
+    one line that names the folder and the bytes needed; the partial stage and temporary files
+    are gone; the step-1 checkpoint (for a fault in the save of step 2) is untouched, and
+    metrics.jsonl holds no step after it; then --resume continues exactly from it (or, with no
+    checkpoint yet, refuses clearly). Anything else counts as lost."""
+    ref = tmp_path / "ref"
+    spec = {"steps": [1, 2], "root": str(tmp_path), "results": str(tmp_path / "results.json")}
+    res = faults_mod.run("enospc", spec, train_flags(battery_corpus, cache_dir, ref, *BATTERY))
+    assert res["ref_exit"] == 0 and sorted(losses(ref)) == [1, 2, 3]
+
+    def outcome_of(f):
+        lines, prior = f["stderr"].strip().splitlines(), f["step"] - 1 or None
+        said = (f"error: No space left on device while saving the step-{f['step']} checkpoint in "
+                f"{f['dir']!r}: it needs about ")
+        if f["exit"] != 2 or len(lines) != 1 or not lines[0].startswith(said) or " bytes free there" not in lines[0]:
+            return "lost", f"not one clear line (exit {f['exit']}): {f['stderr'][-1500:]}"
+        left = [p for p in f["paths"] if p.startswith("checkpoint.tmp") or re.search(r"\.tmp\d*$", p)]
+        if left or f["committed"] != prior:
+            return "lost", f"left {left}, checkpoint at step {f['committed']} (not {prior})"
+        if (f["metrics_steps"] or []) != list(range(1, f["step"])):
+            return "lost", f"metrics.jsonl holds steps {f['metrics_steps']}, ahead of the step-{prior} checkpoint"
+        err = re.search(r"^error: (.*)$", f["resume_err"], re.M)
+        if f["resume_exit"] != (2 if err else 0):
+            return "lost", f"--resume ended with {f['resume_exit']}: {f['resume_err'][-1500:]}"
+        return judge(f["dir"], str(ref), f["step"], err and err.group(1), f["resume_log"])
+    tally("ENOSPC at each write of a save", res["faults"], outcome_of, tmp_path_factory,
+          {"writes per save": {s: sum(o.startswith(faults_mod.WRITES) for o in ops) for s, ops in res["ops"].items()}})
+    by_step = {s: {outcome_of(f)[0] for f in res["faults"] if f["step"] == s} for s in (1, 2)}
+    assert by_step == {1: {"refused cleanly"}, 2: {"resumed exactly"}}, by_step

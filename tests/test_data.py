@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import disk  # noqa: E402
 from conftest import needs_fork  # noqa: E402
 
 VOCAB = 400
@@ -329,6 +330,37 @@ def test_truncated_or_foreign_token_cache_is_rebuilt(corpus, tmp_path):
     assert "is stale (it was made by another tokenizer); encoding again" in log
     assert foreign.vocab_size == other.n_vocab
     assert data.token_bytes(foreign.enc, foreign.val) == foreign.val_text_bytes  # its own ids
+
+
+@pytest.mark.parametrize("where", ["tokenizer", "tokens", "meta.json"])
+def test_full_disk_in_a_cache_build_is_one_line(corpus, tmp_path, ds, monkeypatch, where):
+    """ENOSPC while writing the tokenizer, a token file or the cache's marker: one DiskFull that
+    names the folder and the bytes needed, no file of the unfinished part left (no token file
+    without its meta.json, no temporary file); the next build is exact."""
+    real_write, real_encode = data.atomic_write, data._encode_to_file
+
+    def full(path, *args):
+        name = os.path.basename(path)
+        if {"tokenizer": name == "bpe.tiktoken", "meta.json": name == "meta.json"}.get(where):
+            raise OSError(28, os.strerror(28))
+        return real_write(path, *args)
+
+    def encode(enc, docs, path, dtype):  # val.bin's temporary file open, train.bin written whole
+        if where == "tokens" and path.endswith("val.bin"):
+            monkeypatch.setattr(enc, "encode_ordinary_batch", lambda *a: full_disk())
+        return real_encode(enc, docs, path, dtype)
+
+    def full_disk():
+        raise OSError(28, os.strerror(28))
+    monkeypatch.setattr(data, "atomic_write", full)
+    monkeypatch.setattr(data, "_encode_to_file", encode)
+    with pytest.raises(disk.DiskFull, match=r"No space left on device while (saving the tokenizer|writing the "
+                                            r"token cache) in '.*/(bpe|tokens-).*': it needs about [\d,]+ bytes"):
+        data.load_dataset(str(corpus), cache_dir=str(tmp_path), vocab_size=VOCAB, verbose=False)
+    monkeypatch.undo()
+    left = sorted(p.name for d in tmp_path.iterdir() for p in d.iterdir())
+    assert left == ([] if where == "tokenizer" else ["bpe.tiktoken", "tokenizer.json"]), left
+    assert _same(data.load_dataset(str(corpus), cache_dir=str(tmp_path), vocab_size=VOCAB, verbose=False), ds)
 
 
 def test_corrupt_tokenizer_is_one_clear_error(corpus, tmp_path):

@@ -113,6 +113,8 @@ def test_transformers_folder_loads_with_the_same_logits(tmp_path, case):
         index["weight_map"].update({k: "mtp.safetensors" for k in mtp})
         json.dump(index, open(tmp_path / "model.safetensors.index.json", "w"))
     model = hf.load_model(str(tmp_path), dtype=torch.float64).eval()
+    # every buffer in the dtype asked for: the RoPE tables and the router bias too (issue 27)
+    assert {b.dtype for b in model.buffers() if b.is_floating_point()} == {torch.float64}
     x = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = ref(x).logits
@@ -129,6 +131,7 @@ def test_transformers_folder_loads_with_the_same_logits(tmp_path, case):
     half = hf.load_model(str(tmp_path), dtype=torch.bfloat16)
     gate = half.moe_layers()[0].gate
     assert gate.weight.dtype == gate.bias.dtype == torch.float32 and half.embed.weight.dtype == torch.bfloat16
+    assert half.rope_cos.dtype == torch.float32  # (buffers: at least fp32, like the router)
     assert torch.equal(gate.bias, model.moe_layers()[0].gate.bias.float())
 
 

@@ -346,6 +346,9 @@ def test_generate_chat_mode(sft_run, trained_checkpoint, capsys):
     (["sft", "--steps", "0"], "--steps must be at least 1"),
     (["rl", "--group-size", "1"], "--group-size must be at least 2"),
     (["rl", "--resume", "--out-dir", "/nonexistent"], "--resume: no checkpoint in '/nonexistent'"),
+    (["sft", "--seed", "1180591620717411303424"], "--seed must be at most 17592186044416"),  # issue 27
+    (["sft", "--weight-decay", "inf"], "--weight-decay must be a finite number, got inf"),
+    (["sft", "--out-dir", __file__], "is a file, not a folder"),
 ])
 def test_bad_input_is_one_line(argv, said, capsys):
     with pytest.raises(SystemExit) as e:
