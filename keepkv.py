@@ -32,7 +32,11 @@ merges it so that the output, for the query the merge is tuned to, does not chan
    cosine-similar if that similarity exceeds `threshold` (the paper's T = 0.8), else it is evicted;
    several may share a target (the formulas are n-way). `merge_at` says when: at the prefill's
    compression, at decode steps, both, or never ("none": keepkv IS its selection, bit for bit).
-   Defaults, from the proxy measurement (tiny preset; see the README): SELECTION_NOTE
+   Defaults, each the better of its measured alternatives on a small proxy (the README's table):
+   select = "h2o", the paper's H2O ablation setting (PyramidInfer's per-layer budgets, its main
+   one, are not built); merge_at = "decode", since merging the prompt's hundreds of leavers at
+   once, all tuned to the last prompt query, lost clearly more than decode-only merging; recent
+   = 0.5, H2O's own split; alpha = 0.8 (alpha = 0 measured within noise of it).
 
 Budget = fraction of the prompt KEPT: C = max(ceil(budget * prompt), n_sink + window), the same C
 for every policy but "full". Compression runs once at the end of prefill, then once per decoded
