@@ -2,6 +2,7 @@
 
     python generate.py --prompt "def fib(n):" --kv-budget 0.1            # keep 10% of the prompt
     python generate.py --prompt-file some.py --kv-policy h2o --max-new-tokens 200
+    python generate.py --prompt "x = 1" --kv-select snapkv       # KeepKV merging SnapKV's drops
     echo "import os" | python generate.py --kv-policy full --temperature 0
     python generate.py --kv-cache per-head --kv-budget 0.1              # the per-head cache instead
 
@@ -50,8 +51,12 @@ def parse_args(argv=None):
                    help="which cache to decode from and compress (default: the absorbed latent)")
     p.add_argument("--kv-budget", type=float, default=0.1,
                    help="fraction of the prompt the cache keeps, in (0, 1]")
-    p.add_argument("--kv-alpha", type=float, default=keepkv.KVConfig.alpha, help="EMA of the predicted score")
-    p.add_argument("--kv-window", type=int, default=keepkv.KVConfig.window, help="recent tokens always kept")
+    p.add_argument("--kv-select", default=keepkv.KVConfig.select, choices=keepkv.SELECTIONS,
+                   help="keepkv, convex: the selection policy whose dropped entries they merge")
+    p.add_argument("--kv-alpha", type=float, default=keepkv.KVConfig.alpha,
+                   help="EMA of ZIP's predicted score (0 = the current query only)")
+    p.add_argument("--kv-window", type=int, default=keepkv.KVConfig.window,
+                   help="the smallest cache holds 4 sinks + this many entries (short prompts)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--chat", action="store_true",
                    help="a posttrain.py checkpoint: the prompt is a user turn, the reply ends at <|im_end|>")
@@ -73,6 +78,8 @@ def parse_args(argv=None):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out-dir {args.out!r} is a file, not a folder; pass the checkpoint folder train.py "
                 f"wrote (or a Hugging Face folder)")
+    if args.kv_window < 1:
+        p.error(f"--kv-window must be at least 1 (the smallest cache holds 4 sinks + window entries), got {args.kv_window}")
     if args.prompt_file is not None and not os.path.isfile(args.prompt_file):
         what = "a folder" if os.path.isdir(args.prompt_file) else "no such file"
         p.error(f"--prompt-file {args.prompt_file!r}: {what}; pass an existing file, "
@@ -152,7 +159,7 @@ def main(argv=None):
         print(f"note: generating {n_new} tokens, the rest of the model's {ctx}-token context",
               file=sys.stderr)
     cfg = keepkv.KVConfig(policy=args.kv_policy, budget=args.kv_budget, alpha=args.kv_alpha,
-                          window=args.kv_window)
+                          window=args.kv_window, select=args.kv_select)
     make = keepkv_latent.make_caches if args.kv_cache == "latent" else keepkv.make_caches
     caches = make(model, 1, P, cfg, max_new_tokens=n_new)
     step = torch.compile(decode_step, fullgraph=True) if args.compile else decode_step
@@ -180,6 +187,8 @@ def main(argv=None):
     latent = keepkv_latent.full_latent_bytes(model, 1, P + n_new)
     per_head = keepkv.full_cache_bytes(model, 1, P + n_new)
     name = args.kv_policy if args.kv_policy == "full" else f"{args.kv_policy} (budget {args.kv_budget:g})"
+    if args.kv_policy in keepkv.MERGING:
+        name += f" merging {args.kv_select}'s drops"
     print(f"[generate] decode {speed} | prompt {P} tokens, generated {n} | {args.kv_cache} KV cache "
           f"{name}: {_kb(used)} = {used / latent:.1%} of the full latent cache ({_kb(latent)}), "
           f"{used / per_head:.1%} of the full per-head cache ({_kb(per_head)}); votes, scores, "

@@ -1,78 +1,59 @@
-"""KeepKV: a KV cache that merges what it drops, for the per-head (naive) MLA cache.
+"""KeepKV: a KV cache that merges what its selection drops, for the per-head (naive) MLA cache.
 
-A compressed cache keeps a fixed number of entries per head. Evicting an entry loses its share of
-the softmax; merging it into a similar entry keeps some of it, but a plain average still changes
-the attention output. KeepKV (arXiv 2504.09936) changes it by nothing, for the query it is tuned to.
+A compressed cache keeps C entries per head. Which entries leave is an eviction policy's choice
+(kvselect.py: H2O, SnapKV, StreamingLLM). Evicting an entry loses its share of the softmax; a
+plain average into a similar entry still changes the attention output. KeepKV (arXiv 2504.09936)
+merges it so that the output, for the query the merge is tuned to, does not change at all.
 
 1. Electoral votes. Each entry carries a vote count p (1 for a new token) and attention over the
    cache is  o = sum_i p_i s_i v_i / sum_i p_i s_i  with  s_i = exp(q.k_i * scale),  i.e. a softmax
    over  logit_i + ln p_i.  An entry with p = 3 acts exactly like three copies of itself. We store
-   ln p (`log_votes`), so the votes are just an additive bias on the logits (-inf: an empty slot).
+   ln p (`log_votes`), so the votes are an additive bias on the logits (-inf: an empty slot).
 2. ZIP merging. Merge entries i (weights w_i = p_i s_i) into one entry r with
        v_r = sum w_i v_i / sum w_i,   p_r = sum p_i,
        k_r = kbar * L / lbar,   kbar = sum w_i k_i / sum w_i,   lbar = sum w_i ln s_i / sum w_i,
    where L = ln(sum w_i / sum p_i). Logits are linear in k, so q.k_r*scale = (L / lbar) lbar = L,
    hence p_r s_r = sum w_i and p_r s_r v_r = sum w_i v_i: numerator and denominator both stay.
-   All of it is computed relative to the largest ln w_i, so exp never sees a large number. When
-   lbar is near 0 (0/0) or the rescale L / lbar would flip or blow up the key, a guarded form keeps
-   k_r = kbar and moves the difference into the vote, ln p_r = ln sum p_i + L - lbar: also exact.
-   Its stored score is then ln S_r = lbar, the logit kbar really has (L on the main path), so
-   p_r S_r = sum w either way. A convex merge (k_r = kbar with the same weights, as the authors'
-   released code does) gets the logit lbar >= L instead (ln of a mean <= the tilted mean), so it
-   draws more attention than its parts.
-3. Predicting s. ZIP is exact only for the query whose scores it used. Later queries differ, so
-   KeepKV merges with a predicted score S in place of s: an exponential moving average per entry,
-   S_t = alpha S_{t-1} + (1 - alpha) s_t, kept as ln S (`log_score`, via logaddexp) so exp never
-   overflows. At the end of prefill the EMA runs over the last `obs_window` prompt queries. Each
-   entry starts at its first observed score, not at 0 with the paper's 1/(1 - alpha^t) bias
-   correction: the weights still sum to 1 (a constant score is predicted exactly), the first
-   observation weighs a little more, and there is no per-entry step count to store. alpha = 0
-   predicts "the current query", and only then is a merge exact. Choice: alpha = 0.8,
-   obs_window = 16, from the sweep of `python bench.py kv` on the tiny model at budget 0.1:
-   alpha = 0 makes every merge exact yet loses the most NLL (one query's scores pick the kept
-   entries too noisily), 0.5 to 0.9 are within noise of each other, 0.95 lags, and the window
-   length barely matters.
-4. Selection. Which entries leave comes from the policy: keep `n_sink` first tokens, the last
-   `window` tokens and the entries with the largest predicted weight ln p + ln S. Each leaving
-   entry merges into the kept entry whose key has the highest cosine similarity if it exceeds
-   `threshold` (0.8, the paper's T), otherwise it is evicted. Several leaving entries may share a
-   target: the formulas above are n-way.
+   Computed relative to the largest ln w_i, so exp never sees a large number. When lbar is near 0
+   (0/0) or L / lbar would flip or blow up the key, a guarded form keeps k_r = kbar and moves the
+   difference into the vote, ln p_r = ln sum p_i + L - lbar: also exact. A convex merge (k_r = kbar
+   with votes, the authors' released code) gets the logit lbar >= L (ln of a mean <= the tilted
+   mean), so it draws more attention than its parts. Votes off (`votes=False`, an ablation): p_r
+   stays 1 and the key alone carries the mass, L = ln sum w_i (exact on the main path only).
+3. Predicting s. ZIP is exact only for the query whose scores it used, so a merge uses a predicted
+   score S: an EMA per entry, S_t = alpha S_{t-1} + (1 - alpha) s_t, kept as ln S (`log_pred`, via
+   logaddexp), seeded at the end of prefill by the last `obs_window` prompt queries. Each entry
+   starts at its first observed score (no 1/(1 - alpha^t) correction: the weights still sum to 1
+   and no per-entry step count is stored). alpha = 0 predicts "the current query", and only then
+   is a merge exact. The prediction feeds the merge only: it decides nothing about who stays.
+4. Selection and merging are separate choices. "keepkv" = the selection `select` + ZIP merges of
+   what it drops; "convex" = the same + convex merges; "h2o", "snapkv", "streaming" = a selection
+   alone; "full" = no compression. A leaving entry merges into the kept entry whose key is the most
+   cosine-similar if that similarity exceeds `threshold` (the paper's T = 0.8), else it is evicted;
+   several may share a target (the formulas are n-way). `merge_at` says when: at the prefill's
+   compression, at decode steps, both, or never ("none": keepkv IS its selection, bit for bit).
+   Defaults, each the better of its measured alternatives on a small proxy (the README's table):
+   select = "h2o", the paper's H2O ablation setting (PyramidInfer's per-layer budgets, its main
+   one, are not built); merge_at = "decode", since merging the prompt's hundreds of leavers at
+   once, all tuned to the last prompt query, lost clearly more than decode-only merging; recent
+   = 0.5, H2O's own split; alpha = 0.8 (alpha = 0 measured within noise of it).
 
-Policies on this one cache: "keepkv" (above), "convex" (same selection and targets, convex key
-merge with votes: the released code's merge), "streaming" (StreamingLLM, arXiv 2309.17453: attention
-sinks + the most recent tokens), "full" (no compression), and, each as its paper has it, no sinks:
-- "h2o" (H2O, arXiv 2306.14048): accumulated softmax attention of every query; half the budget
-  holds the most recent C // 2 tokens, the other C - C // 2 the heaviest of the rest.
-- "snapkv" (SnapKV, arXiv 2404.14469, its code's defaults): the last snap_window = 32 prompt queries
-  vote (softmax attention, summed) on the keys before them, votes average-pooled over `pool` = 5
-  keys (zero padding counted); the top C - 32 stay beside the whole window (C < 32: the last C).
-  Once, at prefill: decoding only appends, so the cache ends at C + new tokens.
-- "snapkv-decode", this project's earlier variant: votes of the last obs_window queries (pooled
-  without the padding), then accumulating like H2O while decoding, to hold C.
-keepkv, convex, streaming and snapkv-decode keep the n_sink first and the last `window` tokens.
+Budget = fraction of the prompt KEPT: C = max(ceil(budget * prompt), n_sink + window), the same C
+for every policy but "full". Compression runs once at the end of prefill, then once per decoded
+token: the new token takes the one free slot (C + 1 slots), the query attends over all C + 1 (its
+logits update the scores), and one entry leaves (merged or evicted). One pass per step; with
+`reattend=True` the query attends again after the removal (alpha = 0: a merged step then returns
+exactly the C + 1 entries' output, which tests ZIP). Shapes are static and nothing syncs with the
+host: the decode step compiles.
 
-Budget = fraction of the prompt KEPT: capacity C = max(ceil(budget * prompt), n_sink + window),
-the same C for every policy. Compression runs once at the end of prefill, then (but for "snapkv")
-once per decoded token: the new token takes the one free slot (C + 1 slots in all), the query
-attends over all C + 1 (its logits also update S), and if C + 1 are live one leaves (merged or
-evicted) for the next steps. One pass per step. The alternative, compress then attend again
-(`reattend=True`), lets the query that chose a merge see it (with alpha = 0 a merged step returns
-exactly the C + 1 entries' output, so it tests ZIP), at a second pass. Measured by `bench.py kv`
-(latent keepkv at b = 0.1 on the testbed, 32 windows): dNLL +0.067 attending once vs +0.068
-attending twice, equal within noise, so once is the default. Shapes are static and nothing syncs
-with the host: the decode step compiles.
-
-The code follows the seams of the idea: attention over the cache, the ZIP merge, scoring (ln S),
-selection (who leaves), the merge step (where it goes), storage (`CacheSlots`, which knows no
-policy), and `KeepKVCache`, which runs the policy over its slots. All but the attention work on G
-key groups, not on heads as such.
-
-MLA: this cache holds the per-head keys and values the naive MLA path builds (G = H), where a
-merge is exact per head, at H(Dn+Dr+Dv) numbers per entry. A model serves from its latent cache
-(C+Dr per entry, 35.6x fewer on K2): keepkv_latent.py runs these policies there, per-head votes.
+Seams: attention over the cache, the ZIP merge, the prediction (ln S), where a leaving entry goes,
+storage (`CacheSlots`, which knows no policy) and `KeepKVCache`, which runs a policy over its slots.
+All but the attention work on G key groups. This cache holds the per-head keys and values of the
+naive MLA path (G = H), where a merge is exact per head; keepkv_latent.py runs the same policies on
+the latent cache a model serves from (C+Dr numbers per entry, 35.6x fewer on K2).
 
 Shape legend: B batch, H heads, G key groups (H here), T prompt tokens, W observing queries, N
-cache slots, C kept entries (N = C + 1; C + new for "full", "snapkv"), M leaving entries, Dqk / Dv
+cache slots, C kept entries (N = C + 1; prompt + new for "full"), M leaving entries, Dqk / Dv
 key / value widths, D either width; `..` stands for leading dimensions (B, G).
 """
 import math
@@ -83,21 +64,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import decode_attention_auto
+from kvselect import NEG, SELECTIONS, accumulate_, leaving_slot, merged_scores, prefill_scores, split_prompt
 
-POLICIES = ("keepkv", "convex", "h2o", "snapkv", "snapkv-decode", "streaming", "full")
+POLICIES = ("keepkv", "convex", "h2o", "snapkv", "streaming", "full")
 MERGING = ("keepkv", "convex")
-GROWING = ("snapkv", "full")   # nothing leaves after the prefill: each new token takes a new slot
-NEG = float("-inf")
+GROWING = ("full",)   # nothing leaves after the prefill: each new token takes a new slot
+MERGE_AT = ("decode", "prefill", "both", "none")
 
 
 @dataclass
 class KVConfig:
     policy: str = "keepkv"
     budget: float = 0.1        # fraction of the prompt kept (capacity, at least n_sink + window)
-    n_sink: int = 4            # first tokens always kept (attention sinks; h2o, snapkv: none)
-    window: int = 8            # most recent tokens always kept (h2o, snapkv: their own share)
-    alpha: float = 0.8         # EMA of the predicted score; 0 = the current query only
-    obs_window: int = 16       # prompt queries that seed the EMA (and snapkv-decode's votes)
+    select: str = "h2o"        # keepkv, convex: the selection whose drops they merge (kvselect.py)
+    merge_at: str = "decode"   # keepkv, convex: merge at decode steps, the prefill, both, or none
+    votes: bool = True         # merged entries carry votes (False: p stays 1; an ablation)
+    recent: float = 0.5        # h2o selection: share of C held by the most recent tokens (H2O: 0.5)
+    n_sink: int = 4            # streaming: first tokens always kept (attention sinks)
+    window: int = 8            # the smallest cache holds n_sink + window entries
+    alpha: float = 0.8         # EMA of ZIP's predicted score; 0 = the current query only
+    obs_window: int = 16       # prompt queries that seed the EMA
     threshold: float = 0.8     # cosine similarity above which a leaving entry merges (paper: T)
     snap_window: int = 32      # SnapKV: the last prompt queries that vote, all kept (its default)
     pool: int = 5              # SnapKV average-pooling kernel over keys (its default)
@@ -108,9 +94,15 @@ class KVConfig:
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"unknown KV policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"unknown KV selection {self.select!r}; choose one of {', '.join(SELECTIONS)}")
+        if self.merge_at not in MERGE_AT:
+            raise ValueError(f"unknown merge_at {self.merge_at!r}; choose one of {', '.join(MERGE_AT)}")
         if not 0 < self.budget <= 1:
             raise ValueError(f"kv budget must be in (0, 1] (the fraction of the prompt kept), "
                              f"got {self.budget}")
+        if not 0 < self.recent <= 1:
+            raise ValueError(f"recent must be in (0, 1] (the share of the capacity kept recent), got {self.recent}")
         if not 0 <= self.alpha < 1:
             raise ValueError(f"alpha must be in [0, 1), got {self.alpha}")
         if self.n_sink < 0 or min(self.window, self.obs_window, self.snap_window, self.pool) < 1:
@@ -118,6 +110,11 @@ class KVConfig:
         if self.pool % 2 == 0:  # an even kernel with padding pool // 2 yields T + 1 pooled scores
             raise ValueError(f"pool must be odd (a window centred on each key), got {self.pool}; "
                              f"use {self.pool + 1}")
+
+
+def merges_at(cfg: KVConfig, phase: str) -> bool:
+    """Does this config merge leaving entries at `phase` ("prefill" or "decode")?"""
+    return cfg.policy in MERGING and cfg.merge_at in (phase, "both")
 
 
 def capacity(prompt_len: int, cfg: KVConfig, max_new_tokens: int = 0) -> int:
@@ -175,7 +172,7 @@ def _to_targets(own, incoming, target):
 
 
 def merge_entries(k, v, log_votes, log_score, k_in, v_in, log_votes_in, log_score_in, target, mask,
-                  mode="zip", eps=1e-3, gamma_max=16.0):
+                  mode="zip", eps=1e-3, gamma_max=16.0, votes=True):
     """Merge incoming entries into kept ones; several may share one target.
 
     Kept: k [.., C, Dqk], v [.., C, Dv], log_votes / log_score [.., C] (ln p and ln S, the score
@@ -191,6 +188,7 @@ def merge_entries(k, v, log_votes, log_score, k_in, v_in, log_votes_in, log_scor
     ln p_r = ln sum p + L - lbar: p_r exp(lbar) = sum w still, so it is exact for the same query.
     The stored ln S_r is the logit k_r has when ln S are one query's logits (linear in k): L, or
     lbar for the fall-back and for "convex". So ZIP keeps ln p_r + ln S_r = ln sum w in both forms.
+    votes=False: every entry has p = 1 and so has r; L = ln sum w, and the fall-back is inexact.
     """
     cdt = _compute_dtype(k)
     kf, vf, kin, vin = k.to(cdt), v.to(cdt), k_in.to(cdt), v_in.to(cdt)
@@ -208,7 +206,7 @@ def merge_entries(k, v, log_votes, log_score, k_in, v_in, log_votes_in, log_scor
     mp = ln_p.scatter_reduce(-1, target, ln_p_in, reduce="amax", include_self=True)
     mp = torch.where(torch.isfinite(mp), mp, torch.zeros_like(mp))
     P = _to_targets(torch.exp(ln_p - mp), torch.exp(ln_p_in - mp.gather(-1, target)), target)
-    ln_sum_p = mp + torch.log(P)
+    ln_sum_p = mp + torch.log(P) if votes else torch.zeros_like(mp)   # votes off: p_r = 1, L = ln sum w
     L = m + torch.log(A) - ln_sum_p                                # ln(sum w / sum p)
     fallback = torch.zeros_like(L, dtype=torch.bool)
     if mode == "zip":
@@ -216,7 +214,7 @@ def merge_entries(k, v, log_votes, log_score, k_in, v_in, log_votes_in, log_scor
         gamma = L / torch.where(safe, lbar, torch.ones_like(lbar))
         ok = safe & (gamma > 1 / gamma_max) & (gamma < gamma_max)
         k_new = kbar * torch.where(ok, gamma, torch.ones_like(gamma))[..., None]
-        ln_p_new = torch.where(ok, ln_sum_p, ln_sum_p + L - lbar)
+        ln_p_new = torch.where(ok, ln_sum_p, ln_sum_p + (L - lbar if votes else 0.0))
         ln_s_new = torch.where(ok, L, lbar)                        # the logit k_new has: gamma lbar
         fallback = ~ok
     elif mode == "convex":
@@ -230,7 +228,7 @@ def merge_entries(k, v, log_votes, log_score, k_in, v_in, log_votes_in, log_scor
             torch.where(touched, ln_s_new, ln_s).to(log_score.dtype), touched & fallback)
 
 
-# ----------------------------------------------------------------------------- scoring: ln S per entry
+# ----------------------------------------------------------------------------- ZIP's prediction: ln S per entry
 
 def ema_window_scores(q, k, scale, alpha, obs_window):
     """ln S per entry from the last obs_window queries (q, k [B, G, T, D]) -> [B, G, T].
@@ -250,94 +248,12 @@ def ema_window_scores(q, k, scale, alpha, obs_window):
     return torch.logsumexp(logits + log_w, dim=2)
 
 
-def attention_mass(q, k, scale, first_query, chunk=256):
-    """Sum over queries i >= first_query of softmax_i(j) (causal), q, k [B, G, T, D] -> [B, G, T]."""
-    T = q.shape[2]
-    total = torch.zeros(q.shape[:2] + (T,), dtype=q.dtype, device=q.device)
-    j = torch.arange(T, device=q.device)
-    for start in range(first_query, T, chunk):
-        end = min(start + chunk, T)
-        logits = torch.einsum("bgid,bgjd->bgij", q[:, :, start:end], k) * scale
-        causal = torch.arange(start, end, device=q.device)[:, None] >= j[None, :]
-        total += logits.masked_fill(~causal, NEG).softmax(-1).sum(2)
-    return total
-
-
-def _avg_pool(x, kernel, count_pad):
-    """Mean over `kernel` keys centred on each, x [B, G, T] -> [B, G, T]; count_pad: padding counts."""
-    B, G, T = x.shape
-    return F.avg_pool1d(x.reshape(B * G, 1, T), kernel, stride=1, padding=kernel // 2,
-                        count_include_pad=count_pad).reshape(B, G, T)
-
-
-def prefill_log_scores(cfg, q, k, scale):
-    """ln S per prompt entry at the end of prefill, by policy: q, k [B, G, T, D] -> [B, G, T]."""
-    T = q.shape[2]
-    if cfg.policy in MERGING:
-        return ema_window_scores(q, k, scale, cfg.alpha, cfg.obs_window)
-    if cfg.policy == "h2o":
-        return attention_mass(q, k, scale, 0).log()
-    if cfg.policy == "snapkv":  # votes land on the keys before the window only; its keys stay anyway
-        W = min(cfg.snap_window, T)
-        mass = attention_mass(q, k, scale, T - W)
-        mass[..., T - W:] = 0.0                                    # = the zero padding past the end
-        return _avg_pool(mass, cfg.pool, True).log()
-    if cfg.policy == "snapkv-decode":
-        return _avg_pool(attention_mass(q, k, scale, max(0, T - cfg.obs_window)), cfg.pool, False).log()
-    return torch.zeros_like(q[..., 0])                             # streaming / full: unused
-
-
-def observe_(cfg, log_score, log_votes, logits, is_new):
-    """Fold one query's logits [B, G, N] into ln S (in place); entries where is_new start afresh.
-    Nothing to fold for "snapkv" (nothing leaves), "streaming" (recency decides) and "full"."""
-    if cfg.policy in MERGING:   # EMA of s in log space; a new entry starts at its first score
-        log_alpha = math.log(cfg.alpha) if cfg.alpha > 0 else NEG
-        ema = torch.logaddexp(log_score + log_alpha, logits + math.log(1 - cfg.alpha))
-        log_score.copy_(torch.where(is_new, logits, ema))
-    elif cfg.policy in ("h2o", "snapkv-decode"):   # accumulated softmax attention (votes included)
-        log_attn = torch.log_softmax(logits + log_votes, -1)
-        log_score.copy_(torch.where(is_new, log_attn, torch.logaddexp(log_score, log_attn)))
-
-
-# ----------------------------------------------------------------------------- selection: who leaves
-
-def keep_priority(cfg, log_votes, log_score, pos):
-    """How strongly each entry [B, G, N] holds its place; the weakest leave first. Recency for
-    "streaming", the predicted weight ln p + ln S for the merging policies, else the attention ln S."""
-    if cfg.policy == "streaming":
-        return pos.to(log_score.dtype)
-    if cfg.policy in MERGING:
-        return log_votes + log_score
-    return log_score
-
-
-def pinned(cfg, pos, t, capacity=None):
-    """Entries the policy never removes while t is the newest position: the n_sink first and the
-    last `window`; for "h2o" the last C // 2 and for "snapkv" the last min(snap_window, C), no sinks
-    (their papers' recent parts, so they need capacity = C: an int, or a tensor broadcasting to pos)."""
-    if cfg.policy in ("h2o", "snapkv"):
-        if capacity is None:
-            raise ValueError(f"pinned: policy {cfg.policy!r} needs capacity= (its recent part is part of C)")
-        C = torch.as_tensor(capacity)
-        return pos > t - (C // 2 if cfg.policy == "h2o" else C.clamp(max=cfg.snap_window))
-    return (pos < cfg.n_sink) | (pos > t - cfg.window)
-
-
-def split_prompt(cfg, log_votes, log_score, pos, t, C):
-    """End of prefill (t: the last prompt position): the C entries that stay, in slot order, and
-    the T - C that leave: [B, G, C], [B, G, T - C]."""
-    priority = keep_priority(cfg, log_votes, log_score, pos).masked_fill(pinned(cfg, pos, t, C), math.inf)
-    order = priority.sort(dim=-1, descending=True, stable=True).indices
-    return order[..., :C].sort(-1).values, order[..., C:]
-
-
-def leaving_slot(cfg, log_votes, log_score, pos, live, t, capacity=None):
-    """Decode (t: the new token's position): the live, unpinned slot with the weakest hold [B, G, 1].
-    It leaves only if the cache is over capacity, C + 1 live; that is the caller's to decide. So
-    capacity, if not given, is taken as the live count less one: C whenever it matters."""
-    capacity = live.sum(-1, keepdim=True) - 1 if capacity is None else capacity
-    priority = keep_priority(cfg, log_votes, log_score, pos)
-    return priority.masked_fill(~live | pinned(cfg, pos, t, capacity), math.inf).argmin(-1, keepdim=True)
+def ema_(cfg, log_pred, logits, is_new):
+    """Fold one query's logits [B, G, N] into the prediction ln S (in place): the EMA in log space;
+    entries where is_new start at their first score."""
+    log_alpha = math.log(cfg.alpha) if cfg.alpha > 0 else NEG
+    ema = torch.logaddexp(log_pred + log_alpha, logits + math.log(1 - cfg.alpha))
+    log_pred.copy_(torch.where(is_new, logits, ema))
 
 
 # ----------------------------------------------------------------------------- the merge step
@@ -364,10 +280,10 @@ def merge_targets(cfg, k_leave, k_kept, allowed=None):
 
 
 def merge_rows(cfg, kept, leaving, target, merge):
-    """merge_entries with the policy's key merge. Rows are (k, v, ln p, ln S): kept [.., C(, D)],
+    """merge_entries with the policy's key merge and votes. Rows are (k, v, ln p, ln S): kept [.., C(, D)],
     leaving [.., M(, D)]. Returns the new kept rows and the [.., C] fall-back mask."""
     mode = "zip" if cfg.policy == "keepkv" else "convex"
-    *new, fallback = merge_entries(*kept, *leaving, target, merge, mode, cfg.zip_eps, cfg.gamma_max)
+    *new, fallback = merge_entries(*kept, *leaving, target, merge, mode, cfg.zip_eps, cfg.gamma_max, cfg.votes)
     return new, fallback
 
 
@@ -375,14 +291,15 @@ def merge_rows(cfg, kept, leaving, target, merge):
 
 class CacheSlots(nn.Module):
     """The storage of a compressed cache, which knows no policy: N slots per key group, each with a
-    key [B, G, N, Dqk], a value [B, G, N, Dv], ln p, ln S and a position [B, G, N].
+    key [B, G, N, Dqk], a value [B, G, N, Dv], ln p, the selection's ln score, a position [B, G, N]
+    and, with pred=True (merging policies), ZIP's predicted ln S [B, G, N] (`log_pred`).
 
     A slot is live while its ln p > -inf. The buffers never change shape, so a decode step over
     them compiles; `lengths` [B] is N throughout (attend_cache's contract: the votes mask empty slots).
     """
-    ROWS = ("k", "v", "log_votes", "log_score")   # what a merge reads and writes, in merge_entries' order
+    MERGE = ("k", "v", "log_votes", "log_pred")   # what a merge reads and writes, in merge_entries' order
 
-    def __init__(self, batch, groups, n_slots, k_dim, v_dim, dtype=torch.float32, device=None):
+    def __init__(self, batch, groups, n_slots, k_dim, v_dim, dtype=torch.float32, device=None, pred=False):
         super().__init__()
         shape = (batch, groups, n_slots)
         meta = torch.float64 if dtype == torch.float64 else torch.float32     # ln p, ln S: fp32 at least
@@ -392,20 +309,23 @@ class CacheSlots(nn.Module):
         self.register_buffer("log_score", torch.full(shape, NEG, dtype=meta, device=device))
         self.register_buffer("pos", torch.zeros(shape, dtype=torch.int32, device=device))
         self.register_buffer("lengths", torch.full((batch,), n_slots, dtype=torch.int32, device=device))
+        self.register_buffer("log_pred", torch.full(shape, NEG, dtype=meta, device=device) if pred else None)
+
+    def _meta(self):
+        return [b for b in (self.log_votes, self.log_score, self.log_pred) if b is not None]
 
     def reset(self):
-        self.log_votes.fill_(NEG)
-        self.log_score.fill_(NEG)
+        for b in self._meta():
+            b.fill_(NEG)
 
     def live(self) -> torch.Tensor:
         return self.log_votes > NEG
 
     def nbytes(self) -> int:
         """Total bytes held in the slots (keys, values, votes, scores, positions), all groups and rows."""
-        bufs = (self.k, self.v, self.log_votes, self.log_score, self.pos)
-        return sum(b.numel() * b.element_size() for b in bufs)
+        return sum(b.numel() * b.element_size() for b in [self.k, self.v, self.pos] + self._meta())
 
-    def write_prefix(self, k, v, log_votes, log_score, pos):
+    def write_prefix(self, k, v, log_votes, log_score, pos, log_pred=None):
         """Fill the first T slots from rows [B, G, T(, D)]."""
         T = k.shape[2]
         self.k[:, :, :T] = k.to(self.k.dtype)
@@ -413,6 +333,8 @@ class CacheSlots(nn.Module):
         self.log_votes[:, :, :T] = log_votes
         self.log_score[:, :, :T] = log_score
         self.pos[:, :, :T] = pos
+        if log_pred is not None:
+            self.log_pred[:, :, :T] = log_pred
 
     def write_token(self, k, v, t, in_order=False, offset=0):
         """One token (k [B, G, Dqk], v [B, G, Dv], position t: a 0-d tensor) with one vote, into the
@@ -433,13 +355,13 @@ class CacheSlots(nn.Module):
         self.pos.scatter_(2, slot, t.to(torch.int32).expand(slot.shape).contiguous())
         return slot
 
-    def rows(self, idx):
-        """(k, v, ln p, ln S) at slots idx [B, G, M]."""
-        return tuple(_take(getattr(self, name), idx) for name in self.ROWS)
+    def rows(self, idx, names=MERGE):
+        """The buffers `names` (default: k, v, ln p, ln S) at slots idx [B, G, M]."""
+        return tuple(_take(getattr(self, name), idx) for name in names)
 
-    def put_rows(self, idx, rows):
-        """Write rows shaped as `rows(idx)` returns back at slots idx."""
-        for name, row in zip(self.ROWS, rows):
+    def put_rows(self, idx, rows, names=MERGE):
+        """Write rows shaped as `rows(idx, names)` returns back at slots idx."""
+        for name, row in zip(names, rows):
             buf = getattr(self, name)
             buf.scatter_(2, idx if buf.dim() == 3 else idx[..., None].expand_as(row), row)
 
@@ -466,18 +388,19 @@ class KeepKVCache(nn.Module):
         self.capacity = capacity(prompt_len, cfg, max_new_tokens)
         self.kept = capacity(prompt_len, cfg)                      # entries the prefill keeps
         N = self.capacity + (0 if cfg.policy in GROWING else 1)   # + the slot a new token lands in
-        self.slots = CacheSlots(batch, n_heads, N, qk_dim, v_dim, dtype, device)
+        self.slots = CacheSlots(batch, n_heads, N, qk_dim, v_dim, dtype, device, pred=cfg.policy in MERGING)
         self.offset = 0                 # GROWING: prompt positions the prefill dropped
         # decode: steps, removals, merges, fall-backs, sum of the relative change of the attention
         # output over removals and over merges only; prefill: entries that left, and merged
         self.register_buffer("stats", torch.zeros(8, dtype=torch.float64, device=device))
         self.prefilled = False
 
-    # the slots' buffers under the names this cache's readers use; `score` is ln S's older name
+    # the slots' buffers under the names this cache's readers use; `score` is ln score's older name
     k = property(lambda self: self.slots.k)
     v = property(lambda self: self.slots.v)
     log_votes = property(lambda self: self.slots.log_votes)
     log_score = score = property(lambda self: self.slots.log_score)
+    log_pred = property(lambda self: self.slots.log_pred)
     pos = property(lambda self: self.slots.pos)
     lengths = property(lambda self: self.slots.lengths)
 
@@ -513,23 +436,27 @@ class KeepKVCache(nn.Module):
         Dv = vh.shape[-1]
         out = F.scaled_dot_product_attention(qh, kh, F.pad(vh, (0, max(0, kh.shape[-1] - Dv))),
                                              is_causal=True, scale=scale)[..., :Dv]      # [B, H, T, Dv]
-        log_score = prefill_log_scores(cfg, qh, kh, scale).to(slots.log_score.dtype)
-        log_votes = torch.zeros(B, H, T, dtype=slots.log_votes.dtype, device=q.device)
+        meta = slots.log_score.dtype
+        score = prefill_scores(cfg, qh, kh, scale).to(meta)
+        log_votes = torch.zeros(B, H, T, dtype=meta, device=q.device)
+        pred = ema_window_scores(qh, kh, scale, cfg.alpha, cfg.obs_window).to(meta) if cfg.policy in MERGING else None
         pos = input_pos.to(torch.int32).expand(B, H, T)
-        rows = (kh, vh, log_votes, log_score)
-        if T > C:  # keep the pinned and the top priorities; the rest merge or leave
-            keep, leave = split_prompt(cfg, log_votes, log_score, pos, int(input_pos[-1]), C)
-            kept, pos = [_take(x, keep) for x in rows], _take(pos, keep)
-            if cfg.policy in MERGING:
-                leaving = [_take(x, leave) for x in rows]
+        if T > C:  # the selection keeps C; the rest merge or leave
+            keep, leave = split_prompt(cfg, score, pos, int(input_pos[-1]), C)
+            if merges_at(cfg, "prefill"):
+                kept, leaving = ([_take(x, i) for x in (kh, vh, log_votes, pred)] for i in (keep, leave))
                 target, merge = merge_targets(cfg, leaving[0], kept[0])
-                kept, _ = merge_rows(cfg, kept, leaving, target, merge)
+                (kh, vh, log_votes, pred), _ = merge_rows(cfg, kept, leaving, target, merge)
+                score = merged_scores(_take(score, keep), _take(score, leave), target, merge)
                 if self.track:
                     self.stats[6] += merge.numel()
                     self.stats[7] += merge.sum()
-            rows = kept
-        slots.write_prefix(*rows, pos)
-        self.offset = T - rows[0].shape[2]
+            else:
+                kh, vh, log_votes, score = (_take(x, keep) for x in (kh, vh, log_votes, score))
+                pred = None if pred is None else _take(pred, keep)
+            pos = _take(pos, keep)
+        slots.write_prefix(kh, vh, log_votes, score, pos, pred)
+        self.offset = T - kh.shape[2]
         self.prefilled = True
         return out.transpose(1, 2).to(q.dtype)
 
@@ -542,8 +469,11 @@ class KeepKVCache(nn.Module):
         others = live & (torch.arange(s.k.shape[2], device=live.device) != leave)
         target, similar = merge_targets(self.cfg, _take(s.k, leave), s.k, others)   # [B, H, 1]
         merge = over & similar
-        new, fallback = merge_rows(self.cfg, s.rows(target), s.rows(leave), torch.zeros_like(target), merge)
+        zero = torch.zeros_like(target)
+        new, fallback = merge_rows(self.cfg, s.rows(target), s.rows(leave), zero, merge)
         s.put_rows(target, new)                         # unchanged where nothing merged
+        score = merged_scores(_take(s.log_score, target), _take(s.log_score, leave), zero, merge)
+        s.put_rows(target, (score,), ("log_score",))
         return merge, fallback
 
     @torch.no_grad()
@@ -556,12 +486,15 @@ class KeepKVCache(nn.Module):
         slot = s.write_token(k, v, t)
         out_before, logits = attend_cache(q, s.k, s.v, s.log_votes, s.lengths, scale, True)
         is_new = torch.arange(s.k.shape[2], device=q.device) == slot                 # [B, H, N]
-        observe_(cfg, s.log_score, s.log_votes, logits.to(s.log_score.dtype), is_new)
+        logits = logits.to(s.log_score.dtype)
+        accumulate_(cfg, s.log_score, s.log_votes, logits, is_new)
+        if s.log_pred is not None:
+            ema_(cfg, s.log_pred, logits, is_new)
         live = s.live()
         over = live.sum(-1, keepdim=True) > self.capacity                           # [B, H, 1]
-        leave = leaving_slot(cfg, s.log_votes, s.log_score, s.pos, live, t, self.capacity)  # [B, H, 1]
+        leave = leaving_slot(cfg, s.log_score, s.pos, live, t, self.capacity)        # [B, H, 1]
         merged = fb = torch.zeros_like(over)
-        if cfg.policy in MERGING:
+        if merges_at(cfg, "decode"):
             merged, fb = self._merge_one(leave, over, live)
         s.free(leave, over)                             # merged or evicted, the slot is free again
         out = attend_cache(q, s.k, s.v, s.log_votes, s.lengths, scale) if cfg.reattend or self.track else None

@@ -39,18 +39,19 @@ Exact for the scoring query with alpha = 0 (scores = its logits): every head's a
 over every entry. Approximated: the merged entry's value (the least-squares residual), and for later
 queries both the logit of K_r and the votes, which were tuned to the scoring query.
 "convex" on this cache: the same selection and targets, K_r = [cmix | k_rope_r], votes summed per
-head (ln p_hr = ln sum p_hi): neither mass nor value is kept.
+head (ln p_hr = ln sum p_hi): neither mass nor value is kept. Votes off (an ablation): ln p_hr = 0,
+K_r as above; one shared key cannot give H heads their masses, so the mass the votes held is lost.
 
-Scores per head, decisions per token: ln S (EMA, H2O/SnapKV attention sums) is kept per head, as
-in keepkv.py, but an entry is one latent, so who stays is decided once per token from the mean over
-heads of the entry's predicted share of attention: mean_h exp(ln p_h + ln S_h - ln Z_h) for the
-merging policies (Z_h: the head's total), mean_h of the accumulated attention for H2O and SnapKV.
+Scores per head, decisions per token: the selection's attention sums and ZIP's prediction ln S are
+kept per head, as in keepkv.py, but an entry is one latent, so who stays is decided once per token
+from the mean over heads of the accumulated attention (kvselect.py's policies, the same code).
 Merge targets: the kept entry whose shared key [c | k_rope] is most cosine-similar.
 
-Storage per slot: K = [c | k_rope] (C + Dr, the model's dtype), ln p and ln S per head (2H fp32)
-and a position (int32). On K2 in bf16 that is 1,152 + 512 + 4 bytes against 1,152 for a full
-latent slot: the bookkeeping costs 45%, so compression pays below a budget of ~0.69. The per-head
-KeepKV of keepkv.py pays only below ~0.028 on K2 (../shared/REFERENCE.md 3b); `break_even` prints both.
+Storage per slot: K = [c | k_rope] (C + Dr, the model's dtype), ln p and the selection's score per
+head (2H fp32), ZIP's ln S per head for the merging policies (H more) and a position (int32). On
+K2 in bf16 a KeepKV slot is 1,152 + 768 + 4 bytes against 1,152 for a full latent slot: the
+bookkeeping costs 67%, so compression pays below a budget of ~0.6. The per-head KeepKV of
+keepkv.py pays only below ~0.028 on K2 (../shared/REFERENCE.md 3b); `break_even` prints both.
 """
 import math
 
@@ -58,7 +59,8 @@ import torch
 import torch.nn as nn
 
 import keepkv
-from keepkv import MERGING, NEG, KVConfig
+import kvselect
+from keepkv import MERGING, NEG, KVConfig, merges_at
 from model import LatentKVCache, absorbed_query, attend_absorbed_prompt
 
 
@@ -82,7 +84,7 @@ def attend_latent(Q, kv, log_votes, scale, n_latent, return_logits=False):
 
 # ----------------------------------------------------------------------------- the latent merge
 
-def merge_latent(kept, leaving, target, mask, Q, ln_z, w_v, scale, mode="zip", gram=None):
+def merge_latent(kept, leaving, target, mask, Q, ln_z, w_v, scale, mode="zip", gram=None, votes=True):
     """Merge leaving entries into kept ones (several may share a target), as derived above.
 
     kept = (kv [B, C', C+Dr], ln p [B, H, C'], ln S [B, H, C']); leaving: the same with M rows;
@@ -92,6 +94,7 @@ def merge_latent(kept, leaving, target, mask, Q, ln_z, w_v, scale, mode="zip", g
     residual [B, C'] (sum_h omega_h |W_v_h (c_r - cbar_h)|^2 / sum_h omega_h |W_v_h cbar_h|^2).
     Everything runs relative to each (head, target) group's largest ln w, so exp never overflows.
     gram: head_grams(w_v), if the caller keeps it (a cache does: it depends on the weights only).
+    votes=False: the merged entry's ln p is 0 in every head (an ablation: its mass is not kept).
     """
     kv, ln_p, ln_s = kept
     kv_in, ln_p_in, ln_s_in = leaving
@@ -137,6 +140,8 @@ def merge_latent(kept, leaving, target, mask, Q, ln_z, w_v, scale, mode="zip", g
         ln_s_new = torch.einsum("bhd,bnd->bhn", Q, k_r) * scale       # the logit K_r really has
     else:
         raise ValueError(f"unknown merge mode {mode!r}")
+    if not votes:
+        ln_p_new = torch.zeros_like(ln_p_new)
     diff = torch.einsum("hvc,bhnc->bhnv", wv, k_r[:, None, :, :n_lat] - cbar)
     ref = torch.einsum("hvc,bhnc->bhnv", wv, cbar)
     residual = (omega * diff.square().sum(-1)).sum(1) / (omega * ref.square().sum(-1)).sum(1).clamp_min(1e-300)
@@ -175,25 +180,16 @@ def solve_targets(omega, G, rhs, prior, max_elems: int = 1 << 24):
 
 # ----------------------------------------------------------------------------- decisions per token
 
-def token_priority(cfg, ln_p, ln_s, live=None):
-    """How strongly each entry holds its place, one number per token [B, N] from per-head
-    [B, H, N]: ln of the mean over heads of the predicted share of attention (merging policies),
-    or of the accumulated attention (H2O, SnapKV). Streaming ranks by position (the caller's)."""
-    if cfg.policy in MERGING:
-        lw = ln_p + ln_s
-        if live is not None:
-            lw = lw.masked_fill(~live[:, None], NEG)
-        share = lw - torch.logsumexp(lw, -1, keepdim=True)
-    else:
-        share = ln_s
-    return torch.logsumexp(share, 1) - math.log(ln_p.shape[1])
+def token_priority(ln_s):
+    """The selection's score per token [B, N] from per-head attention sums [B, H, N]: ln of their
+    mean over heads (streaming ranks by position instead: kvselect.keep_priority)."""
+    return torch.logsumexp(ln_s, 1) - math.log(ln_s.shape[1])
 
 
-def rows_at(kv, ln_p, ln_s, idx):
-    """(kv [B, M, D], ln p [B, H, M], ln S [B, H, M]) at token slots idx [B, M]."""
-    H = ln_p.shape[1]
+def rows_at(kv, *per_head, idx):
+    """kv [B, N, D] and each per-head [B, H, N] at token slots idx [B, M]: ([B, M, D], [B, H, M], ..)."""
     return (kv.gather(1, idx[..., None].expand(*idx.shape, kv.shape[-1])),
-            ln_p.gather(2, idx[:, None].expand(-1, H, -1)), ln_s.gather(2, idx[:, None].expand(-1, H, -1)))
+            *(x.gather(2, idx[:, None].expand(-1, x.shape[1], -1)) for x in per_head))
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -220,6 +216,8 @@ class LatentKeepKVCache(nn.Module):
         self.register_buffer("kv", torch.zeros(batch, N, kv_lora_rank + rope_dim, dtype=dtype, device=device))
         self.register_buffer("log_votes", torch.full((batch, n_heads, N), NEG, dtype=meta, device=device))
         self.register_buffer("log_score", torch.full((batch, n_heads, N), NEG, dtype=meta, device=device))
+        pred = torch.full((batch, n_heads, N), NEG, dtype=meta, device=device) if cfg.policy in MERGING else None
+        self.register_buffer("log_pred", pred)   # ZIP's predicted ln S per head: merging policies only
         self.register_buffer("pos", torch.zeros(batch, N, dtype=torch.int32, device=device))
         # as keepkv.KeepKVCache's (cache_stats reads both), + [8] the sum of merges' value residuals
         self.register_buffer("stats", torch.zeros(9, dtype=torch.float64, device=device))
@@ -231,9 +229,12 @@ class LatentKeepKVCache(nn.Module):
             self.gram = head_grams(w_v, dtype)
         return self.gram
 
+    def _meta(self):
+        return [b for b in (self.log_votes, self.log_score, self.log_pred) if b is not None]
+
     def reset(self):
-        self.log_votes.fill_(NEG)
-        self.log_score.fill_(NEG)
+        for b in self._meta():
+            b.fill_(NEG)
         self.stats.zero_()
         self.prefilled = False
 
@@ -242,7 +243,7 @@ class LatentKeepKVCache(nn.Module):
 
     def nbytes(self) -> int:
         """Bytes held: keys/latents, per-head votes and scores, positions, of every slot."""
-        return sum(b.numel() * b.element_size() for b in (self.kv, self.log_votes, self.log_score, self.pos))
+        return sum(b.numel() * b.element_size() for b in [self.kv, self.pos] + self._meta())
 
     def attend_latent(self, q_nope, q_rope, c, k_rope, w_kc, w_v, input_pos, scale):
         Q = absorbed_query(q_nope, q_rope, w_kc)                                   # [B, T, H, C+Dr]
@@ -262,51 +263,62 @@ class LatentKeepKVCache(nn.Module):
             raise ValueError("after the prefill a KeepKV cache takes one token per call")
         return self._decode(Q[:, 0], K[:, 0], w_v, input_pos[0], scale)[:, None]
 
-    def _mode(self, w_v, dtype):
-        """merge_latent's mode and gram for this policy."""
-        return ("zip", self.grams(w_v, dtype)) if self.cfg.policy == "keepkv" else ("convex", None)
+    def _merge(self, kept, leaving, target, merge, Q, ln_z, w_v, scale):
+        """merge_latent with this policy's mode and votes; rows are (kv, ln p, ln S, score), the
+        last two per head: ZIP's prediction and the selection's score (summed over the parts)."""
+        zip_ = self.cfg.policy == "keepkv"
+        mode, gram = ("zip", self.grams(w_v, Q.dtype)) if zip_ else ("convex", None)
+        new, touched, res = merge_latent(kept[:3], leaving[:3], target, merge, Q, ln_z, w_v, scale, mode, gram,
+                                         self.cfg.votes)
+        H = kept[1].shape[1]
+        at, mask = target[:, None].expand(-1, H, -1), merge[:, None].expand(-1, H, -1)
+        return (*new, kvselect.merged_scores(kept[3], leaving[3], at, mask)), res
 
-    def _select(self, priority, pos, live, t, C=None):
-        """keepkv.py's selection on one key group: the aggregated priority stands in for ln S."""
-        zeros = torch.zeros_like(priority)[:, None]
+    def _select(self, score, pos, live, t, C=None):
+        """kvselect's selection on one key group: the per-token score stands in for the heads'."""
+        cfg = self.cfg
         if C is not None:
-            return keepkv.split_prompt(self.cfg, zeros, priority[:, None], pos[:, None], t, C)
-        return keepkv.leaving_slot(self.cfg, zeros, priority[:, None], pos[:, None], live[:, None], t,
-                                   self.capacity)
+            return kvselect.split_prompt(cfg, score[:, None], pos[:, None], t, C)
+        return kvselect.leaving_slot(cfg, score[:, None], pos[:, None], live[:, None], t, self.capacity)
 
     # --- prefill: exact causal attention over the prompt, then compress once ---------------------
 
     @torch.no_grad()
     def _prefill(self, Q, K, w_v, input_pos, scale):
-        cfg, C, n_lat = self.cfg, self.kept, self.n_latent
+        cfg, C = self.cfg, self.kept
         self.reset()
         cdt = Q.dtype
         Qh, Kf = Q.transpose(1, 2), K.to(cdt)                                      # [B, H, T, D], [B, T, D]
         B, H, T, _ = Qh.shape
-        out = attend_absorbed_prompt(Q, Kf, scale, n_lat)                        # [B, T, H, C], exact
-        ln_s = keepkv.prefill_log_scores(cfg, Qh, Kf[:, None].expand(B, H, T, -1), scale)
-        ln_p = torch.zeros_like(ln_s)
+        out = attend_absorbed_prompt(Q, Kf, scale, self.n_latent)                # [B, T, H, C], exact
+        Kh = Kf[:, None].expand(B, H, T, -1)
+        score = kvselect.prefill_scores(cfg, Qh, Kh, scale)
+        ln_p = torch.zeros_like(score)
+        pred = keepkv.ema_window_scores(Qh, Kh, scale, cfg.alpha, cfg.obs_window) if cfg.policy in MERGING \
+            else torch.zeros_like(score)
         pos = input_pos.to(torch.int32).expand(B, T)
-        kv = Kf
+        rows = (Kf, ln_p, pred, score)
         if T > C:
-            keep, leave = self._select(token_priority(cfg, ln_p, ln_s), pos, None, int(input_pos[-1]), C)
+            keep, leave = self._select(token_priority(score), pos, None, int(input_pos[-1]), C)
             keep, leave = keep[:, 0], leave[:, 0]                                  # [B, C], [B, T-C]
-            kept = rows_at(kv, ln_p, ln_s, keep)
-            if cfg.policy in MERGING:
-                leaving = rows_at(kv, ln_p, ln_s, leave)
+            kept = rows_at(*rows, idx=keep)
+            if merges_at(cfg, "prefill"):
+                leaving = rows_at(*rows, idx=leave)
                 target, merge = keepkv.merge_targets(cfg, leaving[0][:, None], kept[0][:, None])
-                ln_z = torch.logsumexp(ln_p + ln_s, -1)
-                kept, _, res = merge_latent(kept, leaving, target[:, 0], merge[:, 0], Qh[:, :, -1], ln_z,
-                                            w_v, scale, *self._mode(w_v, cdt))
+                ln_z = torch.logsumexp(ln_p + pred, -1)
+                kept, _ = self._merge(kept, leaving, target[:, 0], merge[:, 0], Qh[:, :, -1], ln_z, w_v, scale)
                 if self.track:
                     self.stats[6] += merge.numel()
                     self.stats[7] += merge.sum()
-            kv, ln_p, ln_s = kept
+            rows = kept
             pos = pos.gather(1, keep)
+        kv, ln_p, pred, score = rows
         n = kv.shape[1]
         self.kv[:, :n] = kv.to(self.kv.dtype)
         self.log_votes[:, :, :n] = ln_p.to(self.log_votes.dtype)
-        self.log_score[:, :, :n] = ln_s.to(self.log_score.dtype)
+        self.log_score[:, :, :n] = score.to(self.log_score.dtype)
+        if self.log_pred is not None:
+            self.log_pred[:, :, :n] = pred.to(self.log_pred.dtype)
         self.pos[:, :n] = pos
         self.prefilled = True
         return out
@@ -324,25 +336,27 @@ class LatentKeepKVCache(nn.Module):
         self.pos.scatter_(1, slot, t.to(torch.int32).expand(slot.shape).contiguous())
         o_before, logits = attend_latent(Q, self.kv, self.log_votes, scale, n_lat, True)
         is_new = (torch.arange(N, device=Q.device) == slot)[:, None]                   # [B, 1, N]
-        keepkv.observe_(cfg, self.log_score, self.log_votes, logits.to(self.log_score.dtype), is_new)
+        logits = logits.to(self.log_score.dtype)
+        kvselect.accumulate_(cfg, self.log_score, self.log_votes, logits, is_new)
+        if self.log_pred is not None:
+            keepkv.ema_(cfg, self.log_pred, logits, is_new)
         live = self.live()
         over = live.sum(-1, keepdim=True) > self.capacity                               # [B, 1]
-        priority = token_priority(cfg, self.log_votes, self.log_score, live)
-        leave = self._select(priority, self.pos, live, t)[:, 0]                         # [B, 1]
+        leave = self._select(token_priority(self.log_score), self.pos, live, t)[:, 0]   # [B, 1]
         merged = torch.zeros_like(over)
         res = torch.zeros(over.shape, dtype=torch.float64, device=Q.device)
-        if cfg.policy in MERGING:
+        if merges_at(cfg, "decode"):
             others = live & (torch.arange(N, device=Q.device) != leave)
-            leaving = rows_at(self.kv, self.log_votes, self.log_score, leave)
+            per_head = (self.log_votes, self.log_pred, self.log_score)
+            leaving = rows_at(self.kv, *per_head, idx=leave)
             target, similar = keepkv.merge_targets(cfg, leaving[0][:, None], self.kv[:, None], others[:, None])
             target, merged = target[:, 0], over & similar[:, 0]                         # [B, 1]
-            lw = (self.log_votes + self.log_score).masked_fill(~live[:, None], NEG)
-            new, _, res = merge_latent(rows_at(self.kv, self.log_votes, self.log_score, target), leaving,
-                                       torch.zeros_like(target), merged, Q, torch.logsumexp(lw, -1), w_v,
-                                       scale, *self._mode(w_v, Q.dtype))
+            lw = (self.log_votes + self.log_pred).masked_fill(~live[:, None], NEG)
+            new, res = self._merge(rows_at(self.kv, *per_head, idx=target), leaving, torch.zeros_like(target),
+                                   merged, Q, torch.logsumexp(lw, -1), w_v, scale)
             self.kv.scatter_(1, target[..., None].expand(-1, 1, self.kv.shape[-1]), new[0])
-            self.log_votes.scatter_(2, target[:, None].expand(-1, H, 1), new[1])
-            self.log_score.scatter_(2, target[:, None].expand(-1, H, 1), new[2])
+            for buf, row in zip(per_head, new[1:]):
+                buf.scatter_(2, target[:, None].expand(-1, H, 1), row)
         at = leave[:, None].expand(-1, H, 1)               # merged or evicted, the slot is free again
         self.log_votes.scatter_(2, at, torch.where(over[:, None], NEG, self.log_votes.gather(2, at)))
         out = attend_latent(Q, self.kv, self.log_votes, scale, n_lat) if cfg.reattend or self.track else None
@@ -378,13 +392,15 @@ def full_latent_bytes(model, batch: int, n_tokens: int, dtype=None) -> int:
     return a.n_layers * batch * n_tokens * (a.kv_lora_rank + a.qk_rope_head_dim) * item
 
 
-def slot_bytes(args, cache: str, dtype_bytes: int = 2) -> dict:
-    """Bytes per token and layer: the full cache and a compressed slot (bookkeeping included)."""
+def slot_bytes(args, cache: str, dtype_bytes: int = 2, merging: bool = True) -> dict:
+    """Bytes per token and layer: the full cache and a compressed slot (bookkeeping included: per
+    head ln p and the selection's score, fp32, plus ZIP's ln S when merging; int32 positions)."""
+    meta = (3 if merging else 2) * args.n_heads * 4
     if cache == "latent":
         full = (args.kv_lora_rank + args.qk_rope_head_dim) * dtype_bytes
-        return {"full": full, "slot": full + 2 * args.n_heads * 4 + 4}
+        return {"full": full, "slot": full + meta + 4}
     full = args.n_heads * (args.qk_head_dim + args.v_head_dim) * dtype_bytes
-    return {"full": full, "slot": full + 2 * args.n_heads * 4 + args.n_heads * 4}
+    return {"full": full, "slot": full + meta + args.n_heads * 4}
 
 
 def break_even(args, dtype_bytes: int = 2) -> dict:

@@ -9,11 +9,13 @@ prompt's entries kept) means different bytes in different caches.
 The claims it checks, and how:
 1. Quality at equal bytes (the headline table). Columns: byte targets, as fractions of the full
    latent cache of the prompt (--kv-byte-fracs). Rows: (cache, policy): keepkv.py's policies on the
-   latent cache (keepkv_latent.py; --kv-policies) and on the per-head cache (--kv-perhead-policies).
+   latent cache (keepkv_latent.py; --kv-policies) and on the per-head cache (--kv-perhead-policies),
+   each a KVConfig written policy[:field=value...]; the latent default (LATENT_ROWS) is KeepKV, its
+   selection without merging, H2O, SnapKV, StreamingLLM, convex, and one-knob KeepKV ablations.
    Each row's budget is FITTED to each target from MEASURED bytes: the largest capacity C whose
    caches, built for the prompt and the decoded tokens, hold at most the target (nbytes(): keys or
-   latents, values, votes, scores, positions of every slot, at their peak: snapkv, which grows by
-   the new tokens, counts C + new). "-" where even the smallest cache (n_sink + window entries) is
+   latents, values, votes, scores, positions of every slot; every policy but "full" holds C while
+   decoding). "-" where even the smallest cache (n_sink + window entries) is
    over the target. Cells: NLL increase vs the full latent cache / top-1 agreement with it. The
    by-budget table (--kv-budgets) runs every row at the same budget too, its bytes beside.
 2. Data: fixed windows of the validation split (files the model never trained on), each cut into a
@@ -57,6 +59,10 @@ from checkpoint import load_pretrained
 from model import get_args
 
 CACHES = ("latent", "per-head")
+# the latent table's rows: KeepKV (default), its selection without merging (= h2o, bit for bit),
+# the baselines, convex merging, and one-knob ablations of KeepKV on the same selection
+LATENT_ROWS = ("keepkv", "keepkv:merge_at=none", "h2o", "snapkv", "streaming", "convex", "keepkv:merge_at=both",
+               "keepkv:alpha=0", "keepkv:votes=off", "keepkv:select=snapkv")
 PARTS = ("quality", "sweep", "throughput", "memory")  # what --kv-skip can name
 
 
@@ -78,7 +84,8 @@ def add_kv_args(p: argparse.ArgumentParser):
     p.add_argument("--kv-byte-fracs", default="0.05,0.1,0.2,0.5",
                    help="equal-bytes table: cache bytes as fractions of the full latent cache of the prompt")
     p.add_argument("--kv-budgets", default="0.1", help="by-budget table: fractions of the prompt kept ('' = none)")
-    p.add_argument("--kv-policies", default="keepkv,convex,h2o,snapkv,streaming", help="on the latent cache")
+    p.add_argument("--kv-policies", default=",".join(LATENT_ROWS),
+                   help="rows on the latent cache: policy[:field=value...] (a KVConfig), e.g. keepkv:merge_at=none")
     p.add_argument("--kv-perhead-policies", default="keepkv,streaming", help="on the per-head cache")
     p.add_argument("--kv-alphas", default="0,0.5,0.8,0.9,0.95", help="sweep (latent keepkv, budget 0.1)")
     p.add_argument("--kv-obs-windows", default="4,64", help="sweep (latent keepkv, budget 0.1)")
@@ -103,6 +110,28 @@ def add_kv_args(p: argparse.ArgumentParser):
 
 def _floats(s):
     return [float(x) for x in s.split(",") if x]
+
+
+def row_config(spec: str, **overrides) -> keepkv.KVConfig:
+    """A table row's config from 'policy[:field=value...]', e.g. 'keepkv:merge_at=none:alpha=0'
+    (booleans: on/off, true/false, 1/0). A ValueError names an unknown field or a bad value."""
+    policy, *sets = spec.split(":")
+    kw = {}
+    for s in sets:
+        name, _, value = s.partition("=")
+        if name not in keepkv.KVConfig.__dataclass_fields__ or name == "policy":
+            raise ValueError(f"row {spec!r}: unknown KVConfig field {name!r}")
+        default = getattr(keepkv.KVConfig, name)
+        if isinstance(default, bool):
+            if value.lower() not in ("on", "off", "true", "false", "1", "0"):
+                raise ValueError(f"row {spec!r}: {name} takes on/off, got {value!r}")
+            kw[name] = value.lower() in ("on", "true", "1")
+        else:
+            try:
+                kw[name] = type(default)(value)
+            except ValueError:
+                raise ValueError(f"row {spec!r}: {name}={value!r} is not a {type(default).__name__}") from None
+    return keepkv.KVConfig(policy=policy, **{**kw, **overrides})
 
 
 def check_kv_args(args):
@@ -134,7 +163,7 @@ def check_kv_args(args):
     for name in ("kv_policies", "kv_perhead_policies"):
         for policy in (p for p in getattr(args, name).split(",") if p):
             try:
-                keepkv.KVConfig(policy=policy)
+                row_config(policy)
             except ValueError as e:
                 raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
     if "quality" in skip and "sweep" in skip:
@@ -296,7 +325,8 @@ def _row(model, cache, cfg, P, new, sizes, r, **extra):
     return {"cache": cache, "policy": cfg.policy, "budget": cfg.budget, "capacity": keepkv.capacity(P, cfg),
             "peak_entries": keepkv.capacity(P, cfg, new), "bytes": nbytes,
             "bytes_vs_full_latent": nbytes / sizes["latent"], "bytes_vs_full_per_head": nbytes / sizes["per-head"],
-            **extra, "alpha": cfg.alpha, "obs_window": cfg.obs_window, "threshold": cfg.threshold,
+            "alpha": cfg.alpha, "obs_window": cfg.obs_window, "threshold": cfg.threshold, "select": cfg.select,
+            "merge_at": cfg.merge_at, "votes": cfg.votes, "recent": cfg.recent, **extra,
             **{k: v for k, v in r.items() if k not in ("top1", "token_nll")}}
 
 
@@ -367,19 +397,20 @@ def quality(args, log):
         for frac in _floats(args.kv_byte_fracs):
             target = frac * sizes["latent"]
             for cache, policy in specs:
-                cfg = fit_budget(model, cache, keepkv.KVConfig(policy=policy), target, P, n)
+                cfg = fit_budget(model, cache, row_config(policy), target, P, n)
                 where = {"frac": frac, "target_bytes": target}
                 r = ({"cache": cache, "policy": policy, **where, "budget": None, "capacity": None, "bytes": None}
-                     if cfg is None else _row(model, cache, cfg, P, n, sizes, ev(cache, cfg, ref), **where))
+                     if cfg is None else _row(model, cache, cfg, P, n, sizes, ev(cache, cfg, ref), policy=policy,
+                                              **where))
                 out["equal_bytes"].append(r)
-                _log_row(log, f"{cache:8s} {policy:9s} <= {frac:<4g} x full latent", r)
+                _log_row(log, f"{cache:8s} {policy:22s} <= {frac:<4g} x full latent", r)
         out["validity"] = validity(out["equal_bytes"], key="frac")
         log(f"  validity: {out['validity']['message']}")
         for budget in _floats(args.kv_budgets):   # same budget, different bytes
             for cache, policy in specs:
-                cfg = keepkv.KVConfig(policy=policy, budget=budget)
-                out["rows"].append(_row(model, cache, cfg, P, n, sizes, ev(cache, cfg, ref)))
-                _log_row(log, f"{cache:8s} {policy:9s} at budget {budget:<4g}", out["rows"][-1])
+                cfg = row_config(policy, budget=budget)
+                out["rows"].append(_row(model, cache, cfg, P, n, sizes, ev(cache, cfg, ref), policy=policy))
+                _log_row(log, f"{cache:8s} {policy:22s} at budget {budget:<4g}", out["rows"][-1])
         if out["rows"]:
             out["validity_by_budget"] = validity(out["rows"], key="budget")
     if "sweep" not in args.kv_skip:  # one knob at a time around the defaults, latent keepkv at budget 0.1
@@ -424,7 +455,7 @@ def markdown(res) -> str:
                   f"latent cache (model.LatentKVCache, {_kib(q['full_latent_bytes'])} per sequence for the prompt, NLL "
                   f"{q['nll_full']:.3f}; the full per-head cache is {_kib(q['full_per_head_bytes'])}). Columns: "
                   f"cache bytes per sequence at most that fraction of the full latent cache, measured (keys or "
-                  f"latents, values, votes, scores, positions, at their peak: snapkv counts its new tokens); each "
+                  f"latents, values, votes, scores, positions, every policy holds C while decoding); each "
                   f"row's budget is fitted to it. Cells: NLL increase vs the full latent cache / top-1 agreement "
                   f"with it (C = entries kept); \"-\": even n_sink + window entries are over the target.", ""]
         lines += _table(eb, cols, "frac", lambda r: f"{r['dnll']:+.3f} / {r['top1_agree']:.2f} (C = {r['capacity']})"

@@ -77,7 +77,9 @@ def fill_random(caches, prompt_len, gen):
             rand_(buf)
         n = min(prompt_len, c.kept)
         c.log_votes[..., :n] = 0.0
-        rand_(c.log_score[..., :n])
+        for buf in (c.log_score, c.log_pred):   # the selection's score; ZIP's prediction (merging only)
+            if buf is not None:
+                rand_(buf[..., :n])
         c.pos[..., :n] = torch.arange(n, dtype=torch.int32, device=c.pos.device)
         if hasattr(c, "offset"):          # KeepKVCache, growing policies: prompt positions dropped
             c.offset = prompt_len - n

@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keepkv  # noqa: E402
+import kvselect  # noqa: E402
 from keepkv import NEG, CacheSlots, KVConfig, attend_cache, merge_entries  # noqa: E402
 from model import build_model, get_args  # noqa: E402
 
@@ -199,25 +200,32 @@ def test_alpha0_merge_step_equals_full_cache_fp64():
     assert (convex[:, P] - ref[:, P]).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("policy", [p for p in keepkv.POLICIES if p != "full"])
-def test_budget_invariants(policy):
+BUDGET_CASES = [dict(policy=p) for p in keepkv.POLICIES if p != "full"] + \
+    [dict(policy="keepkv", select=s, merge_at=m) for s, m in (("snapkv", "both"), ("streaming", "prefill"))] + \
+    [dict(policy="convex", merge_at="both", recent=0.2)]
+
+
+@pytest.mark.parametrize("case", BUDGET_CASES, ids=lambda c: "-".join(map(str, c.values())))
+def test_budget_invariants(case):
+    """Every policy at one budget holds the same C live entries after the prefill and after each
+    decode step (snapkv included: it holds C rather than grow), with its recent part all there."""
     model = tiny_model()
-    P, n_new, cfg = 60, 6, KVConfig(policy=policy, budget=0.3, snap_window=8)
+    P, n_new, cfg = 60, 6, KVConfig(budget=0.3, snap_window=8, threshold=0.0, **case)
     C = keepkv.capacity(P, cfg)
-    assert C == 18 and keepkv.capacity(P, cfg, n_new) == C + n_new * (policy == "snapkv")
+    assert C == 18 and keepkv.capacity(P, cfg, n_new) == C
     tokens = torch.randint(0, 300, (2, P + n_new), generator=torch.Generator().manual_seed(0))
     caches = keepkv.make_caches(model, 2, P, cfg, n_new)
+    sel = kvselect.selection(cfg)
+    recent = {"h2o": int(C * cfg.recent), "snapkv": cfg.snap_window, "streaming": C - cfg.n_sink}[sel]
+    sinks = cfg.n_sink if sel == "streaming" else 0
     with torch.no_grad():
         model(tokens[:, :P], torch.arange(P), caches)
         for t in range(P - 1, P + n_new):
             if t >= P:
                 model(tokens[:, t:t + 1], torch.tensor([t]), caches)
-            grown = (t - P + 1) * (policy == "snapkv")                # snapkv only adds after prefill
-            recent = {"h2o": C // 2, "snapkv": cfg.snap_window + grown}.get(policy, cfg.window)
-            sinks = 0 if policy in ("h2o", "snapkv") else cfg.n_sink  # as in their papers
             for c in caches:
                 live = c.live()
-                assert (live.sum(-1) == C + grown).all()             # compressed to C, then held there
+                assert (live.sum(-1) == C).all()                     # compressed to C, then held there
                 pos = c.pos.masked_fill(~live, -1)
                 for must in list(range(sinks)) + list(range(t + 1 - recent, t + 1)):
                     assert (pos == must).any(-1).all(), f"position {must} missing at step {t}"
@@ -238,8 +246,9 @@ def test_slots_nbytes_is_the_sum_of_its_slots(dtype, meta_bytes):
     item = torch.tensor([], dtype=dtype).element_size()
     # keys and values, then ln p and ln S (fp32 at least), then int32 positions; `lengths` is per row
     assert slots.nbytes() == B * G * N * ((dk + dv) * item + 2 * meta_bytes + 4)
-    cache = keepkv.KeepKVCache(B, 60, G, dk, dv, KVConfig(budget=0.1), dtype=dtype)
-    assert cache.nbytes() == B * G * (cache.capacity + 1) * ((dk + dv) * item + 2 * meta_bytes + 4)
+    for policy, n_meta in (("h2o", 2), ("keepkv", 3)):   # + ZIP's predicted ln S when merging
+        cache = keepkv.KeepKVCache(B, 60, G, dk, dv, KVConfig(policy=policy, budget=0.1), dtype=dtype)
+        assert cache.nbytes() == B * G * (cache.capacity + 1) * ((dk + dv) * item + n_meta * meta_bytes + 4)
     assert cache.score is cache.log_score is cache.slots.log_score        # the older name still reads
 
 
@@ -280,17 +289,17 @@ def test_slots_write_token_fills_the_first_free_slot():
 
 def test_slots_rows_round_trip_and_free():
     B, G, N = 1, 2, 5
-    slots = CacheSlots(B, G, N, 3, 2, torch.float64)
+    slots = CacheSlots(B, G, N, 3, 2, torch.float64, pred=True)
     slots.write_prefix(*(torch.randn(B, G, N, d, dtype=torch.float64) for d in (3, 2)),
                        torch.zeros(B, G, N, dtype=torch.float64), torch.randn(B, G, N, dtype=torch.float64),
-                       torch.arange(N, dtype=torch.int32).expand(B, G, N))
+                       torch.arange(N, dtype=torch.int32).expand(B, G, N), torch.randn(B, G, N, dtype=torch.float64))
     idx = torch.tensor([[[3], [1]]])
     rows = slots.rows(idx)
-    for x, row in zip((slots.k, slots.v, slots.log_votes, slots.log_score), rows):
+    for x, row in zip((slots.k, slots.v, slots.log_votes, slots.log_pred), rows):
         assert torch.equal(row[0, 0, 0], x[0, 0, 3]) and torch.equal(row[0, 1, 0], x[0, 1, 1])
-    before = [x.clone() for x in (slots.k, slots.v, slots.log_votes, slots.log_score)]
+    before = [x.clone() for x in (slots.k, slots.v, slots.log_votes, slots.log_pred)]
     slots.put_rows(idx, [r + 1 for r in rows])
-    after = [slots.k, slots.v, slots.log_votes, slots.log_score]
+    after = [slots.k, slots.v, slots.log_votes, slots.log_pred]
     for x0, x1 in zip(before, after):
         changed = (x0 != x1).reshape(B, G, N, -1).any(-1)
         assert changed[0, 0].tolist() == [False, False, False, True, False]
@@ -299,22 +308,25 @@ def test_slots_rows_round_trip_and_free():
     assert slots.live()[0, 0].tolist() == [True, True, True, False, True] and slots.live()[0, 1].all()
 
 
-@pytest.mark.parametrize("policy", ["keepkv", "h2o", "snapkv", "snapkv-decode", "streaming"])
-def test_selection_matches_a_slow_reference(policy):
-    cfg = KVConfig(policy=policy, n_sink=2, window=3, snap_window=5)
+@pytest.mark.parametrize("case", [dict(policy="h2o"), dict(policy="h2o", recent=0.3), dict(policy="snapkv"),
+                                  dict(policy="streaming"), dict(policy="keepkv", select="snapkv"),
+                                  dict(policy="convex", select="streaming")], ids=str)
+def test_selection_matches_a_slow_reference(case):
+    cfg = KVConfig(n_sink=2, snap_window=5, **case)
+    sel = kvselect.selection(cfg)
     g = torch.Generator().manual_seed(2)
     B, G, T, C = 2, 3, 20, 8
     pos = torch.arange(T, dtype=torch.int32).expand(B, G, T)
-    lv, ls = torch.randn(B, G, T, generator=g).abs().log1p(), torch.randn(B, G, T, generator=g)
+    ls = torch.randn(B, G, T, generator=g)
     live = torch.rand(B, G, T, generator=g) < 0.7
 
     def hold(b, h, i):
-        return {"keepkv": lv[b, h, i] + ls[b, h, i], "streaming": float(i)}.get(policy, ls[b, h, i])
+        return float(i) if sel == "streaming" else ls[b, h, i]
 
-    keep, leave = keepkv.split_prompt(cfg, lv, ls, pos, T - 1, C)
-    out = keepkv.leaving_slot(cfg, lv, ls, pos, live, T - 1, capacity=C)
-    recent = {"h2o": C // 2, "snapkv": 5}.get(policy, 3)           # h2o: half of C; snapkv: its window
-    sinks = 0 if policy in ("h2o", "snapkv") else 2
+    keep, leave = keepkv.split_prompt(cfg, ls, pos, T - 1, C)
+    out = keepkv.leaving_slot(cfg, ls, pos, live, T - 1, capacity=C)
+    recent = {"h2o": int(C * cfg.recent), "snapkv": 5, "streaming": 1}[sel]   # h2o: a share of C
+    sinks = 2 if sel == "streaming" else 0
     for b in range(B):
         for h in range(G):
             pinned = [i for i in range(T) if i < sinks or i > T - 1 - recent]
@@ -368,9 +380,16 @@ def test_config_errors():
         KVConfig(pool=4)
     with pytest.raises(ValueError, match="snap_window >= 1"):
         KVConfig(snap_window=0)
-    for policy in ("h2o", "snapkv"):  # their recent part is a share of C: no silent default
+    with pytest.raises(ValueError, match="unknown KV selection 'lru'"):
+        KVConfig(select="lru")
+    with pytest.raises(ValueError, match="unknown merge_at"):
+        KVConfig(merge_at="never")
+    for bad in (0.0, 1.2):
+        with pytest.raises(ValueError, match="recent must be in"):
+            KVConfig(recent=bad)
+    for policy in ("h2o", "snapkv", "keepkv"):  # the recent part is a share of C: no silent default
         with pytest.raises(ValueError, match="needs capacity"):
-            keepkv.pinned(KVConfig(policy=policy), torch.arange(5), 4)
+            kvselect.pinned(KVConfig(policy=policy), torch.arange(5), 4)
     # what the check prevents: an even kernel pools T keys into T + 1 scores
     mass = torch.rand(1, 1, 7)
     assert torch.nn.functional.avg_pool1d(mass, 2, stride=1, padding=1).shape[-1] == 8
@@ -453,31 +472,92 @@ def test_snapkv_prefill_matches_a_slow_reference(budget):
             assert torch.equal(cache.v[b, h, :C], v[b, want, h])
 
 
-def test_snapkv_decode_only_appends():
-    """After the prefill SnapKV removes nothing: every kept prompt entry stays as it was, the cache
-    holds C + steps entries, each step attends exactly over them, and the slots (bytes) are sized
-    C + max_new_tokens up front."""
-    B, H, D, P, n = 2, 2, 8, 80, 5
+def test_snapkv_holds_capacity_after_its_prefill():
+    """SnapKV here holds C: after its prefill (the kept set of the test above), each decoded token's
+    attention adds on to the scores (the pooled votes for the keys before the window, the window's
+    own attention for its keys) and the lightest entry outside the last min(32, C) positions leaves."""
+    B, H, D, P, n = 1, 2, 8, 80, 5
     q, k, v = random_qkv(B, P + n, H, D, seed=7)
     scale = D ** -0.5
     cfg = KVConfig(policy="snapkv", budget=0.5)
-    C = keepkv.capacity(P, cfg)
+    C, W = keepkv.capacity(P, cfg), cfg.snap_window
     cache = keepkv.KeepKVCache(B, P, H, D, D, cfg, n, torch.float64)
-    assert cache.capacity == keepkv.capacity(P, cfg, n) == C + n == cache.k.shape[2]
-    assert cache.nbytes() == B * H * (C + n) * (2 * D * 8 + 2 * 8 + 4)
+    assert cache.capacity == keepkv.capacity(P, cfg, n) == C == cache.k.shape[2] - 1 and C > W
     cache.attend(q[:, :P], k[:, :P], v[:, :P], torch.arange(P), scale)
-    kept = [[live_positions(cache, b, h) for h in range(H)] for b in range(B)]
-    before = cache.k[:, :, :C].clone(), cache.v[:, :, :C].clone()
-    for step, t in enumerate(range(P, P + n), 1):
-        out = cache.attend(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], torch.tensor([t]), scale)[:, 0]
-        assert (cache.live().sum(-1) == C + step).all()
-        assert torch.equal(cache.k[:, :, :C], before[0]) and torch.equal(cache.v[:, :, :C], before[1])
-        for b in range(B):
-            for h in range(H):
-                seen = kept[b][h] + list(range(P, t + 1))
-                assert live_positions(cache, b, h) == seen
-                a = slow_softmax_row(q[b, t, h], k[b, :, h], scale, seen)
-                ref = sum(a[j] * v[b, j, h] for j in seen)
-                assert (out[b, h] - ref).abs().max() < 1e-12
-    with pytest.raises((IndexError, RuntimeError)):  # past the slots it was sized for: an error, no overwrite
-        cache.attend(q[:, :1], k[:, :1], v[:, :1], torch.tensor([P + n]), scale)
+    sims = {}
+    for b in range(B):
+        for h in range(H):
+            votes = [0.0] * P
+            for i in range(P - W, P):
+                for j, a in slow_softmax_row(q[b, i, h], k[b, :, h], scale, list(range(i + 1))).items():
+                    votes[j] += a
+            score = {j: sum(votes[u] for u in range(j - 2, j + 3) if 0 <= u < P - W) / 5 if j < P - W
+                     else votes[j] for j in range(P)}
+            top = sorted(range(P - W), key=lambda j: -score[j])[:C - W]
+            assert live_positions(cache, b, h) == sorted(top + list(range(P - W, P)))
+            sims[b, h] = {j: score[j] for j in live_positions(cache, b, h)}
+    for t in range(P, P + n):
+        cache.attend(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], torch.tensor([t]), scale)
+        assert (cache.live().sum(-1) == C).all()
+        for (b, h), acc in sims.items():
+            acc[t] = 0.0
+            for j, a in slow_softmax_row(q[b, t, h], k[b, :, h], scale, sorted(acc)).items():
+                acc[j] += a
+            del acc[min((j for j in acc if j <= t - W), key=lambda j: acc[j])]
+            assert live_positions(cache, b, h) == sorted(acc), f"step {t}"
+
+
+def _decode_all(model, tokens, P, cfg, make=keepkv.make_caches):
+    caches = make(model, tokens.shape[0], P, cfg, tokens.shape[1] - P, track=True)
+    with torch.no_grad():
+        out = [model(tokens[:, :P], torch.arange(P), caches)]
+        for t in range(P, tokens.shape[1]):
+            out.append(model(tokens[:, t:t + 1], torch.tensor([t]), caches))
+    return torch.cat(out, 1), caches
+
+
+@pytest.mark.parametrize("select", kvselect.SELECTIONS)
+def test_merging_off_is_its_selection_exactly(select):
+    """keepkv and convex with merge_at = "none" ARE their selection policy: the same logits, bit
+    for bit, at every step. With merging on (every leaving entry merges) they differ."""
+    model = tiny_model()
+    tokens = torch.randint(0, 300, (2, 60), generator=torch.Generator().manual_seed(4))
+    P, base = 44, dict(budget=0.3, snap_window=8, threshold=-1.0)
+    ref, _ = _decode_all(model, tokens, P, KVConfig(policy=select, **base))
+    for policy in keepkv.MERGING:
+        off, _ = _decode_all(model, tokens, P, KVConfig(policy=policy, select=select, merge_at="none", **base))
+        assert torch.equal(off, ref), policy
+        on, caches = _decode_all(model, tokens, P, KVConfig(policy=policy, select=select, **base))
+        assert keepkv.cache_stats(caches)["merges"] > 0 and (on[:, P:] - ref[:, P:]).abs().max() > 1e-4
+
+
+def test_merge_at_prefill_decode_both():
+    """merge_at decides which phase merges: the prefill's share of merged leavers, the decode merges."""
+    model = tiny_model()
+    tokens = torch.randint(0, 300, (2, 50), generator=torch.Generator().manual_seed(5))
+    got = {}
+    for at in keepkv.MERGE_AT:
+        _, caches = _decode_all(model, tokens, 40, KVConfig(budget=0.3, merge_at=at, threshold=-1.0))
+        s = keepkv.cache_stats(caches)
+        got[at] = (s["prefill_merge_frac"] > 0, s["merges"] > 0)
+    assert got == {"decode": (False, True), "prefill": (True, False), "both": (True, True), "none": (False, False)}
+
+
+@pytest.mark.parametrize("shift", [8.0, 0.0])
+def test_zip_without_votes_keeps_one_vote_and_the_output(shift):
+    """votes=False: the merged entry keeps p = 1 and the key alone carries the mass; still exact on
+    the main path (all logits > 0: shift 8), and wherever it took no fall-back."""
+    q, k, v, _, scale = random_cache(shift=shift)
+    lv = torch.zeros(1, 1, k.shape[2], dtype=k.dtype)
+    full = attend_cache(q, k, v, lv, torch.tensor([k.shape[2]]), scale)
+    leave, keep = [3, 8], [i for i in range(k.shape[2]) if i not in (3, 8)]
+    s = torch.einsum("bhd,bhnd->bhn", q, k) * scale
+    t = torch.tensor([[[0, 0]]])
+    nk, nv, nlv, ns, fb = merge_entries(*[x[:, :, keep] for x in (k, v, lv, s)], *[x[:, :, leave] for x in (k, v, lv, s)],
+                                        t, torch.ones_like(t, dtype=torch.bool), "zip", votes=False)
+    assert (nlv == 0).all()
+    out = attend_cache(q, nk, nv, nlv, torch.tensor([len(keep)]), scale)
+    if not fb.any():
+        assert (out - full).abs().max() < 1e-10
+    if shift:
+        assert not fb.any()

@@ -7,6 +7,7 @@ import torch
 
 import keepkv
 import keepkv_latent as kl
+import kvselect
 from model import build_model, get_args
 
 H, C, DR, DV = 4, 12, 4, 5          # H * DV = 20 > C: one shared c_r cannot serve every head
@@ -207,7 +208,7 @@ def test_latent_merge_of_the_dominant_entry_perturbs_least(tiny64):
     full = kl.attend_latent(Q, kv, ln_p, scale, attn.kv_lora_rank)
 
     def after(mode):
-        kept, leaving = kl.rows_at(kv, ln_p, ln_s, target), kl.rows_at(kv, ln_p, ln_s, lead)
+        kept, leaving = kl.rows_at(kv, ln_p, ln_s, idx=target), kl.rows_at(kv, ln_p, ln_s, idx=lead)
         votes = ln_p.clone()
         kv2 = kv.clone()
         if mode != "evict":
@@ -230,12 +231,51 @@ def test_latent_merge_of_the_dominant_entry_perturbs_least(tiny64):
 def test_bytes_and_break_even():
     k2 = get_args("kimi-k2")
     be = kl.break_even(k2)
-    assert be["per-head"] == pytest.approx(1152 / (40960 + 64 * 12), rel=1e-12)   # ~2.8%, as REFERENCE 3b
-    assert be["latent"] == pytest.approx(1152 / (1152 + 512 + 4), rel=1e-12)
+    # a KeepKV slot: per head ln p, the selection's score and ZIP's ln S (fp32), an int32 position
+    assert be["per-head"] == pytest.approx(1152 / (40960 + 64 * 16), rel=1e-12)   # ~2.7%, as REFERENCE 3b
+    assert be["latent"] == pytest.approx(1152 / (1152 + 768 + 4), rel=1e-12)
     model = build_model(get_args("tiny", n_layers=2), seed=0)
     cfg = keepkv.KVConfig(budget=0.5)
     cache = kl.make_caches(model, 3, 40, cfg)[0]
     a = model.args
     n = keepkv.capacity(40, cfg) + 1
-    assert cache.nbytes() == 3 * n * ((a.kv_lora_rank + a.qk_rope_head_dim) * 4 + 2 * a.n_heads * 4 + 4)
+    assert cache.nbytes() == 3 * n * ((a.kv_lora_rank + a.qk_rope_head_dim) * 4 + 3 * a.n_heads * 4 + 4)
+    h2o = kl.make_caches(model, 3, 40, keepkv.KVConfig(policy="h2o", budget=0.5))[0]   # no prediction to keep
+    assert h2o.nbytes() == 3 * n * ((a.kv_lora_rank + a.qk_rope_head_dim) * 4 + 2 * a.n_heads * 4 + 4)
     assert kl.full_latent_bytes(model, 3, 40) == 2 * 3 * 40 * 80 * 4
+
+
+@pytest.mark.parametrize("select", kvselect.SELECTIONS)
+def test_latent_merging_off_is_its_selection_exactly(tiny64, select):
+    """On the latent cache too, keepkv and convex with merge_at = "none" give their selection's
+    logits bit for bit; with merging on they differ."""
+    model, tokens = tiny64
+    base = dict(budget=0.25, snap_window=8, threshold=-1.0)
+    ref, _ = _run(model, tokens, 48, keepkv.KVConfig(policy=select, **base))
+    for policy in keepkv.MERGING:
+        off, _ = _run(model, tokens, 48, keepkv.KVConfig(policy=policy, select=select, merge_at="none", **base))
+        assert torch.equal(off, ref), policy
+        on, caches = _run(model, tokens, 48, keepkv.KVConfig(policy=policy, select=select, **base), track=True)
+        assert kl.cache_stats(caches)["merges"] > 0 and (on[:, 48:] - ref[:, 48:]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("case", [dict(policy=p) for p in ("keepkv", "convex", "h2o", "snapkv", "streaming")] +
+                         [dict(policy="keepkv", merge_at="both", votes=False)], ids=str)
+def test_latent_budget_invariants(tiny64, case):
+    """Every latent policy at one budget holds the same C live entries after the prefill and after
+    each decode step, and its recent part is all there."""
+    model, tokens = tiny64
+    P, cfg = 48, keepkv.KVConfig(budget=0.25, snap_window=8, threshold=0.0, **case)
+    C = keepkv.capacity(P, cfg)
+    recent = int(kvselect.recent_count(cfg, C))
+    caches = kl.make_caches(model, 2, P, cfg, tokens.shape[1] - P)
+    with torch.no_grad():
+        model(tokens[:, :P], torch.arange(P), caches)
+        for t in range(P - 1, tokens.shape[1]):
+            if t >= P:
+                model(tokens[:, t:t + 1], torch.tensor([t]), caches)
+            for c in caches:
+                assert (c.live().sum(-1) == C).all()
+                pos = c.pos.masked_fill(~c.live(), -1)
+                for must in range(t + 1 - recent, t + 1):
+                    assert (pos == must).any(-1).all(), f"position {must} missing at step {t}"
