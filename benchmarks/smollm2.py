@@ -233,6 +233,14 @@ class FullCache(nn.Module):
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
+    @staticmethod
+    def layout(q, k, v):
+        return k, v
+
+    def compress(self, laid_out, input_pos, scale):
+        """Fill from a prompt's keys and values without attending (nothing to compress)."""
+        self.k[:, input_pos], self.v[:, input_pos] = laid_out
+
     def attend(self, q, k, v, input_pos, scale):
         self.k[:, input_pos], self.v[:, input_pos] = k, v
         end = int(input_pos[-1]) + 1
@@ -255,9 +263,16 @@ class ExpandedCache(nn.Module):
     def nbytes(self) -> int:
         return self.inner.nbytes()
 
+    def layout(self, q, k, v):
+        """(q, k, v) as the inner cache takes them: each group's keys and values once per query head."""
+        return q, k.repeat_interleave(self.rep, 2), v.repeat_interleave(self.rep, 2)
+
+    def compress(self, laid_out, input_pos, scale):
+        """The prefill's compression alone, from `layout`'s output (kept by a caller across caches)."""
+        self.inner.compress(*laid_out, input_pos, scale)
+
     def attend(self, q, k, v, input_pos, scale):
-        return self.inner.attend(q, k.repeat_interleave(self.rep, 2), v.repeat_interleave(self.rep, 2),
-                                 input_pos, scale)
+        return self.inner.attend(*self.layout(q, k, v), input_pos, scale)
 
 
 class SharedCache(nn.Module):
@@ -274,12 +289,21 @@ class SharedCache(nn.Module):
     def nbytes(self) -> int:
         return self.inner.nbytes()
 
-    def attend(self, q, k, v, input_pos, scale):
+    def layout(self, q, k, v):
+        """(Q, K) as the inner cache takes them: groups in the batch, queries [0 | q], entries [v | k]."""
         B, T, H, hd = q.shape
         Q = q.view(B, T, self.G, self.rep, hd).transpose(1, 2).reshape(B * self.G, T, self.rep, hd)
         Q = torch.cat([torch.zeros_like(Q), Q], -1)                                  # [0 | q]
         K = torch.cat([v, k], -1).transpose(1, 2).reshape(B * self.G, T, 2 * hd)     # [v | k]
-        out = self.inner.attend_shared(Q, K, self.w_v, input_pos, scale)          # [B*G, T, rep, hd]
+        return Q, K
+
+    def compress(self, laid_out, input_pos, scale):
+        """The prefill's compression alone, from `layout`'s output (kept by a caller across caches)."""
+        self.inner.compress_shared(*laid_out, self.w_v, input_pos, scale)
+
+    def attend(self, q, k, v, input_pos, scale):
+        B, T, H, hd = q.shape
+        out = self.inner.attend_shared(*self.layout(q, k, v), self.w_v, input_pos, scale)  # [B*G, T, rep, hd]
         return out.view(B, self.G, T, self.rep, hd).transpose(1, 2).reshape(B, T, H, hd)
 
 

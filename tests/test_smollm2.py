@@ -95,19 +95,25 @@ def test_shared_and_expanded_caches_agree_where_heads_cannot_differ():
     assert not torch.allclose(shared[:, 1:], full[:, 1:], atol=1e-2)
 
 
-def test_shared_prefill_equals_per_cell_prefill():
-    """kv_smollm2 prefills once and compresses the recorded q, k, v per cell: the same decode as a
-    cache filled by the model's own prefill."""
+@pytest.mark.parametrize("gqa", ["shared", "expanded"])
+def test_shared_prefill_equals_per_cell_prefill(gqa):
+    """kv_smollm2 prefills once and compresses the recorded q, k, v into each cell's caches, with
+    the prefill scores computed once for all cells (scores_once): the same decode as caches filled
+    by the model's own prefill, one cell at a time, for cells that share scores (h2o and keepkv
+    with h2o's selection, two budgets)."""
     model = _random_model()
     x = torch.randint(0, SMALL.vocab_size, (2, 36))
-    cfg = keepkv.KVConfig(policy="h2o", budget=0.3)
+    cfgs = [keepkv.KVConfig(policy="h2o", budget=0.3), keepkv.KVConfig(policy="keepkv", budget=0.2),
+            keepkv.KVConfig(policy="keepkv", budget=0.3, threshold=0.0)]
     with torch.no_grad():
         _, recs = kv_smollm2.prefill(model, x[:, :28])
-        ours, _ = kv_smollm2.decode(model, recs, x[:, 28:], cfg, "shared")
-        caches = smollm2.make_caches(model, cfg, 28, 8, 2, "shared")
-        model(x[:, :28], torch.arange(28), caches)
-        ref = torch.stack([model(x[:, t:t + 1], torch.tensor([t]), caches)[:, 0] for t in range(28, 36)], 1)
-    assert torch.allclose(ours, ref, atol=1e-5)
+        with kv_smollm2.scores_once():
+            ours = [kv_smollm2.decode(model, recs, x[:, 28:], cfg, gqa)[0] for cfg in cfgs]
+        for cfg, out in zip(cfgs, ours):
+            caches = smollm2.make_caches(model, cfg, 28, 8, 2, gqa)
+            model(x[:, :28], torch.arange(28), caches)
+            ref = torch.stack([model(x[:, t:t + 1], torch.tensor([t]), caches)[:, 0] for t in range(28, 36)], 1)
+            assert torch.allclose(out, ref, atol=1e-5), cfg
 
 
 def test_gqa_merge_keeps_every_query_heads_mass():
