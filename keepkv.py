@@ -395,11 +395,11 @@ class KeepKVCache(nn.Module):
         self.register_buffer("stats", torch.zeros(8, dtype=torch.float64, device=device))
         self.prefilled = False
 
-    # the slots' buffers under the names this cache's readers use; `score` is ln score's older name
+    # the slots' buffers under the names this cache's readers use
     k = property(lambda self: self.slots.k)
     v = property(lambda self: self.slots.v)
     log_votes = property(lambda self: self.slots.log_votes)
-    log_score = score = property(lambda self: self.slots.log_score)
+    log_score = property(lambda self: self.slots.log_score)
     log_pred = property(lambda self: self.slots.log_pred)
     pos = property(lambda self: self.slots.pos)
     lengths = property(lambda self: self.slots.lengths)

@@ -24,9 +24,9 @@ every head its own weighted mean once H*Dv > C (K2: 8,192 > 512). So:
    and the query's raw logit does not match it: the stored prediction is ln S_hr = lbar_h +
    l_h(K_r) - l_h(kbar_h) (the parts' tilted-mean ln S, plus the merge's own effect on this query's
    logit; l_h(kbar_h) is the tilted mean of its logits, l_h being linear in K) and ln p_hr =
-   ln W_h - ln S_hr. With alpha = 0, lbar_h = l_h(kbar_h) and this is the exact form above. (Using
-   the raw logit with alpha = 0.8 let votes blow up: dNLL +0.87 instead of +0.12 at 5% of the
-   latent bytes on the testbed.)
+   ln W_h - ln S_hr. With alpha = 0, lbar_h = l_h(kbar_h) and this is the exact form above. (The
+   raw logit alone would pair a one-query logit with a many-query predicted mass, and the votes
+   would absorb the mismatch and grow.)
 2. Value, least squares. With the mass exact, head h's output moves by (W_h / Z_h) W_v_h (c_r - cbar_h)
    (Z_h: head h's total weight over the cache). c_r minimises the sum over heads of its squared
    norm: weights omega_h = (W_h / Z_h)^2 in  sum_h omega_h |W_v_h (c_r - cbar_h)|^2, i.e. the
@@ -51,7 +51,7 @@ Storage per slot: K = [c | k_rope] (C + Dr, the model's dtype), ln p and the sel
 head (2H fp32), ZIP's ln S per head for the merging policies (H more) and a position (int32). On
 K2 in bf16 a KeepKV slot is 1,152 + 768 + 4 bytes against 1,152 for a full latent slot: the
 bookkeeping costs 67%, so compression pays below a budget of ~0.6. The per-head KeepKV of
-keepkv.py pays only below ~0.028 on K2 (../shared/REFERENCE.md 3b); `break_even` prints both.
+keepkv.py pays only below ~0.028 on K2; `break_even` computes both.
 """
 import math
 

@@ -14,7 +14,8 @@ Read top to bottom:
   5. Block and Transformer, built on the meta device, then `to_empty()` + `init_weights()`.
   6. Plumbing, skip on first read: the aux-loss hook. (The grouped matmul, a compilable custom op
      around torch._grouped_mm, lives in kernels.py with the other fast paths.)
-The model knows nothing about distribution or optimizers: train.py and parallel.py own those.
+The model knows nothing about distribution or optimizer steps (train.py and parallel.py own
+those); for QK-Clip it only records each head's max logit when asked (`record_max_logits`).
 
 Sizes. Shape comments and shape-suffixed names (x_ND: N tokens by D dims) use these symbols:
   symbol  meaning                                    ModelArgs field       tiny  kimi-k2

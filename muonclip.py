@@ -42,9 +42,8 @@ from model import MLA
 NS_COEFFS = (3.4445, -4.7750, 2.0315)   # quintic Newton-Schulz (a, b, c), Keller Jordan's Muon
 RMS_MATCH = 0.2                         # Moonlight: 0.2 * sqrt(max(n, m)) gives AdamW's update RMS
 # Most elements one batched NS call takes (orthogonal_updates splits larger groups). A CPU wants a
-# call's matrices in its L2 cache: on the README's 2-core EPYC (1 thread), calls of 2^18 fp32
-# (1 MiB) ran as fast as one matrix per call, and one call per shape (up to 6 MiB) 14% slower.
-# A GPU wants big calls; 2^26 only bounds one call's temporaries (a few hundred MiB in bf16).
+# call's matrices in its L2 cache (2^18 fp32 = 1 MiB; larger calls measured slower, RESULTS.md);
+# a GPU wants big calls, and 2^26 only bounds one call's temporaries (a few hundred MiB in bf16).
 NS_BATCH_NUMEL = {"cpu": 2 ** 18, "cuda": 2 ** 26}
 
 
@@ -138,9 +137,8 @@ def orthogonal_updates(us: list[Tensor], ns_steps: int = 5, sym_matmul=gram,
 
     Why: the tiny preset has 40 Muon tensors in 7 NS shapes. One at a time, 5 NS steps are 600
     small matmuls, and one 96 x 192 matmul split over 2 threads spends much of its time waiting;
-    in a bmm each thread takes whole matrices. On the README's 2-core CPU the Muon step ran
-    1.1-1.3x faster batched on 2 threads, and no faster on 1 (NS is then bound by its FLOPs). On
-    a GPU, fewer and larger launches. Groups are keyed in order of first appearance: the same on
+    in a bmm each thread takes whole matrices (`bench.py optim --share` measures it). On a GPU,
+    fewer and larger launches. Groups are keyed in order of first appearance: the same on
     every rank. A group of more than max_numel elements (default NS_BATCH_NUMEL for the device)
     is split over several calls.
     """

@@ -1,7 +1,8 @@
 """Distribution: train.py's model and batches over several processes under torchrun, with FSDP2.
 
 `torchrun --nproc_per_node=N train.py` starts N processes (N GPUs with nccl, or N CPU processes
-with gloo) and sets RANK and WORLD_SIZE in each. This file is everything that knows about ranks:
+with gloo) and sets RANK and WORLD_SIZE in each. This file holds the distributed machinery (train.py and checkpoint.py
+also ask `is rank 0?` to print and save once):
   - setup_distributed(): the process group and a 1-D device mesh, after checking the flags;
   - parallelize(): each block compiled in place, then sharded with FSDP2 (fully_shard), so its
     parameters are all-gathered just before its forward and freed after;

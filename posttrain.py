@@ -34,7 +34,7 @@ chat.py holds what the model sees and what grades it: the chat format, the tasks
    Groups whose K rewards are all equal have advantage 0 and are left out; each step's lr is scaled
    by the share of replies in groups that carry a signal (--live-lr). Muon's update has the same
    size whatever the gradient's: without the scaling a batch with one informative group moves the
-   model as far as one with eight, mostly along noise (before: pass@1 0.375 -> 0.302, README).
+   model as far as one with eight, mostly along noise.
 3. What PTX protects: the stdlib val loss, reported beside pass@1 (chat.evaluate).
 4. Toy self-critique (--critic-coef, off by default): K2 scores open-ended replies with the model
    itself against rubrics, a critic kept calibrated on the verifiable tasks. Here the "rubric" is

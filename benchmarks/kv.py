@@ -2,7 +2,7 @@
 
 An MLA model decodes from its latent cache (model.LatentKVCache: the latent c and the rotary key,
 C+Dr numbers per token and layer). The per-head cache holds H(Dn+Dr+Dv): 4x more on the tiny
-preset, 35.6x more on Kimi K2 (../shared/REFERENCE.md 3b). So the reference of every number here is
+preset, 35.6x more on Kimi K2 (the README's size table). So the reference of every number here is
 the FULL LATENT cache, and caches are compared at equal bytes: a budget (the fraction of the
 prompt's entries kept) means different bytes in different caches.
 

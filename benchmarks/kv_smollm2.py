@@ -19,11 +19,17 @@ What it measures, per (policy, budget) cell, budget = the fraction of the prompt
 3. Validity, printed first and stored: the full cache retrieves most needles (>= 0.9), and it beats
    StreamingLLM beyond noise (> 2 standard errors) at every budget, on NLL and on needles. Where it
    does not, the model does not need what StreamingLLM drops, and the table cannot rank policies.
-GQA: policies run on the "shared" cache (one entry per KV group, its real size) and, for
---expanded, on per-query-head copies (3x the bytes); smollm2.py says how each merges.
+Rows: --policies at every budget (KeepKV = H2O's selection + ZIP merges of its drops; "h2o" is
+that selection alone, which keepkv:merge_at=none equals bit for bit), --ablations (one KVConfig
+field changed each, benchmarks.kv.row_config syntax) at --ablation-budgets. GQA: policies run on
+the "shared" cache (one entry per KV group, its real size) and, for --expanded, on per-query-head
+copies (3x the bytes); smollm2.py says how each merges.
 Cost: the model's prefill runs once per batch of windows; each cell compresses the recorded
 per-layer queries, keys and values itself (its prefill attention is exact, so the hidden states
-before compression are the same for every policy) and only the decode runs per cell.
+before compression are the same for every policy; the selection's prefill scores, which do not
+depend on the budget, are computed once per batch: scores_once) and only the decode runs per cell.
+The default run takes ~30 minutes on 2 idle cores (the README has the measured time); --windows
+and --needles trade time for noise.
 Outputs: a table, out/bench/kv_smollm2.json, and kv_smollm2.png beside it when matplotlib is there.
 """
 import hashlib

@@ -29,6 +29,10 @@ exact for all three. Two ways to run the policies, both here (`make_caches`):
   targets: the kept entry whose whole [v | k] is most cosine-similar.
 - "expanded": each query head gets its own copy of its group's entries (keepkv.KeepKVCache with
   G = H = 9): per-head decisions and an exact ZIP merge per head, at 3x the bytes.
+Which one the KeepKV paper ran: none, most likely. Its released code (kkvcache/KeepKV,
+utils_hh/modify_llama_oursk.py) builds its key and value projections with num_attention_heads heads,
+i.e. multi-head attention only, as in the Llama-2 models it reports. On a GQA model the code's own
+form is the expanded one (per-head entries); the shared one is what a GQA server would store.
 """
 import importlib.util
 import math
