@@ -5,29 +5,32 @@
     python bench.py optim-match   tokens (and step seconds) MuonClip needs to reach AdamW's loss
     python bench.py optim-clip    QK-Clip's cost: val loss with and without the clip, paired by seed
     python bench.py kv        KeepKV and baselines on the latent cache at equal bytes; decode speed, memory
+    python bench.py kv --model smollm2   the same policies on SmolLM2-135M (a model that uses its context)
     python bench.py testbed   builds (once) the long-context model `bench.py kv` uses; loss by position
     python bench.py kernels   Triton kernels vs their torch references (GPU; interpreter on CPU)
     python bench.py dist      tokens/s with 1 and 2 processes (FSDP2), optimizer and communication share
 
 Each lives in benchmarks/<name>.py, which adds its own subcommand and flags (add_parser) and says
 what it measures; `bench.py dist-worker` is one rank of `bench.py dist`, launched by it, and
-optim-match and optim-clip live together in benchmarks/optim_claims.py.
+optim-match and optim-clip live together in benchmarks/optim_claims.py; train and kernels live in
+benchmarks/train_speed.py and kernel_speed.py (apart from the top-level train.py and kernels.py), and
+`kv --model smollm2` in benchmarks/kv_smollm2.py.
 Machines are noisy: every ratio here is measured side by side within one run.
 """
 import argparse
 import sys
 
 import benchmarks.dist
-import benchmarks.kernels
+import benchmarks.kernel_speed
 import benchmarks.kv
 import benchmarks.optim
 import benchmarks.optim_claims
 import benchmarks.testbed
-import benchmarks.train
+import benchmarks.train_speed
 
 # in the order `--help` lists them; benchmarks.dist adds both dist and dist-worker
-MODULES = (benchmarks.train, benchmarks.optim, benchmarks.optim_claims, benchmarks.kv, benchmarks.testbed,
-           benchmarks.kernels, benchmarks.dist)
+MODULES = (benchmarks.train_speed, benchmarks.optim, benchmarks.optim_claims, benchmarks.kv, benchmarks.testbed,
+           benchmarks.kernel_speed, benchmarks.dist)
 
 
 def main(argv=None):

@@ -177,7 +177,7 @@ def build_testbed(flags: list[str], root: str = DEFAULT_ROOT, cache_dir: str | N
                   log=print) -> str:
     """The folder of the testbed trained with `flags`: reused when finished, else trained (or
     resumed) now with train.main. cache_dir: data.py's token cache (not part of the hash)."""
-    import train  # the top-level train.py (benchmarks/train.py is benchmarks.train)
+    import train
     folder = folder_for(root, flags)
     if is_finished(folder, flags):
         log(f"testbed: reusing {folder} (finished, same flags)")

@@ -417,10 +417,10 @@ def argv_for(entry, flags, place) -> list[str]:
 
 def arm_tripwires(entry, monkeypatch):
     """Expensive work, each replaced by a failure: an EARLY case must be refused before any."""
-    import benchmarks.kernels
+    import benchmarks.kernel_speed
     import benchmarks.kv
     import benchmarks.testbed
-    import benchmarks.train
+    import benchmarks.train_speed
     import parallel
     from benchmarks import kv_speed
 
@@ -437,10 +437,10 @@ def arm_tripwires(entry, monkeypatch):
         wire(hf, "export")
     else:
         wire(train, "main")                         # optim's runs, the testbed's stages
-        for module, name in [(benchmarks.train, "build_model"), (benchmarks.train, "matmul_rate"),
+        for module, name in [(benchmarks.train_speed, "build_model"), (benchmarks.train_speed, "matmul_rate"),
                              (benchmarks.kv, "load_pretrained"), (benchmarks.testbed, "build_testbed"),
                              (kv_speed, "throughput"), (kv_speed, "prefill_memory"),
-                             (benchmarks.kernels, "bench_kernels"), (subprocess, "run"),
+                             (benchmarks.kernel_speed, "bench_kernels"), (subprocess, "run"),
                              (parallel, "setup_distributed")]:
             wire(module, name)
 

@@ -12,7 +12,7 @@ import torch
 
 import bench
 import benchmarks.dist
-from benchmarks.kernels import _kernel_errors_in_child, kernel_errors
+from benchmarks.kernel_speed import _kernel_errors_in_child, kernel_errors
 from test_kernels import interpreter, needs_triton  # noqa: F401 (interpreter: a fixture)
 
 KERNEL_CHECKS = {"attn_out", "attn_max_logits", "attn_dq", "attn_dk", "attn_dv",

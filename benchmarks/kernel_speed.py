@@ -60,7 +60,7 @@ def kernel_errors(dtype=torch.float32, shapes="small"):
 def _kernel_errors_in_child(dtype_name):
     """kernel_errors in a fresh python with TRITON_INTERPRET=1: triton picks the interpreter when it
     is imported, so a process that imported it for the GPU cannot switch."""
-    code = ("import json, torch; from benchmarks.kernels import kernel_errors; "
+    code = ("import json, torch; from benchmarks.kernel_speed import kernel_errors; "
             f"print(json.dumps(kernel_errors(torch.{dtype_name})))")
     r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="1"),
                        capture_output=True, text=True, cwd=ROOT)
