@@ -391,7 +391,7 @@ def eval_tasks(kinds, n: int, corpus: dict, seed: int = 1234) -> list[Task]:
     return tasks
 
 
-def evaluate(model, c: Chat, kinds, n: int, corpus: dict, seed: int = 1234, runner=None) -> dict:
+def pass_at_1(model, c: Chat, kinds, n: int, corpus: dict, seed: int = 1234, runner=None) -> dict:
     """pass@1 per kind on eval_tasks (greedy), their mean over kinds, and how many tasks each had."""
     tasks = eval_tasks(kinds, n, corpus, seed)
     runner = runner or CachedRunner()

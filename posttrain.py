@@ -35,7 +35,7 @@ chat.py holds what the model sees and what grades it: the chat format, the tasks
    by the share of replies in groups that carry a signal (--live-lr). Muon's update has the same
    size whatever the gradient's: without the scaling a batch with one informative group moves the
    model as far as one with eight, mostly along noise.
-3. What PTX protects: the stdlib val loss, reported beside pass@1 (chat.evaluate).
+3. What PTX protects: the stdlib val loss, reported beside pass@1 (chat.pass_at_1).
 4. Toy self-critique (--critic-coef, off by default): K2 scores open-ended replies with the model
    itself against rubrics, a critic kept calibrated on the verifiable tasks. Here the "rubric" is
    the one question "Correct?", the critic is the policy's own probability of answering "yes",
@@ -63,7 +63,7 @@ import chat
 import checkpoint
 import data
 import muonclip
-from chat import CachedRunner, Chat, Episode, Task, eval_line, evaluate, flips, flips_line, rollout
+from chat import CachedRunner, Chat, Episode, Task, eval_line, flips, flips_line, pass_at_1, rollout
 from checkpoint import load_checkpoint, load_pretrained, save_checkpoint, save_when_due
 from parallel import Dist, pick_device
 from train import lr_multiplier, optimizer_step
@@ -155,7 +155,7 @@ def temperature_at(step: int, steps: int, t_start: float, t_end: float) -> float
 
 
 @torch.no_grad()
-def val_loss(model, tokens, seq_len: int = 256, batches: int = 4) -> float:
+def stdlib_val_loss(model, tokens, seq_len: int = 256, batches: int = 4) -> float:
     """The stdlib val loss (nats/token) on fixed windows: what PTX is there to protect."""
     model.eval()
     seq_len = min(seq_len, model.args.max_seq_len)
@@ -351,8 +351,8 @@ def run(args):
     ds = load_ptx(args, c)
     log = print
     if args.stage == "eval":
-        res = evaluate(model, c, kinds, args.eval_n, corpus)
-        res["val_loss"] = round(val_loss(model, ds.val), 4)
+        res = pass_at_1(model, c, kinds, args.eval_n, corpus)
+        res["val_loss"] = round(stdlib_val_loss(model, ds.val), 4)
         log(eval_line(args.out_dir, res))
         return res
     model.set_record_max_logits(True)  # QK-Clip, as in pretraining
@@ -370,8 +370,8 @@ def run(args):
                 report = json.load(f)
         log(f"resumed {args.out_dir} at step {step}")
     elif args.eval_n and args.stage == "sft":
-        report["before"] = {**evaluate(model, c, kinds, args.eval_n, corpus, runner=runner),
-                            "val_loss": round(val_loss(model, ds.val), 4)}
+        report["before"] = {**pass_at_1(model, c, kinds, args.eval_n, corpus, runner=runner),
+                            "val_loss": round(stdlib_val_loss(model, ds.val), 4)}
         log(eval_line("before SFT", report["before"]))
     os.makedirs(args.out_dir, exist_ok=True)
     data.atomic_write(report_path, json.dumps(report, indent=1).encode())
@@ -411,8 +411,8 @@ def run(args):
             return report
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.eval_n:
-        report["after"] = {**evaluate(model, c, kinds, args.eval_n, corpus, runner=runner),
-                           "val_loss": round(val_loss(model, ds.val), 4)}
+        report["after"] = {**pass_at_1(model, c, kinds, args.eval_n, corpus, runner=runner),
+                           "val_loss": round(stdlib_val_loss(model, ds.val), 4)}
         log(eval_line(f"after {args.stage.upper()}", report["after"]))
         start = _start_eval(args, report)
         if start is not None and (f := flips(start[1], report["after"])) is not None:

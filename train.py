@@ -164,7 +164,7 @@ def build_optimizer(model, args):
 # ----------------------------------------------------------------------------- eval
 
 @torch.no_grad()
-def evaluate(model, tokens, args, device, max_batches, autocast, d: Dist):
+def validation_loss(model, tokens, args, device, max_batches, autocast, d: Dist):
     """Mean val loss (nats/token) over fixed windows, plus the target tensors it was computed on.
     Each rank scores its rows of every batch; the sums are all-reduced."""
     model.eval()
@@ -349,7 +349,7 @@ def train(args, d: Dist, device):
                 rec["update_rms"] = optimizer.last_stats["update_rms"]
             if step % args.eval_every == 0 or step == args.max_steps:
                 final = step == args.max_steps
-                val_loss, ys = evaluate(model, ds.val, args, device, 10**9 if final else args.eval_batches, autocast, d)
+                val_loss, ys = validation_loss(model, ds.val, args, device, 10**9 if final else args.eval_batches, autocast, d)
                 n_bytes = len(val_bytes) if final else data.eval_bytes(ds.enc, torch.cat([y.flatten() for y in ys]))
                 rec["val_loss"] = round(val_loss, 5)
                 rec["val_bpb"] = round(data.bits_per_byte(val_loss, sum(y.numel() for y in ys), n_bytes), 4)

@@ -258,7 +258,7 @@ def long_range_mask(s, start, min_dist, gram=2):
     return (last >= 0) & (ends[probe] - last > min_dist)
 
 
-def evaluate(model, batches, P, cache, cfg, ref=None, probe_dist=512):
+def continuation_nll(model, batches, P, cache, cfg, ref=None, probe_dist=512):
     """NLL of the continuation, overall and on the long-range probe's tokens; with a reference
     (the full latent cache's run) also the deltas against it."""
     nll, probe, top1, agree, stats = [], [], [], [], []
@@ -379,7 +379,7 @@ def quality(args, log):
     if P < 768:
         log(f"  note: a {P}-token prompt is short of the long-context regime KV compression is for "
             f"(the testbed's is {testbed.CONTEXT - 32}); read the ranking with care")
-    ev = lambda cache, cfg, ref=None: evaluate(model, batches, P, cache, cfg, ref, args.kv_probe_dist)  # noqa: E731
+    ev = lambda cache, cfg, ref=None: continuation_nll(model, batches, P, cache, cfg, ref, args.kv_probe_dist)  # noqa: E731
     ref = ev("latent", keepkv.KVConfig(policy="full"))
     log(f"  full latent cache: NLL {ref['nll']:.4f}; long-range probe: {ref['probe_tokens']} tokens (bigram "
         f"last seen > {args.kv_probe_dist} back), NLL {_f(ref['nll_probe'], '.4f')}")
