@@ -37,8 +37,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: p.exit(2, f"error: {message} (see: python {p.prog} --help)\n")  # no usage block
-    p.add_argument("--out-dir", "--out", dest="out", default="out",
-                   help="checkpoint folder written by train.py, or a Hugging Face folder (DeepSeek-V3 layout)")
+    p.add_argument("--ckpt", "--out-dir", "--out", dest="out", default="out",
+                   help="the checkpoint to sample from: a folder written by train.py or posttrain.py, or a "
+                        "Hugging Face folder (DeepSeek-V3 layout); --out-dir, train.py's name for it, also works")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (default: read stdin)")
     src.add_argument("--prompt-file", help="read the prompt from this file")
@@ -76,7 +77,7 @@ def parse_args(argv=None):
         p.error(f"--kv-alpha must be in [0, 1) (the weight of the past in the predicted score; "
                 f"0 = the current query only), got {args.kv_alpha:g}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        p.error(f"--out-dir {args.out!r} is a file, not a folder; pass the checkpoint folder train.py "
+        p.error(f"--ckpt {args.out!r} is a file, not a folder; pass the checkpoint folder train.py "
                 f"wrote (or a Hugging Face folder)")
     if args.kv_window < 1:
         p.error(f"--kv-window must be at least 1 (the smallest cache holds 4 sinks + window entries), got {args.kv_window}")

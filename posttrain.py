@@ -4,7 +4,7 @@ itself, then reinforcement learning with rewards that a program checks.
     python posttrain.py sft                        # out/ (from train.py) -> out/sft; pass@1 before and after
     python posttrain.py rl                         # out/sft -> out/rl; pass@1 after
     python posttrain.py eval --out-dir out/rl      # pass@1 of any chat checkpoint
-    python generate.py --out-dir out/rl --chat --temperature 0 --prompt "7+5="
+    python generate.py --ckpt out/rl --chat --temperature 0 --prompt "7+5="
 
 chat.py holds what the model sees and what grades it: the chat format, the tasks, the agent loop
 (sampling, with tool calls run by executor.py) and the evaluation. This file holds the learning

@@ -245,7 +245,7 @@ CASES = [
     ("generate.py", "--no-such-flag", "unrecognized arguments: --no-such-flag", None, EARLY),
     ("generate.py", "--seed 1180591620717411303424", "--seed must be at most 18446744073709551615", None, EARLY),
     ("generate.py", "--temperature inf", "--temperature must be a finite number, got inf", None, EARLY),
-    ("generate.py", "--out {binary}", "--out-dir '{binary}' is a file, not a folder", None, EARLY),
+    ("generate.py", "--out {binary}", "--ckpt '{binary}' is a file, not a folder", None, EARLY),
     # --- generate.py: missing and unreadable files, a damaged or mismatched checkpoint, a long prompt
     ("generate.py", "--prompt-file {tmp}/nope.py", "nope.py': no such file; pass an existing file", None, EARLY),
     ("generate.py", "--prompt-file {tmp}", "a folder; pass an existing file", None, EARLY),
