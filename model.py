@@ -417,25 +417,36 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         q_nope, q_rope = self.query(x, cos, sin)
         c, k_rope = self.latent(x, cos, sin)
-        if cache is not None and cache.absorbed:  # path 4 (or 6): attention on the latent itself
-            w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
-            w_kc, w_v = w[:, :self.nope], w[:, self.nope:]                       # [H, Dn, C], [H, Dv, C]
-            out = cache.attend_latent(q_nope, q_rope, c, k_rope, w_kc, w_v, input_pos,
-                                      self.softmax_scale).type_as(c)
+        if cache is not None and cache.absorbed:
+            out = self.attend_latent(q_nope, q_rope, c, k_rope, input_pos, cache)
+        elif cache is None:
+            out = self.attend_sequence(q_nope, q_rope, c, k_rope)
         else:
-            q = torch.cat([q_nope, q_rope], dim=-1)  # [B, T, H, Dn+Dr]
-            k, v = self.expand_kv(c, k_rope)
-            if cache is None:  # training / full forward: causal attention over the sequence itself
-                qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, *]
-                if self.record_max_logits and self.training:  # path 2
-                    out, m = attention_with_max(qh, kh, vh, self.softmax_scale)
-                    self.max_logits.copy_(torch.maximum(self.max_logits, m.to(self.max_logits.dtype)))
-                else:  # path 1
-                    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.softmax_scale)
-                out = out.transpose(1, 2)
-            else:  # path 3 (KVCache) or 5 (keepkv.KeepKVCache)
-                out = cache.attend(q, k, v, input_pos, self.softmax_scale)
+            out = self.attend_per_head_cache(q_nope, q_rope, c, k_rope, input_pos, cache)
         return self.wo(out.reshape(B, T, self.n_heads * self.v_dim))
+
+    def attend_sequence(self, q_nope, q_rope, c, k_rope):
+        """Paths 1 and 2 (training, full forward): causal attention over the sequence itself."""
+        q = torch.cat([q_nope, q_rope], dim=-1)                                    # [B, T, H, Dn+Dr]
+        k, v = self.expand_kv(c, k_rope)
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # [B, H, T, *]
+        if self.record_max_logits and self.training:  # path 2
+            out, m = attention_with_max(qh, kh, vh, self.softmax_scale)
+            self.max_logits.copy_(torch.maximum(self.max_logits, m.to(self.max_logits.dtype)))
+        else:  # path 1
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.softmax_scale)
+        return out.transpose(1, 2)
+
+    def attend_per_head_cache(self, q_nope, q_rope, c, k_rope, input_pos, cache):
+        """Paths 3 (KVCache) and 5 (keepkv.KeepKVCache): per-head keys and values into the cache."""
+        k, v = self.expand_kv(c, k_rope)
+        return cache.attend(torch.cat([q_nope, q_rope], dim=-1), k, v, input_pos, self.softmax_scale)
+
+    def attend_latent(self, q_nope, q_rope, c, k_rope, input_pos, cache):
+        """Paths 4 and 6: attention on the latent itself, W_kc folded into the query, W_v after."""
+        w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_kc, w_v = w[:, :self.nope], w[:, self.nope:]                             # [H, Dn, C], [H, Dv, C]
+        return cache.attend_latent(q_nope, q_rope, c, k_rope, w_kc, w_v, input_pos, self.softmax_scale).type_as(c)
 
 
 # ----------------------------------------------------------------------------- MoE

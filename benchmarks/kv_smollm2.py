@@ -63,10 +63,11 @@ def add_args(p):
     g.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="where the needle sits in the context")
     g.add_argument("--budgets", default="0.02,0.05,0.1,0.2,0.5", help="fractions of the prompt kept")
     g.add_argument("--policies", default="keepkv,convex,h2o,snapkv,streaming", help="on the shared GQA cache")
-    g.add_argument("--expanded", default="keepkv,h2o", help="policies also run on per-query-head copies ('' = none)")
+    g.add_argument("--expanded", default="keepkv,h2o",
+                   help="policies also run on per-query-head copies, at --ablation-budgets ('' = none)")
     g.add_argument("--ablations", default="keepkv:merge_at=both,keepkv:alpha=0,keepkv:votes=off",
                    help="rows (policy[:field=value...]) run at --ablation-budgets only")
-    g.add_argument("--ablation-budgets", default="0.05,0.1")
+    g.add_argument("--ablation-budgets", default="0.1", help="budgets of the --expanded and --ablations rows")
     g.add_argument("--text", choices=("repo", "stdlib"), default="repo",
                    help="language-modelling text: this repository's source (held out) or the stdlib (seen)")
     g.add_argument("--seed", type=int, default=0)
@@ -238,7 +239,7 @@ def cells(a):
     from benchmarks.kv import row_config  # noqa: PLC0415  (kv.py imports this file)
     out = [("full", "shared", keepkv.KVConfig(policy="full", budget=1.0))]
     budgets, few = _floats(a.budgets, "budgets"), _floats(a.ablation_budgets, "ablation-budgets")
-    for gqa, names, bs in (("shared", a.policies, budgets), ("expanded", a.expanded, budgets),
+    for gqa, names, bs in (("shared", a.policies, budgets), ("expanded", a.expanded, few),
                            ("shared", a.ablations, few)):
         for spec in (x for x in names.split(",") if x):
             for b in bs:
@@ -328,6 +329,7 @@ def summarize(a, model, todo, acc):
     """One row per cell: means, paired differences to full and their standard errors, bytes."""
     full = acc[lab_key(todo[0])]
     full_bytes = smollm2.full_cache_bytes(model.args, a.prompt + a.new)
+    by_label = {(c[0], c[2].budget): acc[lab_key(c)] for c in todo}
     rows = []
     for c in todo:
         r, (label, gqa, cfg) = acc[lab_key(c)], c
@@ -341,11 +343,27 @@ def summarize(a, model, todo, acc):
         if r["needle"]:
             hit, fhit = torch.cat(r["needle"]), torch.cat(full["needle"])
             row.update(needle=hit.mean().item(), needle_diff=(hit - fhit).mean().item(), needle_se=_se(hit - fhit))
+        sel = selection_label(label, cfg)
+        if sel is not None and (sel, cfg.budget) in by_label:     # paired against its own selection
+            o = by_label[(sel, cfg.budget)]
+            d = nll - torch.cat(o["nll"])
+            row.update(vs_selection=sel, dnll_vs_selection=d.mean().item(), dnll_vs_selection_se=_se(d))
+            if r["needle"]:
+                dn = torch.cat(r["needle"]) - torch.cat(o["needle"])
+                row.update(needle_vs_selection=dn.mean().item(), needle_vs_selection_se=_se(dn))
         stats = [s for s in r["stats"] if s]
         if stats:
             row["merge_frac_prefill"] = sum(s["prefill_merge_frac"] for s in stats) / len(stats)
         rows.append(row)
     return rows
+
+
+def selection_label(label, cfg):
+    """The row a merging row is paired with: its selection alone on the same cache (keepkv with
+    merge_at=none equals it bit for bit), e.g. "h2o" or "h2o (expanded)"; None for the others."""
+    if cfg.policy not in keepkv.MERGING or cfg.merge_at == "none":
+        return None
+    return cfg.select + (" (expanded)" if label.endswith("(expanded)") else "")
 
 
 def by_depth(todo, acc, depths, n):
@@ -390,24 +408,32 @@ def report(res, log):
     rows = [{**r, "dnll": f"{r['dnll']:+.4f}±{r['dnll_se']:.4f}", "agree": f"{r['agree']:.3f}±{r['agree_se']:.3f}",
              "needle": f"{r['needle']:.2f}±{r['needle_se']:.2f}" if "needle" in r else "-",
              "bytes": f"{r['bytes_vs_full']:.1%}"} for r in res["rows"]]
-    print_table(rows, ["policy", "budget", "capacity", "bytes", "dnll", "agree", "needle"])
+    for r, src in zip(rows, res["rows"]):
+        if "dnll_vs_selection" in src:
+            r["vs_sel"] = f"{src['dnll_vs_selection']:+.4f}±{src['dnll_vs_selection_se']:.4f}"
+            if "needle_vs_selection" in src:
+                r["needle_vs_sel"] = f"{src['needle_vs_selection']:+.2f}±{src['needle_vs_selection_se']:.2f}"
+    print_table(rows, ["policy", "budget", "capacity", "bytes", "dnll", "agree", "needle", "vs_sel", "needle_vs_sel"])
     log(f"(dNLL: nats/token over the full cache, paired over windows; agree: top-1 agreement with full; needle: "
         f"retrieval accuracy, se of the paired difference to full; bytes: of the full {res['prompt']}+{res['new']}-token "
-        f"GQA cache, bookkeeping included) in {res['seconds'] / 60:.1f} min")
+        f"GQA cache, bookkeeping included; vs_sel: dNLL and needle accuracy against the merging row's own selection, paired) in {res['seconds'] / 60:.1f} min")
 
 
-def markdown(res) -> str:
-    """The README's table: rows policies, columns budgets, cells dNLL / agreement / needles."""
+def markdown(res, rows=None, needles_only=False) -> str:
+    """A table: rows policies (all, or those named), columns budgets, cells dNLL+-se / top-1
+    agreement / needle accuracy (needles_only: the needle accuracy alone)."""
     budgets = sorted({r["budget"] for r in res["rows"][1:]})
-    head = "| policy | " + " | ".join(f"{b:g}" for b in budgets) + " |"
-    lines = [head, "|" + "---|" * (len(budgets) + 1)]
+    lines = ["| policy | " + " | ".join(f"b = {b:g}" for b in budgets) + " |", "|" + "---|" * (len(budgets) + 1)]
     f = res["rows"][0]
-    lines.append(f"| full | dNLL 0, needles {f.get('needle', float('nan')):.2f} |" + " |" * (len(budgets) - 1))
-    for pol in dict.fromkeys(r["policy"] for r in res["rows"][1:]):
-        cells_ = {r["budget"]: r for r in res["rows"] if r["policy"] == pol}
-        lines.append(f"| {pol} | " + " | ".join(
-            f"{c['dnll']:+.3f}±{c['dnll_se']:.3f} / {c['agree']:.2f} / {c.get('needle', float('nan')):.2f}"
-            if (c := cells_.get(b)) else "-" for b in budgets) + " |")
+    names = [p for p in dict.fromkeys(r["policy"] for r in res["rows"][1:]) if rows is None or p in rows]
+    for pol in names:
+        at = {r["budget"]: r for r in res["rows"] if r["policy"] == pol}
+        cell = (lambda c: f"{c.get('needle', float('nan')):.2f}") if needles_only else (
+            lambda c: f"{c['dnll']:+.3f}±{c['dnll_se']:.3f} / {c['agree']:.2f} / {c.get('needle', float('nan')):.2f}")
+        lines.append(f"| {pol} | " + " | ".join(cell(at[b]) if b in at else "" for b in budgets) + " |")
+    lines.append(f"| full ({f['bytes_vs_full']:.0%} of its bytes) | " + " | ".join(
+        (f"{f.get('needle', float('nan')):.2f}" if needles_only else f"0 / 1 / {f.get('needle', float('nan')):.2f}")
+        for _ in budgets) + " |")
     return "\n".join(lines)
 
 
