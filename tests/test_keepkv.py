@@ -249,7 +249,7 @@ def test_slots_nbytes_is_the_sum_of_its_slots(dtype, meta_bytes):
     for policy, n_meta in (("h2o", 2), ("keepkv", 3)):   # + ZIP's predicted ln S when merging
         cache = keepkv.KeepKVCache(B, 60, G, dk, dv, KVConfig(policy=policy, budget=0.1), dtype=dtype)
         assert cache.nbytes() == B * G * (cache.capacity + 1) * ((dk + dv) * item + n_meta * meta_bytes + 4)
-    assert cache.score is cache.log_score is cache.slots.log_score        # the older name still reads
+    assert cache.log_score is cache.slots.log_score
 
 
 def test_slots_write_token_fills_the_first_free_slot():
