@@ -32,11 +32,11 @@ merges it so that the output, for the query the merge is tuned to, does not chan
    cosine-similar if that similarity exceeds `threshold` (the paper's T = 0.8), else it is evicted;
    several may share a target (the formulas are n-way). `merge_at` says when: at the prefill's
    compression, at decode steps, both, or never ("none": keepkv IS its selection, bit for bit).
-   Defaults, each the better of its measured alternatives on a small proxy (the README's table):
-   select = "h2o", the paper's H2O ablation setting (PyramidInfer's per-layer budgets, its main
-   one, are not built); merge_at = "decode", since merging the prompt's hundreds of leavers at
-   once, all tuned to the last prompt query, lost clearly more than decode-only merging; recent
-   = 0.5, H2O's own split; alpha = 0.8 (alpha = 0 measured within noise of it).
+   Defaults: select = "h2o", the paper's H2O ablation setting (PyramidInfer's per-layer budgets,
+   its main one, are not built); merge_at = "both", as the paper merges at the prefill too: on the
+   SmolLM2 testbed (RESULTS.md) it beat decode-only merging at every budget (vs H2O alone: -0.20
+   nats/token at b = 0.02 against -0.13, -0.08 at 0.1 against -0.01); recent = 0.5, H2O's own
+   split; alpha = 0.8 (alpha = 0 measured within noise of it).
 
 Budget = fraction of the prompt KEPT: C = max(ceil(budget * prompt), n_sink + window), the same C
 for every policy but "full". Compression runs once at the end of prefill, then once per decoded
@@ -77,7 +77,7 @@ class KVConfig:
     policy: str = "keepkv"
     budget: float = 0.1        # fraction of the prompt kept (capacity, at least n_sink + window)
     select: str = "h2o"        # keepkv, convex: the selection whose drops they merge (kvselect.py)
-    merge_at: str = "decode"   # keepkv, convex: merge at decode steps, the prefill, both, or none
+    merge_at: str = "both"     # keepkv, convex: merge at the prefill and at decode steps (or one, or none)
     votes: bool = True         # merged entries carry votes (False: p stays 1; an ablation)
     recent: float = 0.5        # h2o selection: share of C held by the most recent tokens (H2O: 0.5)
     n_sink: int = 4            # streaming: first tokens always kept (attention sinks)

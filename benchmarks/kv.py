@@ -61,7 +61,7 @@ from model import get_args
 CACHES = ("latent", "per-head")
 # the latent table's rows: KeepKV (default), its selection without merging (= h2o, bit for bit),
 # the baselines, convex merging, and one-knob ablations of KeepKV on the same selection
-LATENT_ROWS = ("keepkv", "keepkv:merge_at=none", "h2o", "snapkv", "streaming", "convex", "keepkv:merge_at=both",
+LATENT_ROWS = ("keepkv", "keepkv:merge_at=none", "h2o", "snapkv", "streaming", "convex", "keepkv:merge_at=decode",
                "keepkv:alpha=0", "keepkv:votes=off", "keepkv:select=snapkv")
 PARTS = ("quality", "sweep", "throughput", "memory")  # what --kv-skip can name
 

@@ -65,7 +65,7 @@ def add_args(p):
     g.add_argument("--policies", default="keepkv,convex,h2o,snapkv,streaming", help="on the shared GQA cache")
     g.add_argument("--expanded", default="keepkv,h2o",
                    help="policies also run on per-query-head copies, at --ablation-budgets ('' = none)")
-    g.add_argument("--ablations", default="keepkv:merge_at=both,keepkv:alpha=0,keepkv:votes=off",
+    g.add_argument("--ablations", default="keepkv:merge_at=decode,keepkv:alpha=0,keepkv:votes=off",
                    help="rows (policy[:field=value...]) run at --ablation-budgets only")
     g.add_argument("--ablation-budgets", default="0.1", help="budgets of the --expanded and --ablations rows")
     g.add_argument("--text", choices=("repo", "stdlib"), default="repo",
