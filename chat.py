@@ -20,7 +20,7 @@ answers right (RL). Everything the model sees and everything that scores it is h
 
 2. Tasks with checkable answers, generated from a seed. Each kind is small enough for a 5M-parameter
    model to move on in minutes, and each has a budget, the most reply tokens it may use:
-       add       single-digit addition "7+5=", "What is 7 plus 5?" (4 wordings) -> "12"   exact match
+       add       single-digit addition "7+5=", "What is 7 plus 5?" (16 wordings) -> "12"   exact match
        copy      "Repeat:\nqzkwv"                      -> "qzkwv"       exact match
        reverse   "Reverse: l u c k"                    -> "k c u l"     exact match
        defname   a `def` line from the stdlib corpus   -> its name      exact match
@@ -28,10 +28,13 @@ answers right (RL). Everything the model sees and everything that scores it is h
                  shown plus one hidden assert, in the executor (executor.py); pass = every assert holds
    Held out: a task whose text hashes into 1 of 8 buckets is never trained on; evaluation draws
    only from that bucket (defname: from the corpus's val files, which pretraining held out too).
-   For `add`, held out means 1 in 8 of the 400 (fact, wording) pairs: a fact met in another wording.
-   SFT demonstrations of `fn` call the executor first half of the time ("run this, see it pass or
-   fail, then answer"), with the executor's reply simulated from the task's own arithmetic; a test
-   checks that the simulation prints what the real executor prints.
+   For `add`, held out means 1 in 8 of the 1,600 (fact, wording) pairs: a fact met in other wordings.
+   SFT demonstrations of `fn` always run a first attempt in the executor before answering (right,
+   or with a plausible slip), then answer with the program that passes: the call is where the
+   reply can check itself, and the final answer is the one a verdict of "ok" or an assertion error
+   points to. Always, not half the time: a 50/50 choice at the first reply token leaves greedy
+   decoding on a tie that any update tips (measured: RESULTS.md, post-training). The executor's
+   reply is simulated from the task's own arithmetic; a test checks it prints what the real one does.
 
 3. The agent loop (`rollout`). Replies are decoded from the absorbed latent KV cache, many at once:
    rows of the same length share one batch (the cache has one position counter per batch, so a
@@ -43,6 +46,7 @@ answers right (RL). Everything the model sees and everything that scores it is h
    tasks it got right, so two checkpoints compare task by task (`flips`).
 """
 import hashlib
+import math
 import os
 import random
 import re
@@ -178,10 +182,14 @@ def held_out(text: str) -> bool:
 
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
-# One sum, four ways to ask: a held-out add task is a (fact, wording) pair never trained on, whose
-# fact the model has (almost always) seen asked in another wording. Holding out whole facts instead
-# would leave ~12 facts to evaluate on, that no amount of practice on the other 88 can teach.
-ADD_WORDINGS = ("{a}+{b}=", "{a} + {b} =", "What is {a} plus {b}?", "Add {a} and {b}.")
+# One sum, sixteen ways to ask: a held-out add task is a (fact, wording) pair never trained on,
+# whose fact the model has seen asked in other wordings (1,600 pairs, 178 held out: enough to
+# measure a paired change). Holding out whole facts instead would leave ~12 facts to evaluate on,
+# that no amount of practice on the other 88 can teach.
+ADD_WORDINGS = ("{a}+{b}=", "{a} + {b} =", "What is {a} plus {b}?", "Add {a} and {b}.", "{a} plus {b} is",
+                "Sum {a} and {b}.", "What is {a}+{b}?", "Compute {a} + {b}.", "{a} and {b} make", "Total of {a} and {b}?",
+                "{a} add {b}", "What's {a} + {b}?", "Find {a} plus {b}.", "{a}+{b} equals", "Add: {a}, {b}",
+                "How much is {a} plus {b}?")
 _OPS = {"+": lambda x, k: x + k, "-": lambda x, k: x - k, "*": lambda x, k: x * k}
 
 
@@ -246,11 +254,11 @@ def load_corpus(data_path: str | None) -> dict:
 
 
 def demonstration(task: Task, rng) -> list[dict]:
-    """An SFT conversation for `task`. Half of the fn demonstrations first run a candidate (right,
-    or one with a plausible slip) with the executor, then answer; the tool's reply is what
-    run_python would print (tool_reply), computed from the task's own arithmetic."""
+    """An SFT conversation for `task`. fn: first run an attempt (right, or half the time one with a
+    plausible slip) against the two shown asserts in the executor, then answer with the right
+    program; the tool's reply is what run_python would print (simulated_reply)."""
     convo = [{"role": "user", "content": task.prompt}]
-    if task.kind == "fn" and rng.random() < 0.5:
+    if task.kind == "fn":
         op, k, xs = task.fn
         if rng.random() < 0.5:
             op, k = rng.choice([(o, k) for o in _OPS if o != op] + [(op, k % 9 + 1)])
@@ -408,17 +416,31 @@ def pass_at_1(model, c: Chat, kinds, n: int, corpus: dict, seed: int = 1234, run
 
 def flips(before: dict, after: dict) -> dict | None:
     """Paired comparison of two evaluations on the same tasks: per kind, how many tasks went from
-    wrong to right and from right to wrong. With ~200 tasks a kind's pass@1 moves by +-0.05 with
-    the draw of tasks alone; on the same tasks only the flips are a change of the model."""
+    wrong to right and from right to wrong, and the same over all kinds with the sign test's p. With
+    ~200 tasks a kind's pass@1 moves by +-0.05 with the draw of tasks alone; on the same tasks only
+    the flips are a change of the model."""
     if before.get("tasks") is None or before.get("tasks") != after.get("tasks"):
         return None
-    return {k: {"gained": sum(a > b for a, b in zip(after["correct"][k], v)),
-                "lost": sum(a < b for a, b in zip(after["correct"][k], v))}
-            for k, v in before["correct"].items()}
+    out = {k: {"gained": sum(a > b for a, b in zip(after["correct"][k], v)),
+               "lost": sum(a < b for a, b in zip(after["correct"][k], v))}
+           for k, v in before["correct"].items()}
+    g, l = sum(f["gained"] for f in out.values()), sum(f["lost"] for f in out.values())
+    return {**out, "all": {"gained": g, "lost": l, "p": sign_test(g, l)}}
+
+
+def sign_test(gained: int, lost: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least this uneven if each changed task
+    were a fair coin's flip (the model no better and no worse, only different)."""
+    n, k = gained + lost, min(gained, lost)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
 def flips_line(name: str, f: dict) -> str:
-    return f"{name}: tasks gained/lost " + " ".join(f"{k} +{v['gained']}/-{v['lost']}" for k, v in f.items())
+    kinds = " ".join(f"{k} +{v['gained']}/-{v['lost']}" for k, v in f.items() if k not in ("vs", "all"))
+    a = f["all"]
+    return f"{name}: tasks gained/lost {kinds} | all +{a['gained']}/-{a['lost']} (sign test p = {a['p']:.3g})"
 
 
 def eval_line(name: str, res: dict) -> str:

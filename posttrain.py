@@ -274,8 +274,10 @@ def rl_step(model, c: Chat, args, step: int, corpus: dict, ptx, runner, optimize
     gen = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + step)
     kinds = state.pick_kinds(rng, args.batch_size, args.prioritize)
     tasks = [chat.make_task(k, rng, "train", corpus) for k in kinds]
+    t0 = time.perf_counter()
     eps = rollout(model, c, [t for t in tasks for _ in range(args.group_size)], T, gen, runner, args.max_calls)
     scores = [reward(e, runner, args.budget_penalty) for e in eps]
+    t_sample = time.perf_counter() - t0
     state.observe([e.task.kind for e in eps], scores)
     r = torch.tensor(scores, device=args.device)
     if args.critic_coef:  # toy: the model's own grade, centred, added to the checker's reward
@@ -290,7 +292,7 @@ def rl_step(model, c: Chat, args, step: int, corpus: dict, ptx, runner, optimize
     live = informative(r, args.group_size)
     stats = {"reward": sum(scores) / len(scores), "pass": sum(s == 1 for s in scores) / len(scores),
              "cut": sum(e.truncated for e in eps) / len(eps), "len": sum(e.used for e in eps) / len(eps), "T": T,
-             "live": len(live) / len(eps)}
+             "live": len(live) / len(eps), "replies/s": len(eps) / t_sample}
     if not live:  # every group flat: nothing to learn from this batch
         return {**stats, "loss": 0.0, "ptx": 0.0, "calls": sum(e.calls for e in eps) / len(eps), "moved": 0.0}
     chunks = _chunks(sorted(live, key=lambda i: len(eps[i].ids)), args.micro_batches)  # little padding
@@ -368,6 +370,8 @@ def run(args):
         if os.path.exists(report_path):
             with open(report_path) as f:
                 report = json.load(f)
+            for key in ("curve", "evals"):  # (the report may have been written after the checkpoint)
+                report[key] = [r for r in report.get(key, []) if r["step"] <= step]
         log(f"resumed {args.out_dir} at step {step}")
     elif args.eval_n and args.stage == "sft":
         report["before"] = {**pass_at_1(model, c, kinds, args.eval_n, corpus, runner=runner),
@@ -389,7 +393,7 @@ def run(args):
 
     stop = []
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))  # finish the step, then save
-    t_loop, first = time.time(), step
+    t_loop, first, sampled = time.time(), step, [0, 0.0]  # (replies, seconds) sampled by this process
     while step < args.steps:
         ts = time.time()
         if args.stage == "sft":
@@ -397,16 +401,24 @@ def run(args):
             optimize()
         else:
             rec = rl_step(model, c, args, step, corpus, ptx, runner, optimize, state)
+            sampled[0] += args.batch_size * args.group_size
+            sampled[1] += args.batch_size * args.group_size / rec["replies/s"]
         if not math.isfinite(rec["loss"]):
             raise ValueError(f"step {step + 1}: the loss is {rec['loss']}; try a lower --lr")
         step += 1
+        report.setdefault("curve", []).append({"step": step, **{k: round(v, 4) for k, v in rec.items()}})
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:  # (the last: below)
+            res = pass_at_1(model, c, kinds, args.eval_n, corpus, runner=runner)
+            report.setdefault("evals", []).append({"step": step, **{k: v for k, v in res.items() if k != "correct"}})
+            log(eval_line(f"{args.stage} step {step}", res))
         if step % args.log_every == 0 or step == args.steps:
             eta = (time.time() - t_loop) / (step - first) * (args.steps - step)
             log(f"{args.stage} step {step:4d}/{args.steps} | " + " | ".join(
                 f"{k} {v:.4f}" if k in ("loss", "ptx") else f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                 for k, v in rec.items()) + f" | {time.time() - ts:.2f} s | ETA {eta:.0f} s", flush=True)
         if save_when_due(args.out_dir, step, args.steps, args.save_every, stop or step == args.stop_at,
-                         lambda: save_checkpoint(args.out_dir, model, optimizer, step, state, run_keys, c.enc, d),
+                         lambda: (save_checkpoint(args.out_dir, model, optimizer, step, state, run_keys, c.enc, d),
+                                  data.atomic_write(report_path, json.dumps(report, indent=1).encode())),
                          log):
             return report
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -415,10 +427,18 @@ def run(args):
                            "val_loss": round(stdlib_val_loss(model, ds.val), 4)}
         log(eval_line(f"after {args.stage.upper()}", report["after"]))
         start = _start_eval(args, report)
+        if start is not None and not any(e["step"] == 0 for e in report.get("evals", [])):
+            report.setdefault("evals", []).insert(0, {"step": 0, **{k: v for k, v in start[1].items() if k != "correct"}})
         if start is not None and (f := flips(start[1], report["after"])) is not None:
             report["flips"] = {"vs": start[0], **f}
             log(flips_line(f"after {args.stage.upper()} vs {start[0]}", f))
+        report.setdefault("evals", []).append({"step": step, **{k: v for k, v in report["after"].items() if k != "correct"}})
     report.update(steps=step, minutes=round((time.time() - t0) / 60, 2), executor_runs=runner.runs)
+    if sampled[0]:
+        report.update(replies=sampled[0], replies_per_s=round(sampled[0] / sampled[1], 2))
+        log(f"sampled {sampled[0]} replies at {sampled[0] / sampled[1]:.1f} replies/s")
+    if plot_curves(report, os.path.join(args.out_dir, "posttrain.png")):
+        log(f"curves: {args.out_dir}/posttrain.png")
     data.atomic_write(report_path, json.dumps(report, indent=1).encode())
     log(f"done in {report['minutes']:.1f} min: weights in {args.out_dir}/ ({report_path})")
     return report
@@ -436,6 +456,34 @@ def _start_eval(args, report):
         if "after" in prev:
             return args.init_from, prev["after"]
     return None
+
+
+def plot_curves(report: dict, path: str) -> bool:
+    """The run's reward (RL) or loss (SFT) per step and pass@1 per kind at each evaluation, as a
+    PNG beside posttrain.json (which holds the numbers). matplotlib is optional: False without it."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    curve, evals = report.get("curve", []), report.get("evals", [])
+    if not curve:
+        return False
+    key = "reward" if "reward" in curve[0] else "loss"
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.plot([r["step"] for r in curve], [r[key] for r in curve], lw=0.8)
+    a.set(xlabel="step", ylabel=key, title=f"{report['stage']}: {key} per step")
+    kinds = [k for k in (evals[0] if evals else {}) if k not in ("step", "n", "tasks", "tool_calls", "val_loss")]
+    for k in kinds:
+        b.plot([e["step"] for e in evals], [e[k] for e in evals], "o-", label=k, lw=2 if k == "all" else 1)
+    b.set(xlabel="step", ylabel="held-out pass@1", title="pass@1 per kind (greedy)")
+    if kinds:
+        b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 STAGE_DEFAULTS = {  # (each fits 10 minutes on 2 CPU cores with the tiny preset, evaluations included)
@@ -476,6 +524,8 @@ def parse_args(argv=None):
                             "thousand tokens, and on shared cores a second thread's spin-waiting costs more "
                             "than it gains")
         s.add_argument("--log-every", type=int, default=10)
+        s.add_argument("--eval-every", type=int, help="evaluate pass@1 every this many steps too "
+                       "(default: RL 4 times a run, SFT at the end only; 0 = at the end only)")
         s.add_argument("--save-every", type=int, default=100)
         s.add_argument("--stop-at", type=int, default=None, help="save and stop after this step (as if interrupted)")
         s.add_argument("--judge-frac", type=float, default=0.0,
@@ -503,6 +553,8 @@ def parse_args(argv=None):
     for k, v in STAGE_DEFAULTS[args.stage].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.eval_every is None:
+        args.eval_every = max(1, args.steps // 4) if args.stage == "rl" and args.eval_n else 0
     return args
 
 
@@ -514,7 +566,7 @@ def check_args(args) -> None:
         raise ValueError(f"--tasks: unknown kind(s) {', '.join(unknown) or '(none given)'}; "
                          f"choose from {', '.join(chat.KINDS)}")
     at_least = {"steps": 0 if args.stage == "eval" else 1, "batch_size": 1, "eval_n": 0, "seed": 0, "log_every": 1,
-                "save_every": 1, "micro_batches": 1, "threads": 0, "group_size": 2, "inner_steps": 1,
+                "save_every": 1, "eval_every": 0, "micro_batches": 1, "threads": 0, "group_size": 2, "inner_steps": 1,
                 "ptx_batch": 1, "max_calls": 0, "stop_at": 1,
                 "weight_decay": 0, "tau": 1e-9, "ptx_coef": 0, "temp_start": 0, "temp_end": 0, "budget_penalty": 0,
                 "critic_coef": 0, "judge_frac": 0}

@@ -153,6 +153,20 @@ def test_simulated_tool_replies_match_the_executor():
             assert executor.run_python(program).reply() == chat.simulated_reply(task, *cand)
 
 
+def test_fn_demonstrations_always_call_then_answer_right():
+    """No coin flip at the first reply token: every fn demonstration calls the executor, and the
+    final answer passes the task's asserts whatever the attempt's verdict was."""
+    rng = random.Random(1)
+    verdicts = set()
+    for _ in range(40):
+        task = chat.make_task("fn", rng, "train", {})
+        convo = chat.demonstration(task, rng)
+        assert [t["role"] for t in convo] == ["user", "assistant", "tool", "assistant"] and convo[1]["tool_call"]
+        verdicts.add(convo[2]["content"] == "ok")
+        assert convo[-1]["content"] == task.answer and executor.run_python(f"{task.answer}\n{task.tests}").ok
+    assert verdicts == {True, False}  # both an attempt that passes and one that fails are shown
+
+
 def test_held_out_tasks_are_never_trained_on():
     corpus = {"train": {"defs": [("def a():", "a")]}, "eval": {"defs": [("def b():", "b")]}}
     rng = random.Random(0)
@@ -166,9 +180,9 @@ def test_held_out_tasks_are_never_trained_on():
 def test_eval_tasks_are_distinct_held_out_and_fixed():
     tasks = chat.eval_tasks(["add", "copy"], 200, {})
     add = [t.prompt for t in tasks if t.kind == "add"]
-    # 100 facts x 4 wordings, 1 in 8 held out: far fewer than 200 distinct add prompts exist
+    # 100 facts x 16 wordings, 1 in 8 held out: fewer than 200 distinct add prompts exist
     n_held = sum(chat.held_out(w.format(a=a, b=b)) for a in range(10) for b in range(10) for w in chat.ADD_WORDINGS)
-    assert len(add) == len(set(add)) == n_held and 30 < n_held < 80
+    assert len(add) == len(set(add)) == n_held and 150 < n_held < 200
     assert sum(t.kind == "copy" for t in tasks) == 200 and all(chat.held_out(t.prompt) for t in tasks)
     assert [t.prompt for t in chat.eval_tasks(["add", "copy"], 200, {})] == [t.prompt for t in tasks]
 
@@ -176,8 +190,17 @@ def test_eval_tasks_are_distinct_held_out_and_fixed():
 def test_flips_count_paired_changes():
     before = {"tasks": "abc", "correct": {"add": [1, 0, 1, 0], "copy": [0, 0]}}
     after = {"tasks": "abc", "correct": {"add": [0, 1, 1, 1], "copy": [0, 0]}}
-    assert chat.flips(before, after) == {"add": {"gained": 2, "lost": 1}, "copy": {"gained": 0, "lost": 0}}
+    assert chat.flips(before, after) == {"add": {"gained": 2, "lost": 1}, "copy": {"gained": 0, "lost": 0},
+                                         "all": {"gained": 2, "lost": 1, "p": 1.0}}
     assert chat.flips(before, {**after, "tasks": "other"}) is None   # not the same tasks: no pairing
+
+
+def test_sign_test_matches_the_binomial():
+    # 10 of 10 one way: 2 * 0.5^10; 20 of 60: R's binom.test(20, 60)$p.value = 0.01349
+    assert chat.sign_test(10, 0) == pytest.approx(2 / 1024)
+    assert chat.sign_test(20, 40) == pytest.approx(0.013489, abs=1e-6)
+    assert chat.sign_test(40, 20) == chat.sign_test(20, 40)
+    assert chat.sign_test(5, 5) == 1.0 and chat.sign_test(0, 0) == 1.0
 
 
 def test_toy_critic_labels_agree_with_the_checker():
@@ -303,7 +326,7 @@ def test_sft_then_rl_smoke_with_resume(sft_run, trained_checkpoint, corpus_dir, 
                                   "--group-size", "4", "--ptx-batch", "2", "--critic-coef", "0.1"))
     out = capsys.readouterr().out
     assert "rl step    2/2 | reward" in out and "| T 0.60 |" in out and "after RL" in out
-    assert f"after RL vs {sft}: tasks gained/lost add +" in out and set(report["flips"]) == {"vs", "add", "copy"}
+    assert f"after RL vs {sft}: tasks gained/lost add +" in out and set(report["flips"]) == {"vs", "add", "copy", "all"}
     assert report["steps"] == 2 and os.path.exists(rl / "train_state.json")
 
 
