@@ -50,6 +50,7 @@ import math
 import os
 import random
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import tiktoken
@@ -282,8 +283,12 @@ def score(task: Task, reply: str, runner=None) -> float:
     default run_python) with the task's asserts after them; the rest are exact matches."""
     if task.kind != "fn":
         return float(reply.strip() == task.answer)
-    result = (runner or run_python)(f"{reply}\n{task.tests}")
-    return float(result.ok)
+    return float((runner or run_python)(program(task, reply)).ok)
+
+
+def program(task: Task, reply: str) -> str:
+    """What runs to check an fn reply: the reply, then the task's asserts."""
+    return f"{reply}\n{task.tests}"
 
 
 # ----------------------------------------------------------------------------- 3. the agent loop
@@ -342,15 +347,31 @@ class Episode:
 
 
 class CachedRunner:
-    """run_python, remembered by program text: a small model writes the same program often."""
+    """run_python, remembered by program text: a small model writes the same program often. Each
+    run is a child process that mostly waits (startup, the kernel's limits), so `prefetch` runs a
+    batch of new programs side by side in threads: the sampler keeps one core, the children the rest."""
 
-    def __init__(self):
-        self.cache, self.runs = {}, 0
+    def __init__(self, workers: int = 4):
+        self.cache, self.runs, self.workers = {}, 0, workers
 
     def __call__(self, code: str) -> RunResult:
         if code not in self.cache:
             self.cache[code], self.runs = run_python(code), self.runs + 1
         return self.cache[code]
+
+    def prefetch(self, codes) -> None:
+        new = list(dict.fromkeys(c for c in codes if c not in self.cache))
+        if len(new) < 2 or self.workers < 2:
+            return
+        with ThreadPoolExecutor(min(self.workers, len(new))) as pool:
+            self.cache.update(zip(new, pool.map(run_python, new)))
+        self.runs += len(new)
+
+
+def prefetch_scores(eps, runner) -> None:
+    """Run the programs that score() will run for these episodes' fn replies, all at once."""
+    if hasattr(runner, "prefetch"):
+        runner.prefetch([program(e.task, e.reply) for e in eps if e.task.kind == "fn"])
 
 
 def rollout(model, c: Chat, tasks: list[Task], temperature: float, gen, runner, max_calls: int = 1) -> list[Episode]:
@@ -361,12 +382,15 @@ def rollout(model, c: Chat, tasks: list[Task], temperature: float, gen, runner, 
     while active:
         bodies = generate(model, [eps[i].ids for i in active], [eps[i].task.budget - eps[i].used for i in active],
                           temperature, gen, c.end)
-        active_next = []
-        for i, body in zip(active, bodies):
+        active_next, parsed = [], [c.parse(body) for body in bodies]
+        if hasattr(runner, "prefetch"):  # this round's tool calls (the loop below makes), side by side
+            runner.prefetch([call for i, body, (_, call, done) in zip(active, bodies, parsed)
+                             if done and call is not None and eps[i].calls < max_calls
+                             and eps[i].used + len(body) < eps[i].task.budget])
+        for i, body, (content, call, done) in zip(active, bodies, parsed):
             e = eps[i]
             e.ids += body
             e.mask += [1] * len(body)
-            content, call, done = c.parse(body)
             if done and call is not None and e.calls < max_calls and e.used < e.task.budget:
                 e.calls += 1
                 tool = c.header("tool") + c.text(runner(call).reply()[:120]) + [c.end] + c.header("assistant")
@@ -404,6 +428,7 @@ def pass_at_1(model, c: Chat, kinds, n: int, corpus: dict, seed: int = 1234, run
     tasks = eval_tasks(kinds, n, corpus, seed)
     runner = runner or CachedRunner()
     eps = rollout(model, c, tasks, 0.0, None, runner)
+    prefetch_scores(eps, runner)
     right = {k: [int(score(e.task, e.reply, runner)) for e in eps if e.task.kind == k] for k in kinds}
     res = {k: sum(right[k]) / len(right[k]) for k in kinds}
     res["all"] = sum(res[k] for k in kinds) / len(kinds)

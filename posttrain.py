@@ -276,6 +276,7 @@ def rl_step(model, c: Chat, args, step: int, corpus: dict, ptx, runner, optimize
     tasks = [chat.make_task(k, rng, "train", corpus) for k in kinds]
     t0 = time.perf_counter()
     eps = rollout(model, c, [t for t in tasks for _ in range(args.group_size)], T, gen, runner, args.max_calls)
+    chat.prefetch_scores([e for e in eps if not e.truncated], runner)
     scores = [reward(e, runner, args.budget_penalty) for e in eps]
     t_sample = time.perf_counter() - t0
     state.observe([e.task.kind for e in eps], scores)
@@ -296,20 +297,17 @@ def rl_step(model, c: Chat, args, step: int, corpus: dict, ptx, runner, optimize
     if not live:  # every group flat: nothing to learn from this batch
         return {**stats, "loss": 0.0, "ptx": 0.0, "calls": sum(e.calls for e in eps) / len(eps), "moved": 0.0}
     chunks = _chunks(sorted(live, key=lambda i: len(eps[i].ids)), args.micro_batches)  # little padding
-    with torch.no_grad():
-        model.eval()
-        logp_old = torch.cat([reply_logprob(model, [eps[i] for i in ch], T, c.enc.eot_token) for ch in chunks])
-        model.train()
-    order = [i for ch in chunks for i in ch]
+    logp_old, order = [None] * len(chunks), [i for ch in chunks for i in ch]
     for inner in range(args.inner_steps):
         loss, moved = 0.0, []
         for j, ch in enumerate(chunks):  # the loss is a sum over replies: backpropagated piece by piece
             lp = reply_logprob(model, [eps[i] for i in ch], T, c.enc.eot_token)
-            start = sum(map(len, chunks[:j]))
-            part = k15_terms(lp, logp_old[start:start + len(ch)], adv[ch], args.tau).sum() / len(live)
+            if inner == 0:  # before the first update pi_theta is pi_old: its log-probs, for free
+                logp_old[j] = lp.detach()
+            part = k15_terms(lp, logp_old[j], adv[ch], args.tau).sum() / len(live)
             part.backward()
             loss += part.item()
-            moved.append(lp.detach() - logp_old[start:start + len(ch)])
+            moved.append(lp.detach() - logp_old[j])
         ptx_loss = ptx_step(model, args, ptx, step * args.inner_steps + inner)
         optimize(stats["live"] if args.live_lr else 1.0)
     # did the first update move each reply's log-probability with its advantage? (the correlation of

@@ -153,6 +153,15 @@ def test_simulated_tool_replies_match_the_executor():
             assert executor.run_python(program).reply() == chat.simulated_reply(task, *cand)
 
 
+def test_prefetch_runs_each_new_program_once_side_by_side():
+    """CachedRunner.prefetch: the same results as running one by one, each distinct program once."""
+    codes = [f"assert {i} % 2 == 0" for i in range(4)] + ["assert 0 % 2 == 0"]
+    runner = chat.CachedRunner(workers=3)
+    runner.prefetch(codes)
+    assert runner.runs == 4 and [runner(c).ok for c in codes] == [executor.run_python(c).ok for c in codes]
+    assert runner.runs == 4 and [runner(c).ok for c in codes] == [True, False, True, False, True]
+
+
 def test_fn_demonstrations_always_call_then_answer_right():
     """No coin flip at the first reply token: every fn demonstration calls the executor, and the
     final answer passes the task's asserts whatever the attempt's verdict was."""
