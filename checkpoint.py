@@ -255,7 +255,7 @@ def committed_step(out_dir) -> int | None:
 
 def remove_partial(out_dir) -> None:
     """At a run's start (rank 0): what a save cut short by a crash or a full disk left behind: a
-    staging folder without its marker, and the temporary files of data.atomic_write."""
+    staging folder without its marker, and the temporary files of disk.atomic_write."""
     if not os.path.exists(os.path.join(out_dir, STAGE, MARKER)):
         shutil.rmtree(os.path.join(out_dir, STAGE), ignore_errors=True)
     for name in os.listdir(out_dir):
