@@ -236,8 +236,7 @@ def check_start(out_dir, resume: bool, init_from: str | None) -> None:
     """train.py's --resume and --init-from, before any work: the checkpoint each names is there,
     or a FileNotFoundError that says so and how to go on."""
     if resume and not exists(out_dir):
-        raise FileNotFoundError(f"--resume: no checkpoint in {out_dir!r} ({MARKER} missing); "
-                                f"drop --resume to start a new run")
+        raise _nothing_to_resume(out_dir)
     if init_from and not resume and not all(
             os.path.isfile(os.path.join(init_from, f)) for f in ("model.safetensors", "config.json")):
         raise FileNotFoundError(f"--init-from {init_from!r}: no checkpoint there (model.safetensors + "
@@ -315,8 +314,7 @@ def load_checkpoint(out_dir, model, optimizer, sampler, args, margs, d: Dist) ->
             raise ValueError(f"--resume: {out_dir!r} holds a checkpoint in the older single-file "
                              f"format (train_state.pt), which this version cannot resume; its "
                              f"weights still load in generate.py; start a new run in a new --out-dir")
-        raise FileNotFoundError(f"--resume: no checkpoint in {out_dir!r} (train_state.json missing); "
-                                f"drop --resume to start a new run")
+        raise _nothing_to_resume(out_dir)
     stray = sorted(f for f in os.listdir(out_dir) if f.endswith(".safetensors") and f != "model.safetensors")
     if stray:  # DCP's reader would merge every *.safetensors file of the folder into the weights
         raise ValueError(f"--resume: {out_dir!r} holds other safetensors files beside "
@@ -352,6 +350,11 @@ def load_checkpoint(out_dir, model, optimizer, sampler, args, margs, d: Dist) ->
 
 
 _FIX = "restore the checkpoint's files as the save left them, or start a new run in a new --out-dir"
+
+
+def _nothing_to_resume(out_dir) -> FileNotFoundError:
+    return FileNotFoundError(f"--resume: no checkpoint in {out_dir!r} ({MARKER} missing); "
+                             f"drop --resume to start a new run")
 
 
 def _read_json(path, keys: dict) -> dict:

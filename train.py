@@ -122,9 +122,10 @@ def validation_loss(model, ds, val_bytes, final: bool, args, device, autocast, d
     model.train()
     if d.enabled:
         total, count = d.all_reduce(torch.tensor([total, count], dtype=torch.float64, device=device)).tolist()
+    loss = total / count
     n_bytes = len(val_bytes) if final else data.eval_bytes(ds.enc, torch.cat([y.flatten() for y in ys]))
-    return {"val_loss": round(total / count, 5),
-            "val_bpb": round(data.bits_per_byte(total / count, sum(y.numel() for y in ys), n_bytes), 4)}
+    bpb = data.bits_per_byte(loss, sum(y.numel() for y in ys), n_bytes)
+    return {"val_loss": round(loss, 5), "val_bpb": round(bpb, 4)}
 
 
 # ----------------------------------------------------------------------------- the run
