@@ -12,7 +12,7 @@ A training run's --out-dir after a save:
   tokenizer.json/bpe.tiktoken   the tokenizer            train_state/    optimizer tensors + RNG
   train_state.json    step, sampler position, size of each file --resume reads (written last:
                       it marks a complete checkpoint)
-  metrics.jsonl       one JSON object per logged step (train.py's; replayed after a resume)
+  metrics.jsonl       one JSON object per logged step (MetricsLog; replayed after a resume)
 Nothing is lost to a crash: every part is first written whole into checkpoint.tmp/, then moved in
 (commit_staged), the marker last; --resume finishes a commit that a crash cut short. The fault
 battery in tests/test_checkpoint.py kills a run at every filesystem call of a save, before and
@@ -232,6 +232,17 @@ def exists(out_dir) -> bool:
     return any(os.path.exists(os.path.join(out_dir, *f)) for f in ([MARKER], [STAGE, MARKER], ["train_state.pt"]))
 
 
+def check_start(out_dir, resume: bool, init_from: str | None) -> None:
+    """train.py's --resume and --init-from, before any work: the checkpoint each names is there,
+    or a FileNotFoundError that says so and how to go on."""
+    if resume and not exists(out_dir):
+        raise _nothing_to_resume(out_dir)
+    if init_from and not resume and not all(
+            os.path.isfile(os.path.join(init_from, f)) for f in ("model.safetensors", "config.json")):
+        raise FileNotFoundError(f"--init-from {init_from!r}: no checkpoint there (model.safetensors + "
+                                f"config.json); pass a folder written by train.py")
+
+
 def committed_step(out_dir) -> int | None:
     """The step of the complete checkpoint in out_dir, None if there is none (or it is unreadable)."""
     try:
@@ -243,7 +254,7 @@ def committed_step(out_dir) -> int | None:
 
 def remove_partial(out_dir) -> None:
     """At a run's start (rank 0): what a save cut short by a crash or a full disk left behind: a
-    staging folder without its marker, and the temporary files of data.atomic_write."""
+    staging folder without its marker, and the temporary files of disk.atomic_write."""
     if not os.path.exists(os.path.join(out_dir, STAGE, MARKER)):
         shutil.rmtree(os.path.join(out_dir, STAGE), ignore_errors=True)
     for name in os.listdir(out_dir):
@@ -303,8 +314,7 @@ def load_checkpoint(out_dir, model, optimizer, sampler, args, margs, d: Dist) ->
             raise ValueError(f"--resume: {out_dir!r} holds a checkpoint in the older single-file "
                              f"format (train_state.pt), which this version cannot resume; its "
                              f"weights still load in generate.py; start a new run in a new --out-dir")
-        raise FileNotFoundError(f"--resume: no checkpoint in {out_dir!r} (train_state.json missing); "
-                                f"drop --resume to start a new run")
+        raise _nothing_to_resume(out_dir)
     stray = sorted(f for f in os.listdir(out_dir) if f.endswith(".safetensors") and f != "model.safetensors")
     if stray:  # DCP's reader would merge every *.safetensors file of the folder into the weights
         raise ValueError(f"--resume: {out_dir!r} holds other safetensors files beside "
@@ -340,6 +350,11 @@ def load_checkpoint(out_dir, model, optimizer, sampler, args, margs, d: Dist) ->
 
 
 _FIX = "restore the checkpoint's files as the save left them, or start a new run in a new --out-dir"
+
+
+def _nothing_to_resume(out_dir) -> FileNotFoundError:
+    return FileNotFoundError(f"--resume: no checkpoint in {out_dir!r} ({MARKER} missing); "
+                             f"drop --resume to start a new run")
 
 
 def _read_json(path, keys: dict) -> dict:
@@ -406,3 +421,62 @@ def _named_errors(folder, files: list[str]):
         raise ValueError(f"--resume: the tensors in {where} do not fit this model "
                          f"({type(cause).__name__}: {first_line}); they come from another model "
                          f"or run: {_FIX}") from None
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
+
+class MetricsLog:
+    """metrics.jsonl, one JSON line per logged step (rank 0's; other ranks' log writes nothing),
+    kept in step with the checkpoints. Opening it keeps the lines up to the checkpoint's step: the
+    later ones are logged again, the same, as a resumed run replays them. `commit()` after a save
+    marks what that checkpoint covers. A full disk inside the `with` (a save, or a line of the log)
+    cuts the file back to that mark (removed if there is none) and becomes disk.DiskFull's line."""
+
+    def __init__(self, out_dir, step: int, main: bool):
+        path = os.path.join(out_dir, "metrics.jsonl")
+        self.out_dir, self.committed = out_dir, _keep_metrics_up_to(path, step) if main else 0
+        self.file = open(path, "ab", buffering=0) if main else None
+
+    def write(self, record: dict) -> None:
+        line = (json.dumps(record) + "\n").encode()
+        while self.file and line:  # unbuffered: a failed write leaves nothing to flush later
+            line = line[self.file.write(line):]
+
+    def commit(self) -> None:
+        self.committed = self.file.tell() if self.file else 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        try:
+            n = None if error is None else disk.full_errno(error)
+            if n is not None and self.file:
+                self.file.truncate(self.committed)
+                if not self.committed:
+                    os.remove(self.file.name)
+            if n is not None and not isinstance(error, disk.DiskFull):
+                raise disk.error(n, self.out_dir, 1 << 16, "writing metrics.jsonl") from None
+        finally:
+            if self.file:
+                self.file.close()
+
+
+def _keep_metrics_up_to(path, step) -> int:
+    """Cut metrics.jsonl after the line of `step`, and a last line cut short by a kill, in place
+    (one truncate: a kill cannot lose the history, and a full disk cannot stop it). Returns the
+    bytes kept."""
+    if not os.path.exists(path):
+        return 0
+    keep = 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] > step or not line.endswith(b"\n"):
+                    break
+            except ValueError:  # a partial line: written when the process was killed
+                break
+            keep += len(line)
+    if keep < os.path.getsize(path):
+        os.truncate(path, keep)
+    return keep

@@ -35,7 +35,7 @@ import tiktoken.load
 import torch
 
 import disk
-from disk import removed_on_error
+from disk import atomic_write, removed_on_error
 
 EOT = "<|endoftext|>"
 DOC_SEP = "\n\n"  # joins documents in the text; in the token stream the EOT token takes its place
@@ -149,17 +149,6 @@ def train_bpe(docs: list[str], vocab_size: int) -> dict:
     # A tiny corpus can run out of pairs to merge before reaching vocab_size; EOT takes the next id.
     return {"pat_str": tok.get_pattern(), "mergeable_ranks": ranks,
             "special_tokens": {EOT: len(ranks)}}
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    # Write under a temporary name, then rename: a crash (or a second process doing the same work
-    # at the same time) can never leave a half-written file under the real name; a failed write
-    # (a full disk) leaves none at all.
-    tmp = f"{path}.tmp{os.getpid()}"
-    with removed_on_error(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
 
 
 def fingerprint(pat_str: str, mergeable_ranks: dict, special_tokens: dict) -> str:

@@ -25,6 +25,17 @@ def removed_on_error(*paths):
         raise
 
 
+def atomic_write(path: str, data: bytes) -> None:
+    # Write under a temporary name, then rename: a crash (or a second process doing the same work
+    # at the same time) can never leave a half-written file under the real name; a failed write
+    # (a full disk) leaves none at all.
+    tmp = f"{path}.tmp{os.getpid()}"
+    with removed_on_error(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
 
 

@@ -11,14 +11,17 @@ also ask `is rank 0?` to print and save once):
   - what must be global is made global: the router's expert loads (SUM) here, the loss and the
     stop flag in train.py's step, QK-Clip's max logits (MAX) in train.py's optimizer step;
   - rank_rows(): each rank's rows of an eval batch;
-  - Dist.close(): the process group torn down, with its threads, before the process exits.
+  - Dist.close(): the process group torn down, with its threads, before the process exits
+    (`distributed()`: setup and close around a block).
 Without torchrun, Dist() is rank 0 of 1 and every collective is a no-op, so train.py has one code
 path. The model (model.py) knows nothing of any of this; muonclip.py's sharded Muon step is the
 one other place that talks to ranks (it receives the mesh through the parameters' DTensors).
 """
+import contextlib
 import datetime
 import gc
 import os
+import traceback
 import warnings
 
 import torch
@@ -67,6 +70,15 @@ class Dist:
     def barrier(self):
         if self.enabled:
             dist.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (it writes, say, a cache), then the others (they read it)."""
+        if not self.main:
+            self.barrier()
+        yield
+        if self.main:
+            self.barrier()
 
     def close(self):
         """Destroy the process group, and make sure its threads end here, not in interpreter
@@ -125,6 +137,22 @@ def setup_distributed(args) -> tuple[Dist, torch.device]:
                          f"({type(e).__name__}: {e}); check that MASTER_ADDR/MASTER_PORT are "
                          f"reachable and the port is free{hint}") from e
     return Dist(rank, world, mesh), device
+
+
+@contextlib.contextmanager
+def distributed(args):
+    """(Dist, device) from setup_distributed() for the length of a block; then Dist.close(), also
+    when the block fails."""
+    d, device = setup_distributed(args)
+    try:
+        yield d, device
+    except BaseException as e:
+        # the traceback's frames hold the model, and through it the process group: free their
+        # locals (the traceback still prints), so that close() can end the group's threads
+        traceback.clear_frames(e.__traceback__)
+        raise
+    finally:
+        d.close()
 
 
 def parallelize(model: Transformer, mesh, compile: bool, device: torch.device) -> Transformer:

@@ -3,6 +3,8 @@
 The loop, top to bottom: parse flags -> load tokens -> build the model (on the meta device) ->
 (resume) -> for each step: lr from the WSD schedule, gradient accumulation over micro-batches,
 clip, optimizer step, QK-Clip, router-bias update, one log line -> periodic eval and checkpoints.
+This file in that order: the schedule, one step, the validation loss, then `train()` (setup, then
+the loop); the flags come last.
 
 Two helpers keep this file to the loop:
   parallel.py    several processes: `torchrun --nproc_per_node=N train.py` (FSDP2). Each rank
@@ -12,14 +14,11 @@ Two helpers keep this file to the loop:
                  survives a crash, and how --resume continues with exactly the same losses.
 """
 import argparse
-import contextlib
-import json
 import math
 import os
 import signal
 import sys
 import time
-import traceback
 from dataclasses import fields
 
 import torch
@@ -28,14 +27,240 @@ import torch.nn.functional as F
 
 import checkpoint
 import data
-import disk
 import muonclip
 from checkpoint import init_weights_from, load_checkpoint, save_checkpoint, save_when_due
-from model import ModelArgs, PRESETS, count_params, get_args
-from parallel import Dist, global_router_loads, make_model, rank_rows, setup_distributed
+from config import PRESETS, ModelArgs, get_args
+from model import count_params
+from parallel import Dist, distributed, global_router_loads, make_model, rank_rows
 
 
-# ----------------------------------------------------------------------------- flags
+# ----------------------------------------------------------------------------- schedule
+
+def lr_multiplier(step: int, max_steps: int, warmup: int, decay_frac: float, min_frac: float) -> float:
+    """Kimi K2's WSD schedule: linear warmup, a long constant stage, cosine decay to min_frac."""
+    if step < warmup:
+        return (step + 1) / warmup
+    decay_start = max_steps - int(decay_frac * max_steps)
+    if step < decay_start:
+        return 1.0
+    t = (step - decay_start) / max(1, max_steps - decay_start)
+    return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# peak learning rates from the sweep in `python bench.py optim` (tiny preset)
+DEFAULT_LR = {"adamw": 3e-3, "muonclip": 3e-3}
+
+
+def build_optimizer(model, args):
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    tau = None if args.no_qk_clip else args.qk_clip_tau
+    return muonclip.build_optimizer(model, args.optimizer, lr, args.weight_decay, tau)
+
+
+# ----------------------------------------------------------------------------- one step
+
+def forward_backward(model, x, y, args, device, autocast, d: Dist, stop: bool = False) -> tuple[float, bool]:
+    """Accumulate the gradients of this rank's rows (x, y) over --grad-accum micro-batches.
+    Then one all-reduce for what every rank must agree on: the loss (mean over ranks) and whether
+    any rank got Ctrl-C (all must stop at the same step, or the others would wait forever)."""
+    loss_sum = torch.zeros((), device=device)
+    model.set_aux_loss_scale(1 / args.grad_accum)  # the balance loss, if on, is scaled like the LM loss
+    for xm, ym in zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum)):
+        with autocast:
+            logits = model(xm.to(device))
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), ym.to(device).view(-1))
+        (loss / args.grad_accum).backward()  # FSDP2 averages the gradients over ranks
+        loss_sum += loss.detach()
+    flag = torch.tensor(float(stop), device=device)  # on the device: nccl reduces only GPU tensors
+    loss, stops = d.all_reduce(torch.stack([loss_sum.float() / args.grad_accum, flag])).tolist()
+    return loss / d.world, stops > 0
+
+
+def optimizer_step(model, optimizer, args, d: Dist) -> tuple[dict | None, float]:
+    """Clip the gradient norm, step, then QK-Clip from the max logit of each head over the global
+    batch and the router-bias rule from the global expert loads. Returns (clip stats or None,
+    seconds spent from the optimizer step on)."""
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # global norm (DTensor)
+    _sync(model)
+    t0 = time.time()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    clip_stats = None
+    if isinstance(optimizer, muonclip.MuonClip):
+        clip_stats = optimizer.qk_clip(d.all_reduce(model.pop_max_logits(), dist.ReduceOp.MAX))
+    model.update_router_bias(global_router_loads(model, d))
+    _sync(model)
+    return clip_stats, time.time() - t0
+
+
+def _sync(model):
+    """Wait for queued GPU work, so a host timer measures the work itself."""
+    if model.embed.weight.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- eval
+
+@torch.no_grad()
+def validation_loss(model, ds, val_bytes, final: bool, args, device, autocast, d: Dist) -> dict:
+    """val_loss (nats/token) and val_bpb over fixed windows of val: --eval-batches of them, or all
+    at the last step (the bytes gzip and xz were measured on). Each rank scores its rows of every
+    batch; the sums are all-reduced."""
+    model.eval()
+    total, count, ys = 0.0, 0, []
+    max_batches = 10**9 if final else args.eval_batches
+    for x, y in data.eval_batches(ds.val, args.batch_size // args.grad_accum, args.seq_len, max_batches):
+        (xr, counted), (yr, _) = rank_rows(x, d), rank_rows(y, d)
+        with autocast:
+            logits = model(xr.to(device))
+        if counted:
+            total += F.cross_entropy(logits.view(-1, logits.shape[-1]), yr.to(device).view(-1),
+                                     reduction="sum").item()
+            count += yr.numel()
+        ys.append(y)
+    model.train()
+    if d.enabled:
+        total, count = d.all_reduce(torch.tensor([total, count], dtype=torch.float64, device=device)).tolist()
+    loss = total / count
+    n_bytes = len(val_bytes) if final else data.eval_bytes(ds.enc, torch.cat([y.flatten() for y in ys]))
+    bpb = data.bits_per_byte(loss, sum(y.numel() for y in ys), n_bytes)
+    return {"val_loss": round(loss, 5), "val_bpb": round(bpb, 4)}
+
+
+# ----------------------------------------------------------------------------- the run
+
+def train(args, d: Dist, device):
+    log = print if d.main else (lambda *a, **k: None)  # only rank 0 prints and writes metrics
+    torch.manual_seed(args.seed)
+    use_compile = args.compile if args.compile is not None else device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    os.makedirs(args.out_dir, exist_ok=True)
+    if d.main:
+        checkpoint.remove_partial(args.out_dir)  # what a save cut short left (a later save would too)
+
+    with d.main_first():  # rank 0 trains the tokenizer and writes the token cache; the others read it
+        ds = data.load_dataset(args.data, args.tokenizer, cache_dir=args.cache_dir,
+                               vocab_size=args.vocab_size, verbose=d.main)
+    log(f"data: {ds.name}")
+    sampler = data.BatchSampler(ds.train, args.batch_size, args.seq_len, seed=args.seed,
+                                rank=d.rank, world_size=d.world, copy_rows=args.copy_rows,
+                                copy_steps=args.copy_steps)
+    # the val bytes the final eval scores (and gzip/xz compress), computed once; this also fails
+    # early, before the model is built, if val is shorter than one window
+    val_ys = [y for _, y in data.eval_batches(ds.val, args.batch_size // args.grad_accum, args.seq_len, 10**9)]
+
+    margs = model_args_from(args, ds.vocab_size)
+    model = make_model(margs, d, device, args.seed, use_compile)
+    total, active = count_params(model)
+    log(f"model: {args.preset} preset, {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), "
+        f"device {device}, compile {use_compile}" + (f", FSDP2 over {d.world} ranks" if d.enabled else ""))
+    optimizer = build_optimizer(model, args)
+    log(f"optimizer: {muonclip.describe(optimizer)}")
+    # QK-Clip's input (and logged even with --no-qk-clip)
+    model.set_record_max_logits(isinstance(optimizer, muonclip.MuonClip))
+
+    step = 0
+    if args.init_from and not args.resume:   # on --resume the checkpoint's own weights win
+        init_weights_from(model, args.init_from, margs, d)
+        log(f"weights from {args.init_from}")
+    if args.resume:
+        step = load_checkpoint(args.out_dir, model, optimizer, sampler, args, margs, d)
+        log(f"resumed from {args.out_dir} at step {step}")
+        if step >= args.max_steps:
+            log(f"nothing to train: the checkpoint is at step {step} and --max-steps is "
+                f"{args.max_steps}; pass a larger --max-steps to train on")
+            return None
+    val_bytes = data.window_bytes(ds.enc, val_ys)
+    baselines = data.compression_baselines(val_bytes)
+    log(f"val: {len(val_bytes):,} bytes; gzip -9 {baselines['gzip-9']:.3f} bpb, xz -9 {baselines['xz-9']:.3f} bpb")
+
+    # the loop
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.max_steps // 20)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    stop_requested = []
+    signal.signal(signal.SIGINT, lambda *_: stop_requested.append(True))  # finish the step, then save
+    t_start, steps_timed, last_good_step = time.time(), 0, step
+    # metrics.jsonl, cut back to the checkpoint's step: a resumed run logs the steps after it again
+    with checkpoint.MetricsLog(args.out_dir, step, d.main) as metrics:
+        def save():
+            save_checkpoint(args.out_dir, model, optimizer, step, sampler, args, ds.enc, d)
+            metrics.commit()
+        while step < args.max_steps:
+            t0 = time.time()
+            mult = lr_multiplier(step, args.max_steps, warmup, args.decay_frac, args.min_lr_frac)
+            for g, base in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = base * mult
+            lr = optimizer.param_groups[0]["lr"]
+            x, y = sampler.get_batch(step)  # this rank's rows of the global batch
+            loss, stop = forward_backward(model, x, y, args, device, autocast, d, bool(stop_requested))
+            if not math.isfinite(loss):
+                log(f"step {step + 1}: loss is {loss}; stopping. The last good checkpoint "
+                    f"(step {last_good_step}) in {args.out_dir} is kept; try a lower --lr.")
+                sys.exit(1)
+            clip_stats, t_opt = optimizer_step(model, optimizer, args, d)
+            sampler.position = step + 1
+            step += 1
+
+            dt = time.time() - t0
+            if step > 1 or args.resume:  # the first step includes compilation: not in the averages
+                steps_timed += 1
+            else:
+                t_start = time.time()
+            eta = (time.time() - t_start) / max(1, steps_timed) * (args.max_steps - step)
+            val = None
+            if step % args.eval_every == 0 or step == args.max_steps:
+                val = validation_loss(model, ds, val_bytes, step == args.max_steps, args, device, autocast, d)
+            rec, line = step_report(step, loss, lr, dt, t_opt, clip_stats, optimizer, val, eta, args)
+            if step % args.log_every == 0 or val:
+                log(line, flush=True)
+            metrics.write(rec)
+            last_good_step = step
+            if save_when_due(args.out_dir, step, args.max_steps, args.save_every, stop or step == args.stop_at,
+                             save, log):
+                return None
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    final = {"val_loss": rec.get("val_loss"), "val_bpb": rec.get("val_bpb"), **baselines,
+             "steps": step, "minutes": round((time.time() - t_start) / 60, 2)}
+    log(f"done: val loss {final['val_loss']}, {final['val_bpb']} bpb on {len(val_bytes):,} val bytes "
+        f"(gzip -9 {baselines['gzip-9']:.3f}, xz -9 {baselines['xz-9']:.3f}); weights in {args.out_dir}/")
+    return final
+
+
+def step_report(step, loss, lr, dt, t_opt, clip_stats, optimizer, val, eta, args) -> tuple[dict, str]:
+    """A step's record for metrics.jsonl and its log line, from the same numbers. clip_stats:
+    QK-Clip's (MuonClip only); val: validation_loss's, on eval steps; eta: seconds left."""
+    tokens = args.batch_size * args.seq_len
+    rec = {"step": step, "loss": loss, "lr": lr, "ms": round(dt * 1000, 1), "opt_ms": round(t_opt * 1000, 1),
+           "tok_s": round(tokens / dt)}
+    line = (f"step {step:5d}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:6.0f} ms | "
+            f"{tokens / dt:7.0f} tok/s | ETA {_fmt_time(eta)}")
+    if clip_stats:
+        rec.update(max_logit=round(clip_stats["max_logit"], 3), heads_clipped=clip_stats["heads_clipped"],
+                   update_rms=optimizer.last_stats["update_rms"])
+        line += (f" | max logit {clip_stats['max_logit']:.1f} ({clip_stats['heads_clipped']} clipped)"
+                 f" | upd rms {rec['update_rms']:.1e}")
+    if val:
+        rec.update(val)
+        line += f" | val {rec['val_loss']:.4f} ({rec['val_bpb']:.3f} bpb)"
+    return rec, line
+
+
+def _fmt_time(seconds):
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
+
+
+# ----------------------------------------------------------------------------- entry, flags
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)  # flags, preset and overrides checked before the corpus is read
+    checkpoint.check_start(args.out_dir, args.resume, args.init_from)
+    with distributed(args) as (d, device):
+        return train(args, d, device)
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0],
@@ -138,290 +363,6 @@ def check_args(args) -> None:  # (testbed.py checks its stages' flags with it to
     checkpoint.check_folder(args.out_dir, "--out-dir")
     if args.cache_dir is not None:
         checkpoint.check_folder(args.cache_dir, "--cache-dir")
-
-
-def lr_multiplier(step: int, max_steps: int, warmup: int, decay_frac: float, min_frac: float) -> float:
-    """Kimi K2's WSD schedule: linear warmup, a long constant stage, cosine decay to min_frac."""
-    if step < warmup:
-        return (step + 1) / warmup
-    decay_start = max_steps - int(decay_frac * max_steps)
-    if step < decay_start:
-        return 1.0
-    t = (step - decay_start) / max(1, max_steps - decay_start)
-    return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-# peak learning rates from the sweep in `python bench.py optim` (tiny preset)
-DEFAULT_LR = {"adamw": 3e-3, "muonclip": 3e-3}
-
-
-def build_optimizer(model, args):
-    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
-    tau = None if args.no_qk_clip else args.qk_clip_tau
-    return muonclip.build_optimizer(model, args.optimizer, lr, args.weight_decay, tau)
-
-
-# ----------------------------------------------------------------------------- eval
-
-@torch.no_grad()
-def validation_loss(model, tokens, args, device, max_batches, autocast, d: Dist):
-    """Mean val loss (nats/token) over fixed windows, plus the target tensors it was computed on.
-    Each rank scores its rows of every batch; the sums are all-reduced."""
-    model.eval()
-    total, count, ys = 0.0, 0, []
-    for x, y in data.eval_batches(tokens, args.batch_size // args.grad_accum, args.seq_len, max_batches):
-        (xr, counted), (yr, _) = rank_rows(x, d), rank_rows(y, d)
-        with autocast:
-            logits = model(xr.to(device))
-        if counted:
-            total += F.cross_entropy(logits.view(-1, logits.shape[-1]), yr.to(device).view(-1),
-                                     reduction="sum").item()
-            count += yr.numel()
-        ys.append(y)
-    model.train()
-    if d.enabled:
-        total, count = d.all_reduce(torch.tensor([total, count], dtype=torch.float64, device=device)).tolist()
-    return total / count, ys
-
-
-# ----------------------------------------------------------------------------- one step
-
-def forward_backward(model, x, y, args, device, autocast, d: Dist, stop: bool = False) -> tuple[float, bool]:
-    """Accumulate the gradients of this rank's rows (x, y) over --grad-accum micro-batches.
-    Then one all-reduce for what every rank must agree on: the loss (mean over ranks) and whether
-    any rank got Ctrl-C (all must stop at the same step, or the others would wait forever)."""
-    loss_sum = torch.zeros((), device=device)
-    model.set_aux_loss_scale(1 / args.grad_accum)  # the balance loss, if on, is scaled like the LM loss
-    for xm, ym in zip(x.chunk(args.grad_accum), y.chunk(args.grad_accum)):
-        with autocast:
-            logits = model(xm.to(device))
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), ym.to(device).view(-1))
-        (loss / args.grad_accum).backward()  # FSDP2 averages the gradients over ranks
-        loss_sum += loss.detach()
-    flag = torch.tensor(float(stop), device=device)  # on the device: nccl reduces only GPU tensors
-    loss, stops = d.all_reduce(torch.stack([loss_sum.float() / args.grad_accum, flag])).tolist()
-    return loss / d.world, stops > 0
-
-
-def optimizer_step(model, optimizer, args, d: Dist) -> tuple[dict | None, float]:
-    """Clip the gradient norm, step, then QK-Clip from the max logit of each head over the global
-    batch and the router-bias rule from the global expert loads. Returns (clip stats or None,
-    seconds spent from the optimizer step on)."""
-    if args.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)  # global norm (DTensor)
-    _sync(model)
-    t0 = time.time()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    clip_stats = None
-    if isinstance(optimizer, muonclip.MuonClip):
-        clip_stats = optimizer.qk_clip(d.all_reduce(model.pop_max_logits(), dist.ReduceOp.MAX))
-    model.update_router_bias(global_router_loads(model, d))
-    _sync(model)
-    return clip_stats, time.time() - t0
-
-
-def _sync(model):
-    """Wait for queued GPU work, so a host timer measures the work itself."""
-    if model.embed.weight.device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-# ----------------------------------------------------------------------------- main
-
-def main(argv=None):
-    args = parse_args(argv)
-    check_args(args)  # flags, preset and overrides checked before the corpus is read
-    if args.resume and not checkpoint.exists(args.out_dir):
-        raise FileNotFoundError(f"--resume: no checkpoint in {args.out_dir!r} ({checkpoint.MARKER} missing); "
-                                f"drop --resume to start a new run")
-    if args.init_from and not args.resume and not all(
-            os.path.isfile(os.path.join(args.init_from, f)) for f in ("model.safetensors", "config.json")):
-        raise FileNotFoundError(f"--init-from {args.init_from!r}: no checkpoint there (model.safetensors + "
-                                f"config.json); pass a folder written by train.py")
-    d, device = setup_distributed(args)
-    try:
-        return train(args, d, device)
-    except BaseException as e:
-        # the traceback's frames hold the model, and through it the process group: free their
-        # locals (the traceback still prints), so that close() can end the group's threads
-        traceback.clear_frames(e.__traceback__)
-        raise
-    finally:
-        d.close()
-
-
-def train(args, d: Dist, device):
-    log = print if d.main else (lambda *a, **k: None)  # only rank 0 prints and writes metrics
-    torch.manual_seed(args.seed)
-    use_compile = args.compile if args.compile is not None else device.type == "cuda"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    os.makedirs(args.out_dir, exist_ok=True)
-    if d.main:
-        checkpoint.remove_partial(args.out_dir)  # what a save cut short left (a later save would too)
-
-    # rank 0 trains the tokenizer and writes the token cache; the others then just read it
-    if not d.main:
-        d.barrier()
-    ds = data.load_dataset(args.data, args.tokenizer, cache_dir=args.cache_dir,
-                           vocab_size=args.vocab_size, verbose=d.main)
-    if d.main:
-        d.barrier()
-    log(f"data: {ds.name}")
-    sampler = data.BatchSampler(ds.train, args.batch_size, args.seq_len, seed=args.seed,
-                                rank=d.rank, world_size=d.world, copy_rows=args.copy_rows,
-                                copy_steps=args.copy_steps)
-    # the val bytes the final eval scores (and gzip/xz compress), computed once; this also fails
-    # early, before the model is built, if val is shorter than one window
-    val_ys = [y for _, y in data.eval_batches(ds.val, args.batch_size // args.grad_accum, args.seq_len, 10**9)]
-
-    margs = model_args_from(args, ds.vocab_size)
-    model = make_model(margs, d, device, args.seed, use_compile)
-    total, active = count_params(model)
-    log(f"model: {args.preset} preset, {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), "
-        f"device {device}, compile {use_compile}" + (f", FSDP2 over {d.world} ranks" if d.enabled else ""))
-    optimizer = build_optimizer(model, args)
-    log(f"optimizer: {muonclip.describe(optimizer)}")
-    is_muon = isinstance(optimizer, muonclip.MuonClip)
-    model.set_record_max_logits(is_muon)  # QK-Clip's input (and logged even with --no-qk-clip)
-
-    step = 0
-    if args.init_from and not args.resume:   # on --resume the checkpoint's own weights win
-        init_weights_from(model, args.init_from, margs, d)
-        log(f"weights from {args.init_from}")
-    if args.resume:
-        step = load_checkpoint(args.out_dir, model, optimizer, sampler, args, margs, d)
-        log(f"resumed from {args.out_dir} at step {step}")
-        if step >= args.max_steps:
-            log(f"nothing to train: the checkpoint is at step {step} and --max-steps is "
-                f"{args.max_steps}; pass a larger --max-steps to train on")
-            return None
-    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    # the bytes of metrics.jsonl up to the last committed checkpoint: lines logged after it are
-    # replayed exactly after a resume, and cut off when a save fails for want of space
-    committed = [_truncate_metrics(metrics_path, step) if d.main else 0]
-
-    val_bytes = data.window_bytes(ds.enc, val_ys)
-    baselines = data.compression_baselines(val_bytes)
-    log(f"val: {len(val_bytes):,} bytes; gzip -9 {baselines['gzip-9']:.3f} bpb, xz -9 {baselines['xz-9']:.3f} bpb")
-
-    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.max_steps // 20)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    stop_requested = []
-    signal.signal(signal.SIGINT, lambda *_: stop_requested.append(True))  # finish the step, then save
-    tokens_per_step = args.batch_size * args.seq_len
-    t_start, steps_timed = time.time(), 0
-    last_good_step = step
-    with contextlib.ExitStack() as stack:
-        metrics = stack.enter_context(open(metrics_path, "ab", buffering=0)) if d.main else None
-        stack.enter_context(_metrics_not_ahead(metrics, committed, args.out_dir))
-
-        def save():
-            save_checkpoint(args.out_dir, model, optimizer, step, sampler, args, ds.enc, d)
-            committed[0] = metrics.tell() if metrics else 0
-        while step < args.max_steps:
-            t0 = time.time()
-            mult = lr_multiplier(step, args.max_steps, warmup, args.decay_frac, args.min_lr_frac)
-            for g, base in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = base * mult
-            lr_now = optimizer.param_groups[0]["lr"]
-            x, y = sampler.get_batch(step)  # this rank's rows of the global batch
-            loss_val, stop = forward_backward(model, x, y, args, device, autocast, d, bool(stop_requested))
-            if not math.isfinite(loss_val):
-                log(f"step {step + 1}: loss is {loss_val}; stopping. The last good checkpoint "
-                    f"(step {last_good_step}) in {args.out_dir} is kept; try a lower --lr.")
-                sys.exit(1)
-            clip_stats, t_opt = optimizer_step(model, optimizer, args, d)
-            sampler.position = step + 1
-            step += 1
-
-            dt = time.time() - t0
-            if step > 1 or args.resume:  # the first step includes compilation: not in the averages
-                steps_timed += 1
-            else:
-                t_start = time.time()
-            avg = (time.time() - t_start) / max(1, steps_timed)
-            rec = {"step": step, "loss": loss_val, "lr": lr_now, "ms": round(dt * 1000, 1), "opt_ms": round(t_opt * 1000, 1),
-                   "tok_s": round(tokens_per_step / dt)}
-            if clip_stats:
-                rec["max_logit"] = round(clip_stats["max_logit"], 3)
-                rec["heads_clipped"] = clip_stats["heads_clipped"]
-                rec["update_rms"] = optimizer.last_stats["update_rms"]
-            if step % args.eval_every == 0 or step == args.max_steps:
-                final = step == args.max_steps
-                val_loss, ys = validation_loss(model, ds.val, args, device, 10**9 if final else args.eval_batches, autocast, d)
-                n_bytes = len(val_bytes) if final else data.eval_bytes(ds.enc, torch.cat([y.flatten() for y in ys]))
-                rec["val_loss"] = round(val_loss, 5)
-                rec["val_bpb"] = round(data.bits_per_byte(val_loss, sum(y.numel() for y in ys), n_bytes), 4)
-            if step % args.log_every == 0 or "val_loss" in rec:
-                line = (f"step {step:5d}/{args.max_steps} | loss {loss_val:.4f} | lr {lr_now:.2e} | "
-                        f"{dt * 1000:6.0f} ms | {tokens_per_step / dt:7.0f} tok/s | "
-                        f"ETA {_fmt_time(avg * (args.max_steps - step))}")
-                if clip_stats:
-                    line += (f" | max logit {clip_stats['max_logit']:.1f} ({clip_stats['heads_clipped']} clipped)"
-                             f" | upd rms {rec['update_rms']:.1e}")
-                if "val_loss" in rec:
-                    line += f" | val {rec['val_loss']:.4f} ({rec['val_bpb']:.3f} bpb)"
-                log(line, flush=True)
-            if metrics:
-                line = (json.dumps(rec) + "\n").encode()
-                while line:  # unbuffered: a failed write leaves nothing to flush later
-                    line = line[metrics.write(line):]
-            last_good_step = step
-            if save_when_due(args.out_dir, step, args.max_steps, args.save_every, stop or step == args.stop_at,
-                             save, log):
-                return None
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    final = {"val_loss": rec.get("val_loss"), "val_bpb": rec.get("val_bpb"), **baselines,
-             "steps": step, "minutes": round((time.time() - t_start) / 60, 2)}
-    log(f"done: val loss {final['val_loss']}, {final['val_bpb']} bpb on {len(val_bytes):,} val bytes "
-        f"(gzip -9 {baselines['gzip-9']:.3f}, xz -9 {baselines['xz-9']:.3f}); weights in {args.out_dir}/")
-    return final
-
-
-def _truncate_metrics(path, step) -> int:
-    """Keep the lines up to the checkpoint's step; the later ones are logged again as the run
-    replays them. A line cut short by a kill (the last one) is dropped. Cut in place (one
-    truncate: a kill cannot lose the history, and a full disk cannot stop it). Returns the bytes kept."""
-    if not os.path.exists(path):
-        return 0
-    keep = 0
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] > step or not line.endswith(b"\n"):
-                    break
-            except ValueError:  # a partial line: written when the process was killed
-                break
-            keep += len(line)
-    if keep < os.path.getsize(path):
-        os.truncate(path, keep)
-    return keep
-
-
-@contextlib.contextmanager
-def _metrics_not_ahead(metrics, committed, out_dir):
-    """A full disk (a save, or metrics.jsonl itself): metrics.jsonl is cut back to the last committed
-    checkpoint (removed if there is none), and the error is disk.DiskFull's one line."""
-    try:
-        yield
-    except BaseException as e:
-        n = disk.full_errno(e)
-        if n is None:
-            raise
-        if metrics:
-            metrics.truncate(committed[0])
-            if not committed[0]:
-                os.remove(metrics.name)
-        if isinstance(e, disk.DiskFull):
-            raise
-        raise disk.error(n, out_dir, 1 << 16, "writing metrics.jsonl") from None
-
-
-def _fmt_time(seconds):
-    m, s = divmod(int(seconds), 60)
-    return f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
 
 
 def cli(argv=None):
