@@ -7,6 +7,7 @@ to its symbol and gives its tiny and kimi-k2 sizes). Three roads lead to one, an
   get_args(preset, **overrides)   a preset, with train.py's flags (--dim 128 ...) on top
   ModelArgs.from_config           the config.json of a folder train.py wrote (checkpoint.py)
   hf.config_to_args               the config.json of a Hugging Face folder (hf.py)
+Command-line numbers that are not model fields (steps, batch sizes, rates) pass `check_flags`.
 """
 import math
 from dataclasses import dataclass, fields
@@ -152,3 +153,32 @@ def get_args(preset: str = "tiny", name=lambda k: k, **overrides) -> ModelArgs:
     if bad:
         raise ValueError(f"unknown model field(s) {bad}; ModelArgs has {sorted(names)}")
     return ModelArgs(**{**PRESETS[preset], **overrides}).check(name=name)
+
+
+def check_flags(a, at_least: dict | None = None, positive=(), fractions=(), most: dict | None = None):
+    """Bad input on a command line, before any work. Each flag, by attribute name (None is skipped,
+    a list is checked item by item): at least its minimum and at most 2**63 - 1 or finite
+    (`most` overrides: a seed may take what torch.Generator takes); `positive` in (0, inf);
+    `fractions` at most 1. A ValueError names the flag and its value."""
+    def flag(k):
+        return "--" + k.replace("_", "-")
+
+    def items(k):
+        v = getattr(a, k)
+        return [] if v is None else v if isinstance(v, list) else [v]
+
+    for k, low in (at_least or {}).items():
+        top = (most or {}).get(k, 2**64 - 1 if k == "seed" else 2**63 - 1)
+        for v in items(k):
+            if not v >= low:  # (NaN fails too)
+                raise ValueError(f"{flag(k)} must be at least {low}, got {v}")
+            if not v <= top:  # (a float flag: inf)
+                raise ValueError(f"{flag(k)} must be {f'at most {top}' if isinstance(v, int) else 'a finite number'}, got {v}")
+    for k in positive:
+        for v in items(k):
+            if not 0 < v < math.inf:
+                raise ValueError(f"{flag(k)} must be a positive number, got {v}")
+    for k in fractions:
+        for v in items(k):
+            if v > 1:
+                raise ValueError(f"{flag(k)} is a fraction: it must be at most 1, got {v}")

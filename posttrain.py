@@ -65,6 +65,7 @@ import data
 import muonclip
 from chat import CachedRunner, Chat, Episode, Task, eval_line, flips, flips_line, pass_at_1, rollout
 from checkpoint import load_checkpoint, load_pretrained, save_checkpoint, save_when_due
+from config import check_flags
 from parallel import Dist, pick_device
 from train import lr_multiplier, optimizer_step
 
@@ -563,21 +564,12 @@ def check_args(args) -> None:
     if unknown or not args.tasks:
         raise ValueError(f"--tasks: unknown kind(s) {', '.join(unknown) or '(none given)'}; "
                          f"choose from {', '.join(chat.KINDS)}")
-    at_least = {"steps": 0 if args.stage == "eval" else 1, "batch_size": 1, "eval_n": 0, "seed": 0, "log_every": 1,
-                "save_every": 1, "eval_every": 0, "micro_batches": 1, "threads": 0, "group_size": 2, "inner_steps": 1,
-                "ptx_batch": 1, "max_calls": 0, "stop_at": 1,
-                "weight_decay": 0, "tau": 1e-9, "ptx_coef": 0, "temp_start": 0, "temp_end": 0, "budget_penalty": 0,
-                "critic_coef": 0, "judge_frac": 0}
-    for name, low in at_least.items():
-        v = getattr(args, name)
-        if v is not None and not v >= low:  # (NaN fails too)
-            raise ValueError(f"--{name.replace('_', '-')} must be at least {low:g}, got {v}")
-        most = 2**44 if name == "seed" else 2**63 - 1  # (seed * 1_000_003 + step seeds a torch.Generator)
-        if v is not None and not v <= most:  # (a float flag: inf)
-            raise ValueError(f"--{name.replace('_', '-')} must be "
-                             f"{f'at most {most}' if isinstance(v, int) else 'a finite number'}, got {v}")
-    if args.judge_frac > 1:
-        raise ValueError(f"--judge-frac is a fraction: at most 1, got {args.judge_frac}")
+    check_flags(args, at_least={"steps": 0 if args.stage == "eval" else 1, "batch_size": 1, "eval_n": 0, "seed": 0,
+                                "log_every": 1, "save_every": 1, "eval_every": 0, "micro_batches": 1, "threads": 0,
+                                "group_size": 2, "inner_steps": 1, "ptx_batch": 1, "max_calls": 0, "stop_at": 1,
+                                "weight_decay": 0, "tau": 1e-9, "ptx_coef": 0, "temp_start": 0, "temp_end": 0,
+                                "budget_penalty": 0, "critic_coef": 0, "judge_frac": 0},
+                fractions=("judge_frac",), most={"seed": 2**44})  # (seed * 1_000_003 + step seeds a Generator)
     if args.stage != "eval" and not 0 < args.lr < math.inf:
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
     checkpoint.check_folder(args.out_dir, "--out-dir")

@@ -29,7 +29,7 @@ import checkpoint
 import data
 import muonclip
 from checkpoint import init_weights_from, load_checkpoint, save_checkpoint, save_when_due
-from config import PRESETS, ModelArgs, get_args
+from config import PRESETS, ModelArgs, check_flags, get_args
 from model import count_params
 from parallel import Dist, distributed, global_router_loads, make_model, rank_rows
 
@@ -331,21 +331,11 @@ def model_args_from(args, vocab_size: int) -> ModelArgs:
 def check_args(args) -> None:  # (testbed.py checks its stages' flags with it too)
     """Every flag in range, and the preset and model overrides valid: a ValueError that names the
     flag, raised before any work (no corpus read, no tokenizer trained, no model built)."""
-    at_least = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 1, "eval_every": 1,
-                "eval_batches": 1, "save_every": 1, "log_every": 1, "stop_at": 1, "warmup_steps": 0,
-                "copy_rows": 0, "copy_steps": 0, "seed": 0, "weight_decay": 0, "grad_clip": 0,
-                "decay_frac": 0, "min_lr_frac": 0}
-    for name, low in at_least.items():
-        v, most = getattr(args, name), 2**64 - 1 if name == "seed" else 2**63 - 1  # (seed: what torch takes)
-        if v is not None and not v >= low:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
-        if v is not None and not v <= most:  # (a float flag: inf)
-            limit = f"at most {most}" if isinstance(v, int) else "a finite number"
-            raise ValueError(f"--{name.replace('_', '-')} must be {limit}, got {v}")
-    for name in ("decay_frac", "min_lr_frac"):
-        if getattr(args, name) > 1:
-            raise ValueError(f"--{name.replace('_', '-')} is a fraction: it must be at most 1, "
-                             f"got {getattr(args, name)}")
+    check_flags(args, at_least={"max_steps": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 1, "eval_every": 1,
+                                "eval_batches": 1, "save_every": 1, "log_every": 1, "stop_at": 1, "warmup_steps": 0,
+                                "copy_rows": 0, "copy_steps": 0, "seed": 0, "weight_decay": 0, "grad_clip": 0,
+                                "decay_frac": 0, "min_lr_frac": 0},
+                fractions=("decay_frac", "min_lr_frac"))
     if args.lr is not None and not 0 < args.lr < math.inf:
         raise ValueError(f"--lr must be a positive number, got {args.lr}; omit it for the optimizer's default")
     if args.tokenizer is None and not 257 <= args.vocab_size <= 2**20:

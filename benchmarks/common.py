@@ -7,27 +7,8 @@ import platform
 
 import torch
 
+from config import check_flags  # noqa: F401  (the benchmarks' flags are checked as train.py's are)
 from model import Transformer, count_params, get_args
-
-
-def check_flags(a, at_least: dict | None = None, positive=()):
-    """Bad input, before any work: each flag (by attribute name; None is skipped, a list is checked
-    item by item) is at least its minimum, or a positive number. A ValueError names the flag."""
-    def flag(k):
-        return "--" + k.replace("_", "-")
-
-    def items(k):
-        v = getattr(a, k)
-        return [] if v is None else v if isinstance(v, list) else [v]
-
-    for k, low in (at_least or {}).items():
-        for v in items(k):
-            if not v >= low:  # (NaN fails too)
-                raise ValueError(f"{flag(k)} must be at least {low}, got {v}")
-    for k in positive:
-        for v in items(k):
-            if not 0 < v < math.inf:
-                raise ValueError(f"{flag(k)} must be a positive number, got {v}")
 
 
 def check_preset(preset: str, seq_len: int):
