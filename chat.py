@@ -58,6 +58,7 @@ import torch
 
 import data
 from executor import RunResult, run_python
+from generate import decode
 from model import Transformer, build_model
 
 # ----------------------------------------------------------------------------- 1. chat format
@@ -294,16 +295,10 @@ def program(task: Task, reply: str) -> str:
 # ----------------------------------------------------------------------------- 3. the agent loop
 
 
-def sample_token(logits, temperature: float, gen) -> torch.Tensor:
-    """[B, V] -> [B] ids: argmax at temperature 0, else a draw from softmax(logits / T)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    return torch.multinomial((logits / temperature).softmax(-1), 1, generator=gen)[:, 0]
-
-
 @torch.no_grad()
 def generate(model, rows: list[list[int]], max_new: list[int], temperature: float, gen, stop: int) -> list[list[int]]:
-    """Continue each row until it writes `stop` or max_new[i] tokens (or the context is full)."""
+    """Continue each row until it writes `stop` or max_new[i] tokens (or the context is full):
+    generate.py's decode loop, one batch per prompt length."""
     was_training, device, ctx = model.training, model.embed.weight.device, model.args.max_seq_len
     model.eval()  # (no router-load bookkeeping while sampling)
     out = [[] for _ in rows]
@@ -311,22 +306,13 @@ def generate(model, rows: list[list[int]], max_new: list[int], temperature: floa
     for i, r in enumerate(rows):
         by_len.setdefault(len(r), []).append(i)
     for P, idx in sorted(by_len.items()):
-        n = min(max(max_new[i] for i in idx), ctx - P)
-        if n <= 0:
+        if P >= ctx:
             continue
-        caches = model.make_caches(len(idx), P + n, absorbed=True)
-        x = torch.tensor([rows[i] for i in idx], device=device)
-        logits = model(x, torch.arange(P, device=device), caches)[:, -1]
-        done = [False] * len(idx)
-        for t in range(n):
-            tok = sample_token(logits, temperature, gen)
-            for j, (i, v) in enumerate(zip(idx, tok.tolist())):
-                if not done[j]:
-                    out[i].append(v)
-                    done[j] = v == stop or len(out[i]) >= max_new[i]
-            if all(done) or t == n - 1:
-                break
-            logits = model(tok[:, None], torch.tensor([P + t], device=device), caches)[:, -1]
+        caches = model.make_caches(len(idx), min(ctx, P + max(max_new[i] for i in idx)), absorbed=True)
+        logits = model(torch.tensor([rows[i] for i in idx], device=device), torch.arange(P, device=device), caches)[:, -1]
+        bodies = decode(model, caches, logits, P, [min(max_new[i], ctx - P) for i in idx], temperature, gen, {stop})
+        for i, body in zip(idx, bodies):
+            out[i] = body
     model.train(was_training)
     return out
 

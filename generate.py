@@ -24,7 +24,6 @@ import time
 
 import torch
 
-import chat
 import data
 import hf
 import keepkv
@@ -92,20 +91,42 @@ def parse_args(argv=None):
     return args
 
 
-def sample(logits, temperature, top_k, gen):
-    """logits [B, V] -> tokens [B, 1], drawn with an explicit generator (reproducible per seed)."""
+def sample(logits, temperature: float, gen, top_k: int = 0) -> torch.Tensor:
+    """logits [B, V] -> tokens [B]: argmax at temperature 0, else a draw from softmax(logits / T)
+    over the top_k likeliest (0: all), with an explicit generator (reproducible per seed)."""
     if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
+        return logits.argmax(-1)
     logits = logits / temperature
     if top_k:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen)
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
 
 
 def decode_step(model, caches, token, pos):
     """One token [B, 1] at position pos [1] -> next-token logits [B, V]."""
     return model(token, pos, caches)[:, -1]
+
+
+def decode(model, caches, logits, pos: int, max_new: list[int], temperature: float, gen, stop=(), top_k: int = 0,
+           step=decode_step, on_token=None) -> list[list[int]]:
+    """The decode loop (this file's and chat.py's): from the prefill's next-token logits [B, V],
+    with the prompt's last token at pos - 1, sample a token for every row and feed it back, until
+    each row b has written a token in `stop` or max_new[b] tokens. Finished rows ride along until
+    the batch is done (static shapes) but write nothing. on_token(tok [B]) sees every step."""
+    out, done = [[] for _ in max_new], [m <= 0 for m in max_new]
+    for t in range(max(max_new)):
+        tok = sample(logits, temperature, gen, top_k)
+        for b, v in enumerate(tok.tolist()):
+            if not done[b]:
+                out[b].append(v)
+                done[b] = v in stop or len(out[b]) >= max_new[b]
+        if on_token is not None:
+            on_token(tok)
+        if all(done):
+            break
+        logits = step(model, caches, tok[:, None], torch.tensor([pos + t], device=tok.device))
+    return out
 
 
 def read_prompt(args) -> str:
@@ -140,6 +161,7 @@ def main(argv=None):
     ctx = model.args.max_seq_len
     stop = {enc.eot_token}
     if args.chat:  # the prompt as a user turn in Kimi's chat format (chat.py), then the assistant's header
+        import chat  # (here, not at the top: chat.py builds on this file's decode loop)
         try:
             c = chat.Chat(enc)
         except ValueError as e:  # a base checkpoint: its tokenizer has no chat tokens
@@ -169,21 +191,16 @@ def main(argv=None):
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tokens may split a character
     prompt = torch.tensor([ids], device=args.device)
     logits = model(prompt, torch.arange(P, device=args.device), caches)[:, -1]  # prefill + compression
-    n, steps, t0 = 0, 0, None
-    for i in range(n_new):
-        tok = sample(logits, args.temperature, args.top_k, gen)
-        n += 1
-        if int(tok) in stop:
-            break
-        print(utf8.decode(enc.decode_single_token_bytes(int(tok))), end="", flush=True)
-        if i == n_new - 1:
-            break
-        logits = step(model, caches, tok, torch.tensor([P + i], device=args.device))
-        steps += 1
-        if t0 is None:  # time from the second step on: the first one may compile
-            t0, steps = time.perf_counter(), 0
+    times = []  # when each token was sampled: the speed counts from the second (the first step may compile)
+
+    def show(tok):
+        if int(tok[0]) not in stop:
+            print(utf8.decode(enc.decode_single_token_bytes(int(tok[0]))), end="", flush=True)
+        times.append(time.perf_counter())
+
+    n = len(decode(model, caches, logits, P, [n_new], args.temperature, gen, stop, args.top_k, step, show)[0])
     print(utf8.decode(b"", final=True))
-    speed = f"{steps / (time.perf_counter() - t0):.1f} tok/s" if steps else "n/a (too few steps)"
+    speed = f"{(len(times) - 2) / (times[-1] - times[1]):.1f} tok/s" if len(times) > 2 else "n/a (too few steps)"
     used = sum(c.nbytes() for c in caches)
     latent = keepkv_latent.full_latent_bytes(model, 1, P + n_new)
     per_head = keepkv.full_cache_bytes(model, 1, P + n_new)
