@@ -4,35 +4,37 @@ training process.
 chat.py scores `fn` replies with `run_python`, and the agent loop answers the model's tool calls
 with it. `run_python` runs a program in a fresh `python -I -S` child, in its own session, in a
 scratch directory that is deleted afterwards. Before the program starts, the child confines itself
-in layers; each is named in RunResult.layers, and `describe()` says which ones this kernel allows.
+in layers, in this order; RunResult.layers names those applied, and `describe()` says which ones
+this kernel allows (a refused layer is reported with its reason, and the others still apply).
 
-  layer          enforced by   what it stops
-  timeout        the parent    a program that runs too long: its whole process group is killed
-  rlimits        the kernel    memory (address space), CPU seconds, file size, open files, core dumps;
-                               RLIMIT_NPROC = 0 stops new processes once the uid is not root
-  netns          the kernel    the network: a namespace with no interface but a down loopback
-  mountns        the kernel    the filesystem: a new root, an empty read-only tmpfs holding read-only
-                               binds of the stdlib and the shared libraries, and the scratch directory
-                               (the only writable place). The project, /etc, /home, /tmp are absent
-  nonroot        the kernel    root's powers: the program runs as uid/gid 65534 with no groups and no
-                               capabilities (a process that is not root stays itself)
-  landlock       the kernel    the filesystem again, by path: read and execute beneath the stdlib and
-                               the shared libraries, everything beneath the scratch directory, nothing
-                               else; signals and abstract unix sockets outside the sandbox (ABI >= 6)
-  landlock-net   the kernel    TCP bind and connect (Landlock ABI >= 4)
-  seccomp        the kernel    system calls: fork, clone, exec, socket, kill, ptrace, mount, unshare,
-                               bpf, io_uring, ... fail with EPERM, for root too (x86-64 and arm64)
-  audit          Python        a PEP 578 hook: no sockets, subprocesses, signals or ctypes; no opening,
-                               listing, writing, renaming or deleting outside the scratch directory
-                               and the stdlib
-The layers overlap on purpose: tests/test_executor.py runs each escape (a write to the project's
-files, a read of the project's files and of a secret, a TCP connection, a fork, a memory hog, an
-endless loop) with no layers, to show it works, then with each layer alone, to show which layer
-stops it. A layer the kernel refuses is reported missing with the reason; the rest still apply.
+  layer         enforced by  what it stops
+  (timeout)     the parent   a program that runs too long: its whole process group is killed
+  rlimits       the kernel   memory (address space), CPU seconds, file size, open files, core dumps;
+                             RLIMIT_NPROC = 0 stops new processes, once the uid is not root
+  netns         the kernel   the network: a namespace with no interface but a down loopback
+  mountns       the kernel   the filesystem: the root is an empty read-only tmpfs with read-only binds
+                             of the stdlib and the shared libraries, and the scratch directory, the
+                             one writable place; the project, /home and the rest of /etc and /tmp
+                             are absent
+  landlock      the kernel   the filesystem again, by path: read beneath the stdlib and the shared
+                             libraries, anything beneath the scratch directory, nothing elsewhere;
+                             signals and abstract unix sockets out of the sandbox (ABI >= 6)
+  landlock-net  the kernel   TCP bind and connect (ABI >= 4)
+  nonroot       the kernel   root's powers: uid and gid 65534, no groups, no capabilities (a user
+                             that is not root stays itself, without the capabilities its namespaces
+                             gave it)
+  seccomp       the kernel   fork, clone, exec, sockets, signals, ptrace, mounts and namespaces, bpf,
+                             io_uring, keys, modules: EPERM, for root too (x86-64 and arm64)
+  audit         Python       a PEP 578 hook: no sockets, subprocesses, signals or ctypes; no opening
+                             or listing outside the scratch directory and the stdlib, no writes,
+                             renames or deletions outside the scratch directory
+The layers overlap on purpose. tests/test_executor.py runs each escape (a write to the project, a
+read of the project and of a secret, a TCP connection, a fork, a memory hog, an endless loop)
+with no layer, to show that it works, then under each layer alone, to show which layers stop it.
 
-What is not contained: reads of the stdlib and the shared libraries, and time and memory within
-the limits; the kernel itself (a kernel bug reachable by the allowed system calls escapes all of
-it; a VM is the next step); and the harness, which shares the process: a program that set out to
+Not contained: reads of the stdlib and the shared libraries; CPU, memory and scratch files within
+the limits; the kernel itself (a bug reachable through the system calls left open escapes all of
+this; a VM is the next step); and the harness, which shares the process: a program that set out to
 cheat could find the verdict's secret in the harness's memory and fake a pass.
 """
 import functools
@@ -62,7 +64,8 @@ LIBC.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes
 LIBC.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
 NOBODY = 65534
 NEWNS, NEWNET, NEWUSER = 0x20000, 0x40000000, 0x10000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_NOATIME, MS_NODIRATIME = 1, 2, 4, 8, 32, 1024, 2048
+MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME, ST_RELATIME = 4096, 16384, 1 << 18, 1 << 21, 4096
 ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}.get(os.uname().machine)
 # what the program may read: the stdlib (sys.path), the shared libraries its C modules load, time zones
 READS = ("/usr/lib", "/usr/lib64", "/lib", "/lib64", "/etc/ld.so.cache", "/etc/localtime", "/usr/share/zoneinfo",
@@ -76,9 +79,8 @@ def ok(ret, what):
     return ret
 
 
-def syscall(nr, *args):
-    return LIBC.syscall(ctypes.c_long(nr), *[a if isinstance(a, ctypes._SimpleCData) or not isinstance(a, int)
-                                             else ctypes.c_long(a) for a in args])
+def syscall(nr, *args):  # (integers as C longs: syscall() is variadic)
+    return LIBC.syscall(*[ctypes.c_long(a) if isinstance(a, int) else a for a in (nr, *args)])
 
 
 def mount(source, target, fstype, flags, data=None):
@@ -135,6 +137,8 @@ def privileged(state):
 def new_root(state, scratch, reads):
     """A mount namespace whose root is an empty tmpfs holding read-only binds of `reads` and a
     writable bind of the scratch directory, at their own paths; then the tmpfs goes read-only too."""
+    if ARCH is None:
+        raise OSError(38, f"no pivot_root number for {os.uname().machine}")
     privileged(state)
     ok(LIBC.unshare(NEWNS), "unshare(CLONE_NEWNS)")
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount leaks back out
@@ -168,8 +172,8 @@ def new_root(state, scratch, reads):
 
 def read_only(target):
     """Remount a bind read-only, keeping the flags a user namespace may not drop."""
-    f = os.statvfs(target).f_flag
-    keep = f & (MS_NOSUID | MS_NODEV | 8 | 1024 | 2048) | ((1 << 21) if f & 4096 else 0)  # noexec, noatime, ..
+    f = os.statvfs(target).f_flag  # (statvfs's ST_ flags are the MS_ ones, but for relatime)
+    keep = f & (MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME) | (MS_RELATIME if f & ST_RELATIME else 0)
     mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep)
 
 
@@ -217,7 +221,7 @@ def landlock(fs, net, scratch, reads, missing):
         _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
     READ, FILE_RIGHTS = 1 | 4 | 8, 1 | 2 | 4 | (1 << 14) | (1 << 15)  # execute, read file, read dir | on a file
-    for path, rights in [(p, READ) for p in reads] * bool(fs) + [(scratch, all_fs)] * bool(fs):
+    for path, rights in [(p, READ) for p in reads] + [(scratch, all_fs)] if fs else []:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
         try:
             if not os.path.isdir(path):

@@ -147,7 +147,7 @@ def test_a_fork_bomb_ends_at_once():
     for layers in (executor.LAYERS, ("seccomp",), ("rlimits", "nonroot")):
         t0 = time.time()
         r = run("import os\nwhile True:\n    os.fork()", layers)
-        assert not r.ok and time.time() - t0 < 5, (layers, r)
+        assert not r.ok and "timeout" not in r.error and time.time() - t0 < 5, (layers, r)  # the first fork fails
     for code in ("import subprocess\nsubprocess.run(['true'])", "import os\nos.system('true')",
                  "import multiprocessing\nmultiprocessing.Process(target=print).start()"):
         assert not executor.run_python(code).ok
