@@ -62,6 +62,7 @@ import torch.nn.functional as F
 import chat
 import checkpoint
 import data
+import executor
 import muonclip
 from chat import CachedRunner, Chat, Episode, Task, eval_line, flips, flips_line, pass_at_1, rollout
 from checkpoint import load_checkpoint, load_pretrained, save_checkpoint, save_when_due
@@ -351,6 +352,8 @@ def run(args):
     corpus = chat.load_corpus(args.data) if "defname" in kinds else {}
     ds = load_ptx(args, c)
     log = print
+    if args.stage == "rl" or args.eval_n:  # these run model-written code: say what contains it here
+        log(executor.describe())
     if args.stage == "eval":
         res = pass_at_1(model, c, kinds, args.eval_n, corpus)
         res["val_loss"] = round(stdlib_val_loss(model, ds.val), 4)
