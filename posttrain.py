@@ -13,8 +13,7 @@ chat.py holds what the model sees and what grades it: the chat format, the tasks
 1. SFT. Demonstrations of every task kind (chat.demonstration); cross-entropy on the assistant's
    tokens only, so the model learns to answer, not to write questions. MuonClip, as K2 does. Unlike
    K2's SFT, the PTX loss of RL (below) is mixed in here too: K2's SFT data is broad, ours is five
-   narrow tasks, and without it 300 steps took the stdlib val loss of a 100-step base checkpoint
-   from 4.75 to 9.58 nats/token (worse than uniform); with it the val loss stays where it was.
+   narrow tasks, which alone wreck the pretraining loss (RESULTS.md has the measurement).
 2. RL. Per step, G prompts, K replies to each, sampled from the current policy, which is pi_old
    for this step. Rewards r in {0, 1} from the checker. The loss (Kimi k1.5, used by K2):
        L(theta) = mean over prompts x of  1/K sum_i ( r_i - rbar(x) - tau log(pi_theta(y_i|x) / pi_old(y_i|x)) )^2
@@ -39,8 +38,7 @@ chat.py holds what the model sees and what grades it: the chat format, the tasks
 4. Toy self-critique (--critic-coef, off by default): K2 scores open-ended replies with the model
    itself against rubrics, a critic kept calibrated on the verifiable tasks. Here the "rubric" is
    the one question "Correct?", the critic is the policy's own probability of answering "yes",
-   and SFT shows it graded replies of the verifiable tasks. It is a toy: a 5M-parameter model is
-   no judge, and every task here has a real checker, so it only adds shaping to the reward.
+   and SFT shows it graded replies of the verifiable tasks. A toy: every task here has a checker.
 5. Checkpoints and the command line: the weights and the optimizer state are saved with
    checkpoint.py's staged, atomic save (safetensors, train_state.json), so --resume continues a
    stopped run as train.py's does. Sampling seeds come from (seed, step): a resumed run samples
