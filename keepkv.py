@@ -256,6 +256,15 @@ def ema_(cfg, log_pred, logits, is_new):
     log_pred.copy_(torch.where(is_new, logits, ema))
 
 
+def observe_(cfg, slots, logits, is_new):
+    """A decode query's logits [B, G, N] (is_new: the slot it just wrote) update, in place, the
+    slots' selection scores and, when they keep one, ZIP's prediction."""
+    logits = logits.to(slots.log_score.dtype)
+    accumulate_(cfg, slots.log_score, slots.log_votes, logits, is_new)
+    if slots.log_pred is not None:
+        ema_(cfg, slots.log_pred, logits, is_new)
+
+
 # ----------------------------------------------------------------------------- the merge step
 
 def best_targets(k_leave, k_kept, allowed=None, chunk=1024):
@@ -290,26 +299,38 @@ def merge_rows(cfg, kept, leaving, target, merge):
 # ----------------------------------------------------------------------------- storage
 
 class CacheSlots(nn.Module):
-    """The storage of a compressed cache, which knows no policy: N slots per key group, each with a
-    key [B, G, N, Dqk], a value [B, G, N, Dv], ln p, the selection's ln score, a position [B, G, N]
-    and, with pred=True (merging policies), ZIP's predicted ln S [B, G, N] (`log_pred`).
+    """The storage of a compressed cache, which knows no policy: N slots, each an entry (the
+    buffers named in `widths`: a key and a value, or MLA's latent [c | k_rope]), ln p, the
+    selection's ln score, a position and, with pred=True, ZIP's predicted ln S (`log_pred`).
 
-    A slot is live while its ln p > -inf. The buffers never change shape, so a decode step over
-    them compiles; `lengths` [B] is N throughout (attend_cache's contract: the votes mask empty slots).
+    Per group (this file): each key group (head) has its own entries; every buffer is
+    [B, G, N(, D)], slot indices [B, G, M]. Shared (keepkv_latent.py): one entry serves all G
+    groups, so entries are [B, N, D], positions [B, N] and slot indices [B, M], while ln p and the
+    scores stay per group [B, G, N] (each head weighs a shared entry its own way). A slot is live
+    while its ln p > -inf. The buffers never change shape, so a decode step over them compiles;
+    `lengths` [B] is N throughout (attend_cache's contract: the votes mask empty slots).
     """
-    MERGE = ("k", "v", "log_votes", "log_pred")   # what a merge reads and writes, in merge_entries' order
+    GROUPED = ("log_votes", "log_score", "log_pred")   # per group in both layouts
 
-    def __init__(self, batch, groups, n_slots, k_dim, v_dim, dtype=torch.float32, device=None, pred=False):
+    def __init__(self, batch, groups, n_slots, widths: dict, dtype=torch.float32, device=None, pred=False,
+                 shared=False):
         super().__init__()
-        shape = (batch, groups, n_slots)
+        self.entries, self.shared = tuple(widths), shared
+        self.merged = (*self.entries, "log_votes", "log_pred")   # what a merge reads and writes, in order
+        lead = (batch, n_slots) if shared else (batch, groups, n_slots)                # entries, positions
+        meta_shape = (batch, groups, n_slots)
         meta = torch.float64 if dtype == torch.float64 else torch.float32     # ln p, ln S: fp32 at least
-        self.register_buffer("k", torch.zeros(*shape, k_dim, dtype=dtype, device=device))
-        self.register_buffer("v", torch.zeros(*shape, v_dim, dtype=dtype, device=device))
-        self.register_buffer("log_votes", torch.full(shape, NEG, dtype=meta, device=device))
-        self.register_buffer("log_score", torch.full(shape, NEG, dtype=meta, device=device))
-        self.register_buffer("pos", torch.zeros(shape, dtype=torch.int32, device=device))
+        for name, width in widths.items():
+            self.register_buffer(name, torch.zeros(*lead, width, dtype=dtype, device=device))
+        self.register_buffer("log_votes", torch.full(meta_shape, NEG, dtype=meta, device=device))
+        self.register_buffer("log_score", torch.full(meta_shape, NEG, dtype=meta, device=device))
+        self.register_buffer("pos", torch.zeros(lead, dtype=torch.int32, device=device))
         self.register_buffer("lengths", torch.full((batch,), n_slots, dtype=torch.int32, device=device))
-        self.register_buffer("log_pred", torch.full(shape, NEG, dtype=meta, device=device) if pred else None)
+        self.register_buffer("log_pred", torch.full(meta_shape, NEG, dtype=meta, device=device) if pred else None)
+
+    @property
+    def n_slots(self) -> int:
+        return self.log_votes.shape[-1]
 
     def _meta(self):
         return [b for b in (self.log_votes, self.log_score, self.log_pred) if b is not None]
@@ -318,56 +339,101 @@ class CacheSlots(nn.Module):
         for b in self._meta():
             b.fill_(NEG)
 
+    def _slot_votes(self):
+        """ln p per slot: [B, G, N], or [B, N] when shared (group 0 speaks for all)."""
+        return self.log_votes[:, 0] if self.shared else self.log_votes
+
     def live(self) -> torch.Tensor:
-        return self.log_votes > NEG
+        return self._slot_votes() > NEG
 
     def nbytes(self) -> int:
-        """Total bytes held in the slots (keys, values, votes, scores, positions), all groups and rows."""
-        return sum(b.numel() * b.element_size() for b in [self.k, self.v, self.pos] + self._meta())
+        """Total bytes held in the slots (entries, votes, scores, positions), all groups and rows."""
+        bufs = [getattr(self, n) for n in self.entries] + [self.pos] + self._meta()
+        return sum(b.numel() * b.element_size() for b in bufs)
 
-    def write_prefix(self, k, v, log_votes, log_score, pos, log_pred=None):
-        """Fill the first T slots from rows [B, G, T(, D)]."""
-        T = k.shape[2]
-        self.k[:, :, :T] = k.to(self.k.dtype)
-        self.v[:, :, :T] = v.to(self.v.dtype)
-        self.log_votes[:, :, :T] = log_votes
-        self.log_score[:, :, :T] = log_score
-        self.pos[:, :, :T] = pos
-        if log_pred is not None:
-            self.log_pred[:, :, :T] = log_pred
+    # --- where a buffer holds a slot ---
 
-    def write_token(self, k, v, t, in_order=False, offset=0):
-        """One token (k [B, G, Dqk], v [B, G, Dv], position t: a 0-d tensor) with one vote, into the
-        first free slot (the caller keeps one free); returns that slot [B, G, 1]. in_order: nothing
-        leaves any more (the prefill dropped `offset` positions), so that is slot t - offset: an
-        in-place row write, no scatter (past the last slot: an index error). ln S: the policy's."""
+    def _dim(self, name) -> int:
+        """The slot dimension of buffer `name`: 2, or 1 for shared entries and positions."""
+        return 1 if self.shared and name not in self.GROUPED else 2
+
+    def _index(self, name, idx):
+        """Slot indices idx, shaped to gather from or scatter into buffer `name`."""
+        buf = getattr(self, name)
+        if idx.dim() <= self._dim(name):          # shared slots, per-group buffer: every group alike
+            idx = idx[:, None].expand(-1, buf.shape[1], -1)
+        if buf.dim() > idx.dim():                 # an entry: a vector per slot
+            idx = idx[..., None].expand(*idx.shape, buf.shape[-1])
+        return idx
+
+    # --- reads and writes ---
+
+    def write_prefix(self, **rows):
+        """Fill the first T slots: rows by buffer name, each shaped as its buffer with T slots
+        (log_pred=None: not kept)."""
+        for name, x in rows.items():
+            if x is not None:
+                getattr(self, name).narrow(self._dim(name), 0, x.shape[self._dim(name)]).copy_(x)
+
+    def write_token(self, entry, t, in_order=False, offset=0):
+        """One token (`entry`: its buffers in `widths` order, each [B, G, D], or [B, D] shared) at
+        position t (a 0-d tensor) with one vote, into the first free slot (the caller keeps one
+        free); returns that slot ([B, G, 1], or [B, 1] shared). in_order: nothing leaves any more
+        (the prefill dropped `offset` positions), so that is slot t - offset: an in-place row
+        write, no scatter (past the last slot: an index error). ln S: the policy's."""
+        rows = [x.unsqueeze(-2).to(getattr(self, n).dtype) for n, x in zip(self.entries, entry)]   # 1 slot
         if in_order:
             idx = t.reshape(1) - offset
-            self.k.index_copy_(2, idx, k[:, :, None].to(self.k.dtype))
-            self.v.index_copy_(2, idx, v[:, :, None].to(self.v.dtype))
+            for name, row in zip(self.entries, rows):
+                getattr(self, name).index_copy_(self._dim(name), idx, row)
             self.log_votes.index_fill_(2, idx, 0.0)
-            self.pos.index_fill_(2, idx, t.to(torch.int32))
-            return idx.expand(*self.pos.shape[:2], 1)
-        slot = (self.log_votes == NEG).to(torch.int32).argmax(-1, keepdim=True)   # first free [B, G, 1]
-        self.k.scatter_(2, slot[..., None].expand(*slot.shape, k.shape[-1]), k[:, :, None].to(self.k.dtype))
-        self.v.scatter_(2, slot[..., None].expand(*slot.shape, v.shape[-1]), v[:, :, None].to(self.v.dtype))
-        self.log_votes.scatter_(2, slot, torch.zeros_like(slot, dtype=self.log_votes.dtype))
-        self.pos.scatter_(2, slot, t.to(torch.int32).expand(slot.shape).contiguous())
+            self.pos.index_fill_(self._dim("pos"), idx, t.to(torch.int32))
+            return idx.expand(*self.pos.shape[:-1], 1)
+        slot = (self._slot_votes() == NEG).to(torch.int32).argmax(-1, keepdim=True)   # first free
+        self.put_rows(slot, rows, self.entries)
+        self.log_votes.scatter_(2, self._index("log_votes", slot), 0.0)
+        self.pos.scatter_(self._dim("pos"), slot, t.to(torch.int32).expand(slot.shape).contiguous())
         return slot
 
-    def rows(self, idx, names=MERGE):
-        """The buffers `names` (default: k, v, ln p, ln S) at slots idx [B, G, M]."""
-        return tuple(_take(getattr(self, name), idx) for name in names)
+    def rows(self, idx, names=None):
+        """The buffers `names` (default `merged`: the entry, ln p, ln S) at slots idx."""
+        return tuple(getattr(self, n).gather(self._dim(n), self._index(n, idx)) for n in names or self.merged)
 
-    def put_rows(self, idx, rows, names=MERGE):
+    def put_rows(self, idx, rows, names=None):
         """Write rows shaped as `rows(idx, names)` returns back at slots idx."""
-        for name, row in zip(names, rows):
-            buf = getattr(self, name)
-            buf.scatter_(2, idx if buf.dim() == 3 else idx[..., None].expand_as(row), row)
+        for name, row in zip(names or self.merged, rows):
+            getattr(self, name).scatter_(self._dim(name), self._index(name, idx), row)
 
     def free(self, idx, where):
-        """Empty the slots idx [B, G, M] where `where` [B, G, M] holds."""
-        self.log_votes.scatter_(2, idx, torch.where(where, NEG, _take(self.log_votes, idx)))
+        """Empty the slots idx where `where` (shaped as idx) holds."""
+        at = self._index("log_votes", idx)
+        where = where if where.dim() == at.dim() else where[:, None]
+        self.log_votes.scatter_(2, at, torch.where(where, NEG, self.log_votes.gather(2, at)))
+
+
+# ----------------------------------------------------------------------------- statistics
+
+# What a cache made with track=True counts: one float64 tensor per cache, which the decode steps
+# add to on the device (no host sync). Per decode step: steps, removals, merges, ZIP fall-backs,
+# the relative change of the attention output summed over removals and over merges only, and the
+# latent merges' value residuals; at the prefill: the entries that left, and those of them merged.
+STATS = ("steps", "removals", "merges", "fallbacks", "perturbation_sum", "perturbation_merged_sum",
+         "value_residual_sum", "prefill_leaving", "prefill_merged")
+
+
+def new_stats(device=None) -> torch.Tensor:
+    return torch.zeros(len(STATS), dtype=torch.float64, device=device)
+
+
+def count_(stats, **fields):
+    """Add numbers or 0-d tensors to the named fields of a stats tensor, in place."""
+    values = torch.stack([torch.as_tensor(v, device=stats.device) for v in fields.values()])
+    stats[[STATS.index(name) for name in fields]] += values.double()
+
+
+def stat_totals(caches) -> dict:
+    """Each field summed over the caches."""
+    return dict(zip(STATS, torch.stack([c.stats for c in caches]).sum(0).tolist()))
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -388,11 +454,10 @@ class KeepKVCache(nn.Module):
         self.capacity = capacity(prompt_len, cfg, max_new_tokens)
         self.kept = capacity(prompt_len, cfg)                      # entries the prefill keeps
         N = self.capacity + (0 if cfg.policy in GROWING else 1)   # + the slot a new token lands in
-        self.slots = CacheSlots(batch, n_heads, N, qk_dim, v_dim, dtype, device, pred=cfg.policy in MERGING)
+        self.slots = CacheSlots(batch, n_heads, N, {"k": qk_dim, "v": v_dim}, dtype, device,
+                                pred=cfg.policy in MERGING)
         self.offset = 0                 # GROWING: prompt positions the prefill dropped
-        # decode: steps, removals, merges, fall-backs, sum of the relative change of the attention
-        # output over removals and over merges only; prefill: entries that left, and merged
-        self.register_buffer("stats", torch.zeros(8, dtype=torch.float64, device=device))
+        self.register_buffer("stats", new_stats(device))   # fields: STATS (track=True)
         self.prefilled = False
 
     # the slots' buffers under the names this cache's readers use
@@ -454,13 +519,12 @@ class KeepKVCache(nn.Module):
                 (kh, vh, log_votes, pred), _ = merge_rows(cfg, kept, leaving, target, merge)
                 score = merged_scores(_take(score, keep), _take(score, leave), target, merge)
                 if self.track:
-                    self.stats[6] += merge.numel()
-                    self.stats[7] += merge.sum()
+                    count_(self.stats, prefill_leaving=merge.numel(), prefill_merged=merge.sum())
             else:
                 kh, vh, log_votes, score = (_take(x, keep) for x in (kh, vh, log_votes, score))
                 pred = None if pred is None else _take(pred, keep)
             pos = _take(pos, keep)
-        slots.write_prefix(kh, vh, log_votes, score, pos, pred)
+        slots.write_prefix(k=kh, v=vh, log_votes=log_votes, log_score=score, pos=pos, log_pred=pred)
         self.offset = T - kh.shape[2]
         self.prefilled = True
         return out.transpose(1, 2).to(q.dtype) if output else None
@@ -470,15 +534,15 @@ class KeepKVCache(nn.Module):
     def _merge_one(self, leave, over, live):
         """Merge the leaving slot [B, H, 1] into the most similar other live slot, where the cache
         is over capacity and the keys are similar enough. Returns the merge and fall-back masks."""
-        s = self.slots
-        others = live & (torch.arange(s.k.shape[2], device=live.device) != leave)
-        target, similar = merge_targets(self.cfg, _take(s.k, leave), s.k, others)   # [B, H, 1]
-        merge = over & similar
-        zero = torch.zeros_like(target)
-        new, fallback = merge_rows(self.cfg, s.rows(target), s.rows(leave), zero, merge)
-        s.put_rows(target, new)                         # unchanged where nothing merged
-        score = merged_scores(_take(s.log_score, target), _take(s.log_score, leave), zero, merge)
-        s.put_rows(target, (score,), ("log_score",))
+        s, names = self.slots, (*self.slots.merged, "log_score")        # k, v, ln p, ln S, score
+        leaving = s.rows(leave, names)
+        others = live & (torch.arange(s.n_slots, device=live.device) != leave)
+        target, similar = merge_targets(self.cfg, leaving[0], s.k, others)          # [B, H, 1]
+        merge, zero = over & similar, torch.zeros_like(target)
+        kept = s.rows(target, names)
+        new, fallback = merge_rows(self.cfg, kept[:4], leaving[:4], zero, merge)
+        score = merged_scores(kept[4], leaving[4], zero, merge)
+        s.put_rows(target, (*new, score), names)        # unchanged where nothing merged
         return merge, fallback
 
     @torch.no_grad()
@@ -486,15 +550,11 @@ class KeepKVCache(nn.Module):
         """q, k [B, H, Dqk], v [B, H, Dv], t: this token's position (0-d tensor) -> [B, H, Dv]."""
         cfg, s = self.cfg, self.slots
         if cfg.policy in GROWING:
-            s.write_token(k, v, t, in_order=True, offset=self.offset)
+            s.write_token((k, v), t, in_order=True, offset=self.offset)
             return attend_cache(q, s.k, s.v, s.log_votes, s.lengths, scale)
-        slot = s.write_token(k, v, t)
+        slot = s.write_token((k, v), t)
         out_before, logits = attend_cache(q, s.k, s.v, s.log_votes, s.lengths, scale, True)
-        is_new = torch.arange(s.k.shape[2], device=q.device) == slot                 # [B, H, N]
-        logits = logits.to(s.log_score.dtype)
-        accumulate_(cfg, s.log_score, s.log_votes, logits, is_new)
-        if s.log_pred is not None:
-            ema_(cfg, s.log_pred, logits, is_new)
+        observe_(cfg, s, logits, torch.arange(s.n_slots, device=q.device) == slot)   # is_new [B, H, N]
         live = s.live()
         over = live.sum(-1, keepdim=True) > self.capacity                           # [B, H, 1]
         leave = leaving_slot(cfg, s.log_score, s.pos, live, t, self.capacity)        # [B, H, 1]
@@ -506,8 +566,8 @@ class KeepKVCache(nn.Module):
         if self.track:  # how much did this step's removal move the attention output?
             o0, o1 = out_before.float(), out.float()
             rel = (o1 - o0).norm(dim=-1) / o0.norm(dim=-1).clamp_min(1e-30)              # [B, H]
-            self.stats[:6] += torch.stack([torch.ones_like(rel.sum()), over.sum(), merged.sum(), fb.sum(),
-                                           (rel * over[..., 0]).sum(), (rel * merged[..., 0]).sum()]).double()
+            count_(self.stats, steps=1, removals=over.sum(), merges=merged.sum(), fallbacks=fb.sum(),
+                   perturbation_sum=(rel * over[..., 0]).sum(), perturbation_merged_sum=(rel * merged[..., 0]).sum())
         return out if cfg.reattend else out_before
 
 
@@ -531,8 +591,9 @@ def full_cache_bytes(model, batch: int, n_tokens: int, dtype=None) -> int:
 
 def cache_stats(caches) -> dict:
     """Totals over layers from caches made with track=True."""
-    s = torch.stack([c.stats for c in caches]).sum(0).tolist()
-    return {"removals": s[1], "merges": s[2], "fallbacks": s[3],
-            "perturbation": s[4] / s[1] if s[1] else 0.0,          # mean over removals (decode)
-            "perturbation_merged": s[5] / s[2] if s[2] else 0.0,   # mean over merges only
-            "prefill_merge_frac": s[7] / s[6] if s[6] else 0.0}
+    s = stat_totals(caches)
+    mean = lambda total, n: s[total] / s[n] if s[n] else 0.0  # noqa: E731
+    return {"removals": s["removals"], "merges": s["merges"], "fallbacks": s["fallbacks"],
+            "perturbation": mean("perturbation_sum", "removals"),                  # over removals (decode)
+            "perturbation_merged": mean("perturbation_merged_sum", "merges"),      # over merges only
+            "prefill_merge_frac": mean("prefill_merged", "prefill_leaving")}

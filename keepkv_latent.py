@@ -195,10 +195,11 @@ def rows_at(kv, *per_head, idx):
 # ----------------------------------------------------------------------------- the cache
 
 class LatentKeepKVCache(nn.Module):
-    """Fixed-size latent cache run by a keepkv.py policy: N slots of K = [c | k_rope] [B, N, C+Dr],
-    per-head ln p and ln S [B, H, N] and positions [B, N]. A slot is live while its ln p > -inf
-    (all heads alike). Implements model.LatentKVCache's protocol, `attend_latent(q_nope, q_rope,
-    c, k_rope, w_kc, w_v, input_pos, scale)`: the first call is the prefill, then one token per call.
+    """Fixed-size latent cache: a keepkv.py policy run over keepkv.CacheSlots in the shared layout
+    (N slots of K = [c | k_rope] [B, N, C+Dr] and positions [B, N], per-head ln p and ln S
+    [B, H, N]); this class decides, the slots store. Implements model.LatentKVCache's protocol,
+    `attend_latent(q_nope, q_rope, c, k_rope, w_kc, w_v, input_pos, scale)`: the first call is the
+    prefill, then one token per call.
     Like keepkv.KeepKVCache, each decode step writes the new token, attends over every slot (its
     logits update the scores), then lets one entry leave (merged or evicted) when over capacity."""
     absorbed = True
@@ -208,19 +209,13 @@ class LatentKeepKVCache(nn.Module):
         super().__init__()
         if cfg.policy == "full":
             raise ValueError("policy 'full' on the latent cache is model.LatentKVCache; use make_caches")
-        self.cfg, self.track, self.n_latent = cfg, track, kv_lora_rank
+        self.cfg, self.track, self.n_latent, self.n_heads = cfg, track, kv_lora_rank, n_heads
         self.kept = keepkv.capacity(prompt_len, cfg)                     # entries the prefill keeps
         self.capacity = keepkv.capacity(prompt_len, cfg, max_new_tokens)  # most live at once
-        N = self.capacity + (0 if cfg.policy in keepkv.GROWING else 1)    # + the slot a new token takes
-        meta = torch.float64 if dtype == torch.float64 else torch.float32
-        self.register_buffer("kv", torch.zeros(batch, N, kv_lora_rank + rope_dim, dtype=dtype, device=device))
-        self.register_buffer("log_votes", torch.full((batch, n_heads, N), NEG, dtype=meta, device=device))
-        self.register_buffer("log_score", torch.full((batch, n_heads, N), NEG, dtype=meta, device=device))
-        pred = torch.full((batch, n_heads, N), NEG, dtype=meta, device=device) if cfg.policy in MERGING else None
-        self.register_buffer("log_pred", pred)   # ZIP's predicted ln S per head: merging policies only
-        self.register_buffer("pos", torch.zeros(batch, N, dtype=torch.int32, device=device))
-        # as keepkv.KeepKVCache's (cache_stats reads both), + [8] the sum of merges' value residuals
-        self.register_buffer("stats", torch.zeros(9, dtype=torch.float64, device=device))
+        # one slot more than the capacity: the new token's. Entries [c | k_rope] shared by the heads
+        self.slots = keepkv.CacheSlots(batch, n_heads, self.capacity + 1, {"kv": kv_lora_rank + rope_dim},
+                                       dtype, device, pred=cfg.policy in MERGING, shared=True)
+        self.register_buffer("stats", keepkv.new_stats(device))   # fields: keepkv.STATS (track=True)
         self.prefilled = False
         self.gram = None  # head_grams(w_v), computed at the first merge (zip only)
 
@@ -229,21 +224,17 @@ class LatentKeepKVCache(nn.Module):
             self.gram = head_grams(w_v, dtype)
         return self.gram
 
-    def _meta(self):
-        return [b for b in (self.log_votes, self.log_score, self.log_pred) if b is not None]
-
     def reset(self):
-        for b in self._meta():
-            b.fill_(NEG)
+        self.slots.reset()
         self.stats.zero_()
         self.prefilled = False
 
     def live(self) -> torch.Tensor:
-        return self.log_votes[:, 0] > NEG                                           # [B, N]
+        return self.slots.live()                                                   # [B, N]
 
     def nbytes(self) -> int:
         """Bytes held: keys/latents, per-head votes and scores, positions, of every slot."""
-        return sum(b.numel() * b.element_size() for b in [self.kv, self.pos] + self._meta())
+        return self.slots.nbytes()
 
     def attend_latent(self, q_nope, q_rope, c, k_rope, w_kc, w_v, input_pos, scale):
         Q = absorbed_query(q_nope, q_rope, w_kc)                                   # [B, T, H, C+Dr]
@@ -312,66 +303,54 @@ class LatentKeepKVCache(nn.Module):
                 ln_z = torch.logsumexp(ln_p + pred, -1)
                 kept, _ = self._merge(kept, leaving, target[:, 0], merge[:, 0], Qh[:, :, -1], ln_z, w_v, scale)
                 if self.track:
-                    self.stats[6] += merge.numel()
-                    self.stats[7] += merge.sum()
+                    keepkv.count_(self.stats, prefill_leaving=merge.numel(), prefill_merged=merge.sum())
             rows = kept
             pos = pos.gather(1, keep)
         kv, ln_p, pred, score = rows
-        n = kv.shape[1]
-        self.kv[:, :n] = kv.to(self.kv.dtype)
-        self.log_votes[:, :, :n] = ln_p.to(self.log_votes.dtype)
-        self.log_score[:, :, :n] = score.to(self.log_score.dtype)
-        if self.log_pred is not None:
-            self.log_pred[:, :, :n] = pred.to(self.log_pred.dtype)
-        self.pos[:, :n] = pos
+        self.slots.write_prefix(kv=kv, log_votes=ln_p, log_score=score, pos=pos,
+                                log_pred=pred if cfg.policy in MERGING else None)
         self.prefilled = True
         return out
 
     # --- decode: one token in and attended over, at most one entry out ---------------------------
 
+    def _merge_one(self, leave, over, live, Q, w_v, scale):
+        """Merge the leaving slot [B, 1] into the most similar other live slot, where the cache is
+        over capacity and the keys are similar enough. Returns the merge mask and value residual."""
+        s, names = self.slots, (*self.slots.merged, "log_score")        # kv, ln p, ln S, score
+        leaving = s.rows(leave, names)
+        others = live & (torch.arange(s.n_slots, device=live.device) != leave)
+        target, similar = keepkv.merge_targets(self.cfg, leaving[0][:, None], s.kv[:, None], others[:, None])
+        target, merged = target[:, 0], over & similar[:, 0]                             # [B, 1]
+        ln_z = torch.logsumexp((s.log_votes + s.log_pred).masked_fill(~live[:, None], NEG), -1)
+        new, res = self._merge(s.rows(target, names), leaving, torch.zeros_like(target), merged, Q, ln_z, w_v, scale)
+        s.put_rows(target, new, names)                  # unchanged where nothing merged
+        return merged, res
+
     @torch.no_grad()
     def _decode(self, Q, K, w_v, t, scale):
         """Q [B, H, C+Dr], K [B, C+Dr], t: this token's position (0-d tensor) -> [B, H, C]."""
-        cfg, n_lat = self.cfg, self.n_latent
-        H, N = self.log_votes.shape[1:]
-        slot = (self.log_votes[:, 0] == NEG).to(torch.int32).argmax(-1, keepdim=True)   # first free [B, 1]
-        self.kv.scatter_(1, slot[..., None].expand(-1, 1, K.shape[-1]), K[:, None].to(self.kv.dtype))
-        self.log_votes.scatter_(2, slot[:, None].expand(-1, H, 1), torch.zeros_like(self.log_votes[..., :1]))
-        self.pos.scatter_(1, slot, t.to(torch.int32).expand(slot.shape).contiguous())
-        o_before, logits = attend_latent(Q, self.kv, self.log_votes, scale, n_lat, True)
-        is_new = (torch.arange(N, device=Q.device) == slot)[:, None]                   # [B, 1, N]
-        logits = logits.to(self.log_score.dtype)
-        kvselect.accumulate_(cfg, self.log_score, self.log_votes, logits, is_new)
-        if self.log_pred is not None:
-            keepkv.ema_(cfg, self.log_pred, logits, is_new)
-        live = self.live()
+        cfg, s, n_lat = self.cfg, self.slots, self.n_latent
+        slot = s.write_token((K,), t)                                                    # [B, 1]
+        o_before, logits = attend_latent(Q, s.kv, s.log_votes, scale, n_lat, True)
+        keepkv.observe_(cfg, s, logits, (torch.arange(s.n_slots, device=Q.device) == slot)[:, None])
+        live = s.live()
         over = live.sum(-1, keepdim=True) > self.capacity                               # [B, 1]
-        leave = self._select(token_priority(self.log_score), self.pos, live, t)[:, 0]   # [B, 1]
+        leave = self._select(token_priority(s.log_score), s.pos, live, t)[:, 0]         # [B, 1]
         merged = torch.zeros_like(over)
         res = torch.zeros(over.shape, dtype=torch.float64, device=Q.device)
         if merges_at(cfg, "decode"):
-            others = live & (torch.arange(N, device=Q.device) != leave)
-            per_head = (self.log_votes, self.log_pred, self.log_score)
-            leaving = rows_at(self.kv, *per_head, idx=leave)
-            target, similar = keepkv.merge_targets(cfg, leaving[0][:, None], self.kv[:, None], others[:, None])
-            target, merged = target[:, 0], over & similar[:, 0]                         # [B, 1]
-            lw = (self.log_votes + self.log_pred).masked_fill(~live[:, None], NEG)
-            new, res = self._merge(rows_at(self.kv, *per_head, idx=target), leaving, torch.zeros_like(target),
-                                   merged, Q, torch.logsumexp(lw, -1), w_v, scale)
-            self.kv.scatter_(1, target[..., None].expand(-1, 1, self.kv.shape[-1]), new[0])
-            for buf, row in zip(per_head, new[1:]):
-                buf.scatter_(2, target[:, None].expand(-1, H, 1), row)
-        at = leave[:, None].expand(-1, H, 1)               # merged or evicted, the slot is free again
-        self.log_votes.scatter_(2, at, torch.where(over[:, None], NEG, self.log_votes.gather(2, at)))
-        out = attend_latent(Q, self.kv, self.log_votes, scale, n_lat) if cfg.reattend or self.track else None
+            merged, res = self._merge_one(leave, over, live, Q, w_v, scale)
+        s.free(leave, over)                             # merged or evicted, the slot is free again
+        out = attend_latent(Q, s.kv, s.log_votes, scale, n_lat) if cfg.reattend or self.track else None
         if self.track:  # how much did this step's removal move each head's output (after W_v)?
             o0 = torch.einsum("bhc,hvc->bhv", o_before.double(), w_v.double())
             o1 = torch.einsum("bhc,hvc->bhv", out.double(), w_v.double())
             rel = (o1 - o0).norm(dim=-1) / o0.norm(dim=-1).clamp_min(1e-30)                # [B, H]
-            self.stats += torch.stack([torch.ones_like(rel.sum()), over.sum() * H, merged.sum() * H,
-                                       torch.zeros_like(rel.sum()), (rel * over).sum(), (rel * merged).sum(),
-                                       torch.zeros_like(rel.sum()), torch.zeros_like(rel.sum()),
-                                       res.double().sum()]).double()
+            H = self.n_heads           # removals and merges counted per head, as keepkv.py's
+            keepkv.count_(self.stats, steps=1, removals=over.sum() * H, merges=merged.sum() * H,
+                          perturbation_sum=(rel * over).sum(), perturbation_merged_sum=(rel * merged).sum(),
+                          value_residual_sum=res.double().sum())
         return out if cfg.reattend else o_before
 
 
@@ -417,7 +396,7 @@ def cache_stats(caches) -> dict:
     """keepkv.cache_stats over latent caches made with track=True, plus the mean relative value
     residual of the decode merges (merge_latent's criterion at its minimum)."""
     out = keepkv.cache_stats(caches)
-    s = torch.stack([c.stats for c in caches]).sum(0).tolist()
-    merges = s[2] / caches[0].log_votes.shape[1]
-    out["value_residual"] = s[8] / merges if merges else 0.0
+    s = keepkv.stat_totals(caches)
+    merges = s["merges"] / caches[0].n_heads               # counted per head; one residual per merge
+    out["value_residual"] = s["value_residual_sum"] / merges if merges else 0.0
     return out

@@ -276,6 +276,41 @@ def test_latent_budget_invariants(tiny64, case):
                 model(tokens[:, t:t + 1], torch.tensor([t]), caches)
             for c in caches:
                 assert (c.live().sum(-1) == C).all()
-                pos = c.pos.masked_fill(~c.live(), -1)
+                pos = c.slots.pos.masked_fill(~c.live(), -1)
                 for must in range(t + 1 - recent, t + 1):
                     assert (pos == must).any(-1).all(), f"position {must} missing at step {t}"
+
+
+
+def test_shared_slots_write_read_and_free_one_slot_in_every_head():
+    """keepkv.CacheSlots(shared=True), the latent cache's storage: one entry [B, N, D] per slot,
+    votes and scores per head [B, H, N]; a slot index [B, M] addresses that slot in every head."""
+    B, N, D = 2, 5, 3
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    slots = keepkv.CacheSlots(B, H, N, {"kv": D}, torch.float64, pred=True, shared=True)
+    assert slots.kv.shape == (B, N, D) and slots.pos.shape == (B, N) and slots.log_votes.shape == (B, H, N)
+    assert slots.nbytes() == B * N * (D * 8 + 3 * H * 8 + 4)
+    for t in range(N):   # each token takes the first free slot, with one vote in every head
+        K = r(B, D)
+        assert (slots.write_token((K,), torch.tensor(t)) == t).all()
+        assert torch.equal(slots.kv[:, t], K) and (slots.pos[:, t] == t).all() and (slots.log_votes[..., t] == 0).all()
+    assert slots.live().shape == (B, N) and slots.live().all()
+    slots.log_score.copy_(r(B, H, N))
+    slots.log_pred.copy_(r(B, H, N))
+    idx, names = torch.tensor([[3], [1]]), (*slots.merged, "log_score")             # idx [B, 1]
+    rows = slots.rows(idx, names)
+    assert [tuple(x.shape) for x in rows] == [(B, 1, D), (B, H, 1), (B, H, 1), (B, H, 1)]
+    assert torch.equal(rows[0][:, 0], slots.kv[[0, 1], [3, 1]])
+    assert torch.equal(rows[3][0, :, 0], slots.log_score[0, :, 3]) and torch.equal(rows[3][1, :, 0], slots.log_score[1, :, 1])
+    before = [getattr(slots, n).clone() for n in names]
+    slots.put_rows(idx, [x + 1 for x in rows], names)
+    for name, x0 in zip(names, before):
+        x1 = getattr(slots, name)
+        changed = x1 != x0 if name != "kv" else (x1 != x0).all(-1)[:, None]        # [B, H or 1, N]
+        want = torch.zeros_like(changed)
+        want[0, :, 3] = want[1, :, 1] = True
+        assert torch.equal(changed, want), name
+    slots.free(idx, torch.tensor([[True], [False]]))                                 # row 1's slot stays
+    assert slots.live()[0].tolist() == [True, True, True, False, True] and slots.live()[1].all()
+    assert (slots.log_votes[0, :, 3] == -math.inf).all() and (slots.log_votes[1] > -math.inf).all()
