@@ -86,9 +86,10 @@ def keys_with_logits(q, logits, scale, seed=0, noise=1.0):
                                              ([0.5, -3.0, -2.0], True),        # L < 0 < lbar: a flip
                                              ([4e-4, -4e-4, 5e-4], True)])     # |lbar| < eps: 0/0
 def test_merge_stores_the_logit_the_merged_key_has(logits, fallback):
-    """alpha = 0: ln S are one query's logits. The stored ln S_r must be the logit k_r really has
-    (L on the main path, lbar for the fall-back and convex), and for ZIP ln p_r + ln S_r must be
-    ln sum p_i S_i, the mass the parts had, in both branches (the fall-back used to store L)."""
+    """alpha = 0: ln sigma are one query's logits. The stored ln sigma_r must be the logit k_r
+    really has (L on the main path, lbar for the fall-back and convex), and for ZIP ln p_r +
+    ln sigma_r must be ln sum p_i sigma_i, the mass the parts had, in both branches (the fall-back
+    used to store L)."""
     g = torch.Generator().manual_seed(0)
     d = 8
     q = torch.randn(1, 1, d, generator=g, dtype=torch.float64)
@@ -244,9 +245,9 @@ def test_slots_nbytes_is_the_sum_of_its_slots(dtype, meta_bytes):
     B, G, N, dk, dv = 2, 3, 7, 10, 6
     slots = CacheSlots(B, G, N, {"k": dk, "v": dv}, dtype)
     item = torch.tensor([], dtype=dtype).element_size()
-    # keys and values, then ln p and ln S (fp32 at least), then int32 positions; `lengths` is per row
+    # keys and values, then ln p and ln sigma (fp32 at least), then int32 positions; `lengths` is per row
     assert slots.nbytes() == B * G * N * ((dk + dv) * item + 2 * meta_bytes + 4)
-    for policy, n_meta in (("h2o", 2), ("keepkv", 3)):   # + ZIP's predicted ln S when merging
+    for policy, n_meta in (("h2o", 2), ("keepkv", 3)):   # + ZIP's predicted ln sigma when merging
         cache = keepkv.KeepKVCache(B, 60, G, dk, dv, KVConfig(policy=policy, budget=0.1), dtype=dtype)
         assert cache.nbytes() == B * G * (cache.capacity + 1) * ((dk + dv) * item + n_meta * meta_bytes + 4)
     assert cache.log_score is cache.slots.log_score
@@ -271,7 +272,7 @@ def test_slots_write_token_fills_the_first_free_slot():
                 n = next(i for i in range(N) if ref["log_votes"][b, h, i] == NEG)
                 assert slot[b, h, 0] == n
                 ref["k"][b, h, n], ref["v"][b, h, n] = k[b, h], v[b, h]
-                ref["log_votes"][b, h, n], ref["pos"][b, h, n] = 0.0, t       # one vote; ln S untouched
+                ref["log_votes"][b, h, n], ref["pos"][b, h, n] = 0.0, t       # one vote; ln sigma untouched
         for name, want in ref.items():
             assert torch.equal(getattr(slots, name), want), name
     # nothing ever leaves: the first free slot is the position, and the in-order write agrees
