@@ -6,18 +6,19 @@ the outside selection whose drops KeepKV merges (arXiv 2504.09936 takes H2O in i
 
 - "h2o" (H2O, arXiv 2306.14048): the score is the softmax attention every query so far gave the
   entry, summed (votes included: an entry with p votes draws the share of p copies). The most
-  recent floor(recent x C) tokens stay (H2O: half of C), the heaviest of the rest fill C.
+  recent floor(recent x Sk) tokens stay (H2O: half of Sk), the heaviest of the rest fill Sk.
 - "snapkv" (SnapKV, arXiv 2404.14469, its code's defaults): at prefill the last snap_window = 32
   prompt queries vote (softmax attention, summed) on the keys before them, votes average-pooled
-  over `pool` = 5 keys (zero padding counted); the top C - 32 stay beside the whole window (C < 32:
-  the last C). SnapKV itself compresses only the prompt, so its cache would grow by every new
-  token; here it HOLDS C instead, so that every policy keeps the same number of entries after the
+  over `pool` = 5 keys (zero padding counted); the top Sk - 32 stay beside the whole window (Sk < 32:
+  the last Sk). SnapKV itself compresses only the prompt, so its cache would grow by every new
+  token; here it HOLDS Sk instead, so that every policy keeps the same number of entries after the
   prefill and after each step: while decoding, scores accumulate as in H2O (the window's own keys
   start from the attention the window gave them) and the lightest entry outside the last
-  min(32, C) positions leaves.
+  min(32, Sk) positions leaves.
 - "streaming" (StreamingLLM, arXiv 2309.17453): the n_sink first tokens and the most recent ones.
 
-Scores are ln of attention sums, kept per key group [B, G, N] (G: heads, or 1 shared latent).
+Scores are ln of attention sums, kept per key group [B, Hk, S] (Hk: the heads, or 1 where one
+decision serves them all: the latent cache). Sizes: model.py's symbols (Sk entries kept).
 A merged entry's score is its parts' scores summed (`merged_scores`): it draws their share.
 """
 import math
@@ -37,7 +38,7 @@ def selection(cfg) -> str:
 # ----------------------------------------------------------------------------- scores
 
 def attention_mass(q, k, scale, first_query, chunk=256):
-    """Sum over queries i >= first_query of softmax_i(j) (causal), q, k [B, G, T, D] -> [B, G, T]."""
+    """Sum over queries i >= first_query of softmax_i(j) (causal), q, k [B, Hk, T, Dqk] -> [B, Hk, T]."""
     T = q.shape[2]
     total = torch.zeros(q.shape[:2] + (T,), dtype=q.dtype, device=q.device)
     j = torch.arange(T, device=q.device)
@@ -50,28 +51,28 @@ def attention_mass(q, k, scale, first_query, chunk=256):
 
 
 def _avg_pool(x, kernel):
-    """Mean over `kernel` keys centred on each, zero padding counted: x [B, G, T] -> [B, G, T]."""
-    B, G, T = x.shape
-    return F.avg_pool1d(x.reshape(B * G, 1, T), kernel, stride=1, padding=kernel // 2,
-                        count_include_pad=True).reshape(B, G, T)
+    """Mean over `kernel` keys centred on each, zero padding counted: x [B, Hk, T] -> [B, Hk, T]."""
+    B, Hk, T = x.shape
+    return F.avg_pool1d(x.reshape(B * Hk, 1, T), kernel, stride=1, padding=kernel // 2,
+                        count_include_pad=True).reshape(B, Hk, T)
 
 
 def prefill_scores(cfg, q, k, scale):
-    """ln score per prompt entry at the end of prefill: q, k [B, G, T, D] -> [B, G, T]."""
+    """ln score per prompt entry at the end of prefill: q, k [B, Hk, T, Dqk] -> [B, Hk, T]."""
     sel, T = selection(cfg), q.shape[2]
     if sel == "h2o":
         return attention_mass(q, k, scale, 0).log()
     if sel == "snapkv":  # the ranking pools the votes on the keys before the window only
-        W = min(cfg.snap_window, T)
-        mass = attention_mass(q, k, scale, T - W)
-        window = torch.arange(T, device=q.device) >= T - W
+        Tw = min(cfg.snap_window, T)
+        mass = attention_mass(q, k, scale, T - Tw)
+        window = torch.arange(T, device=q.device) >= T - Tw
         pooled = _avg_pool(mass.masked_fill(window, 0.0), cfg.pool)
         return torch.where(window, mass, pooled).log()
     return torch.zeros_like(q[..., 0])                             # streaming: recency decides
 
 
 def accumulate_(cfg, log_score, log_votes, logits, is_new):
-    """Add one query's softmax attention (logits [B, G, N] + votes) to the scores, in place;
+    """Add one query's softmax attention (logits [B, Hk, S] + votes) to the scores, in place;
     entries where is_new start afresh. Streaming keeps no score."""
     if selection(cfg) == "streaming":
         return
@@ -80,7 +81,7 @@ def accumulate_(cfg, log_score, log_votes, logits, is_new):
 
 
 def merged_scores(score, score_in, target, mask):
-    """ln(e^score_j + sum of e^score_in_i over the rows i that merge into j): score [.., C],
+    """ln(e^score_j + sum of e^score_in_i over the rows i that merge into j): score [.., Sk],
     score_in, target, mask [.., M]. Relative to each target's largest term, so exp never overflows."""
     inc = score_in.masked_fill(~mask, NEG)
     m = score.scatter_reduce(-1, target, inc, reduce="amax", include_self=True)
@@ -92,40 +93,40 @@ def merged_scores(score, score_in, target, mask):
 # ----------------------------------------------------------------------------- who leaves
 
 def keep_priority(cfg, score, pos):
-    """How strongly each entry holds its place [B, G, N]; the weakest leave first."""
+    """How strongly each entry holds its place [B, Hk, S]; the weakest leave first."""
     return pos.to(score.dtype) if selection(cfg) == "streaming" else score
 
 
-def recent_count(cfg, C):
-    """How many of the newest positions the selection never removes, at capacity C (int or tensor)."""
-    C = torch.as_tensor(C)
+def recent_count(cfg, Sk):
+    """How many of the newest positions the selection never removes, at capacity Sk (int or tensor)."""
+    Sk = torch.as_tensor(Sk)
     sel = selection(cfg)
     if sel == "h2o":
-        return (C * cfg.recent).floor().clamp(min=1).to(torch.int64)
+        return (Sk * cfg.recent).floor().clamp(min=1).to(torch.int64)
     if sel == "snapkv":
-        return C.clamp(max=cfg.snap_window)
-    return torch.ones_like(C)    # streaming: the newest token (recency ranks the rest)
+        return Sk.clamp(max=cfg.snap_window)
+    return torch.ones_like(Sk)    # streaming: the newest token (recency ranks the rest)
 
 
 def pinned(cfg, pos, t, capacity=None):
     """Entries never removed while t is the newest position: the recent part (a share of the
     capacity, so it is needed: an int, or a tensor broadcasting to pos) and streaming's sinks."""
     if capacity is None:
-        raise ValueError(f"pinned: policy {cfg.policy!r} needs capacity= (its recent part is part of C)")
+        raise ValueError(f"pinned: policy {cfg.policy!r} needs capacity= (its recent part is part of Sk)")
     recent = pos > t - recent_count(cfg, capacity)
     return recent | (pos < cfg.n_sink) if selection(cfg) == "streaming" else recent
 
 
-def split_prompt(cfg, score, pos, t, C):
-    """End of prefill (t: the last prompt position): the C entries that stay, in slot order, and
-    the T - C that leave: [B, G, C], [B, G, T - C]."""
-    priority = keep_priority(cfg, score, pos).masked_fill(pinned(cfg, pos, t, C), math.inf)
+def split_prompt(cfg, score, pos, t, Sk):
+    """End of prefill (t: the last prompt position): the Sk entries that stay, in slot order, and
+    the T - Sk that leave: [B, Hk, Sk], [B, Hk, T - Sk]."""
+    priority = keep_priority(cfg, score, pos).masked_fill(pinned(cfg, pos, t, Sk), math.inf)
     order = priority.sort(dim=-1, descending=True, stable=True).indices
-    return order[..., :C].sort(-1).values, order[..., C:]
+    return order[..., :Sk].sort(-1).values, order[..., Sk:]
 
 
 def leaving_slot(cfg, score, pos, live, t, capacity):
     """Decode (t: the new token's position): the live, unpinned slot with the weakest hold
-    [B, G, 1]. It leaves only if C + 1 are live; that is the caller's to decide."""
+    [B, Hk, 1]. It leaves only if Sk + 1 are live; that is the caller's to decide."""
     priority = keep_priority(cfg, score, pos)
     return priority.masked_fill(~live | pinned(cfg, pos, t, capacity), math.inf).argmin(-1, keepdim=True)

@@ -17,7 +17,8 @@ Read top to bottom:
 The model knows nothing about distribution or optimizer steps (train.py and parallel.py own
 those); for QK-Clip it only records each head's max logit when asked (`record_max_logits`).
 
-Sizes. Shape comments and shape-suffixed names (x_ND: N tokens by D dims) use these symbols:
+Symbols used in every file: shape comments and shape-suffixed names (x_ND: N tokens by D dims)
+in every file of the repository use these sizes, each with this one meaning:
   symbol  meaning                                    ModelArgs field       tiny  kimi-k2
   D       model dim (residual stream)                dim                    192     7168
   H       attention heads                            n_heads                  4       64
@@ -31,8 +32,15 @@ Sizes. Shape comments and shape-suffixed names (x_ND: N tokens by D dims) use th
   F       expert hidden dim                          moe_inter_dim           96     2048
   Derived: Dn+Dr (query/key width) 48 / 192; C+Dr (absorbed cache, per token and layer) 80 / 576;
   H(Dn+Dr+Dv) (naive cache, per token and layer) 320 / 20480.
-  Set at run time: B batch, T query length, S key length (cache slots), V vocabulary. In the MoE:
-  N = B*T tokens, R = N*K routed (token, expert) pairs (the grouped matmul's rows), G expert groups.
+  Set at run time: B batch, T query length (a prompt, at the prefill), S key length (the keys a
+  query attends over: a cache's positions or slots), V vocabulary. In the MoE: N = B*T tokens,
+  R = N*K routed (token, expert) pairs (the grouped matmul's rows), G expert groups.
+  In the KV caches (keepkv.py, keepkv_latent.py, kvselect.py, benchmarks/): Sk entries a
+  compressed cache keeps, its capacity (S = Sk + 1 while decoding: a slot for the new token),
+  M entries leaving at once, Tw prompt queries that observe the keys (obs_window, snap_window),
+  Hk key groups: the heads a cache scores apart (H, or 1 where one decision serves every head),
+  Dqk a query/key width (Dn+Dr in MLA), Hkv key/value heads of a GQA model (SmolLM2: 3).
+  `*` stands for any width, `..` for any leading dimensions.
 
 Where attention happens: softmax(q.k * scale) v over the visible keys, in six places.
   1. Training forward (MLA.forward without a cache; also eval): SDPA, causal, on per-head q, k

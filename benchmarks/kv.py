@@ -12,9 +12,9 @@ The claims it checks, and how:
    latent cache (keepkv_latent.py; --kv-policies) and on the per-head cache (--kv-perhead-policies),
    each a KVConfig written policy[:field=value...]; the latent default (LATENT_ROWS) is KeepKV, its
    selection without merging, H2O, SnapKV, StreamingLLM, convex, and one-knob KeepKV ablations.
-   Each row's budget is FITTED to each target from MEASURED bytes: the largest capacity C whose
+   Each row's budget is FITTED to each target from MEASURED bytes: the largest capacity Sk whose
    caches, built for the prompt and the decoded tokens, hold at most the target (nbytes(): keys or
-   latents, values, votes, scores, positions of every slot; every policy but "full" holds C while
+   latents, values, votes, scores, positions of every slot; every policy but "full" holds Sk while
    decoding). "-" where even the smallest cache (n_sink + window entries) is
    over the target. Cells: NLL increase vs the full latent cache / top-1 agreement with it. The
    by-budget table (--kv-budgets) runs every row at the same budget too, its bytes beside.
@@ -192,11 +192,11 @@ def _kib(n):
 # ----------------------------------------------------------------------------- bytes
 
 def fit_budget(model, cache, cfg, target, P, new):
-    """The largest capacity C >= n_sink + window whose caches (batch 1, a P-token prompt, `new`
+    """The largest capacity Sk >= n_sink + window whose caches (batch 1, a P-token prompt, `new`
     decoded tokens) measure at most `target` bytes, by bisection on measured bytes (they grow with
-    C): the config with that budget, or None where the smallest such cache is already over."""
-    at = lambda C: replace(cfg, budget=min(C / P, 1.0))  # noqa: E731  (capacity() gives back C)
-    measure = lambda C: cache_bytes(make_caches(model, cache, at(C), P, new))  # noqa: E731
+    Sk): the config with that budget, or None where the smallest such cache is already over."""
+    at = lambda Sk: replace(cfg, budget=min(Sk / P, 1.0))  # noqa: E731  (capacity() gives back Sk)
+    measure = lambda Sk: cache_bytes(make_caches(model, cache, at(Sk), P, new))  # noqa: E731
     lo, hi = cfg.n_sink + cfg.window, P
     if measure(lo) > target:
         return None
@@ -335,7 +335,7 @@ def _log_row(log, label, r):
         log(f"  {label}: -  (even n_sink + window entries are over the target)")
         return
     extra = f"  value residual {r['value_residual']:.2e}" if "value_residual" in r else ""
-    log(f"  {label}: budget {r['budget']:.3f} C={r['capacity']:4d}, {r['bytes_vs_full_latent']:6.1%} of the full "
+    log(f"  {label}: budget {r['budget']:.3f} Sk={r['capacity']:4d}, {r['bytes_vs_full_latent']:6.1%} of the full "
         f"latent cache: dNLL {r['dnll']:+.4f} (se {r['dnll_se']:.4f})  probe dNLL {_f(r['dnll_probe'], '+.4f')}  "
         f"top1 {r['top1_agree']:.3f}  perturb {r['perturbation']:.2e} (merges {r['perturbation_merged']:.2e})  "
         f"merged {r['merge_frac']:.2f}{extra}")
@@ -455,10 +455,10 @@ def markdown(res) -> str:
                   f"latent cache (model.LatentKVCache, {_kib(q['full_latent_bytes'])} per sequence for the prompt, NLL "
                   f"{q['nll_full']:.3f}; the full per-head cache is {_kib(q['full_per_head_bytes'])}). Columns: "
                   f"cache bytes per sequence at most that fraction of the full latent cache, measured (keys or "
-                  f"latents, values, votes, scores, positions, every policy holds C while decoding); each "
+                  f"latents, values, votes, scores, positions, every policy holds Sk while decoding); each "
                   f"row's budget is fitted to it. Cells: NLL increase vs the full latent cache / top-1 agreement "
-                  f"with it (C = entries kept); \"-\": even n_sink + window entries are over the target.", ""]
-        lines += _table(eb, cols, "frac", lambda r: f"{r['dnll']:+.3f} / {r['top1_agree']:.2f} (C = {r['capacity']})"
+                  f"with it (Sk = entries kept); \"-\": even n_sink + window entries are over the target.", ""]
+        lines += _table(eb, cols, "frac", lambda r: f"{r['dnll']:+.3f} / {r['top1_agree']:.2f} (Sk = {r['capacity']})"
                         if ok(r) else "-")
         lines += ["", f"Long-range probe, same columns: NLL increase vs the full latent cache on the "
                   f"{q['probe_tokens']} continuation tokens whose bigram last occurred more than {q['probe_dist']} "

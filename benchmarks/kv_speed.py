@@ -68,19 +68,20 @@ def fill_random(caches, prompt_len, gen):
     def rand_(buf):
         buf.copy_(torch.randn(buf.shape, generator=gen).to(buf))
     for c in caches:
-        if not hasattr(c, "log_votes"):   # model.LatentKVCache (c, k_rope), model.KVCache (k, v):
+        if not hasattr(c, "slots"):       # model.LatentKVCache (c, k_rope), model.KVCache (k, v):
             for buf in c.buffers():       # the decode masks the slots past its position
                 rand_(buf)
             continue
         c.reset()                         # keepkv.KeepKVCache (k, v), LatentKeepKVCache (kv)
-        for buf in (c.kv,) if hasattr(c, "kv") else (c.k, c.v):
-            rand_(buf)
+        s = c.slots
+        for name in s.entries:
+            rand_(getattr(s, name))
         n = min(prompt_len, c.kept)
-        c.log_votes[..., :n] = 0.0
-        for buf in (c.log_score, c.log_pred):   # the selection's score; ZIP's prediction (merging only)
+        s.log_votes[..., :n] = 0.0
+        for buf in (s.log_score, s.log_pred):   # the selection's score; ZIP's prediction (merging only)
             if buf is not None:
                 rand_(buf[..., :n])
-        c.pos[..., :n] = torch.arange(n, dtype=torch.int32, device=c.pos.device)
+        s.pos[..., :n] = torch.arange(n, dtype=torch.int32, device=s.pos.device)
         if hasattr(c, "offset"):          # KeepKVCache, growing policies: prompt positions dropped
             c.offset = prompt_len - n
         c.prefilled = True

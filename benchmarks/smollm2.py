@@ -23,12 +23,12 @@ exact for all three. Two ways to run the policies, both here (`make_caches`):
 - "shared" (the cache's real size): each KV group is a keepkv_latent.LatentKeepKVCache. That cache
   already handles entries shared by several query heads (MLA's latent is one entry for all H heads):
   per-query-head votes make every head's attention mass exact, and the merged value is the
-  least-squares compromise of the heads' weighted means. The group's entry is K = [v | k], its
-  queries [0 | q] (so the logits are q.k), the value the first 64 dims of K, and the heads' value
+  least-squares compromise of the heads' weighted means. The group's entry is kv = [v | k], its
+  queries [0 | q] (so the logits are q.k), the value the first 64 dims of kv, and the heads' value
   maps the identity. Who stays is decided per group, from the mean over its query heads. Merge
   targets: the kept entry whose whole [v | k] is most cosine-similar.
 - "expanded": each query head gets its own copy of its group's entries (keepkv.KeepKVCache with
-  G = H = 9): per-head decisions and an exact ZIP merge per head, at 3x the bytes.
+  Hk = H = 9): per-head decisions and an exact ZIP merge per head, at 3x the bytes.
 Which one the KeepKV paper ran: none, most likely. Its released code (kkvcache/KeepKV,
 utils_hh/modify_llama_oursk.py) builds its key and value projections with num_attention_heads heads,
 i.e. multi-head attention only, as in the Llama-2 models it reports. On a GQA model the code's own
@@ -226,7 +226,7 @@ def load_model(path: str | None = None, device="cpu") -> SmolLM2:
 # ----------------------------------------------------------------------------- caches
 
 class FullCache(nn.Module):
-    """The model's own uncompressed cache: keys and values [B, S, G, hd] per KV head (G = 3), written
+    """The model's own uncompressed cache: keys and values [B, S, Hkv, hd] per KV head (Hkv = 3), written
     at input_pos; a query attends over every position up to its own."""
 
     def __init__(self, batch, max_len, n_kv_heads, head_dim, dtype=torch.float32, device=None):
@@ -281,12 +281,12 @@ class ExpandedCache(nn.Module):
 
 class SharedCache(nn.Module):
     """One keepkv_latent.LatentKeepKVCache over all KV groups: the groups ride in its batch dimension
-    (B * G rows), the group's query heads are its heads, and the entry is [v | k]."""
+    (B * Hkv rows), the group's query heads are its heads, and the entry is [v | k]."""
 
     def __init__(self, args: LlamaArgs, batch, prompt_len, cfg, max_new_tokens, track=False, device=None):
         super().__init__()
-        self.G, self.rep, hd = args.n_kv_heads, args.n_heads // args.n_kv_heads, args.head_dim
-        self.inner = keepkv_latent.LatentKeepKVCache(batch * self.G, prompt_len, self.rep, hd, hd, cfg,
+        self.Hkv, self.rep, hd = args.n_kv_heads, args.n_heads // args.n_kv_heads, args.head_dim
+        self.inner = keepkv_latent.LatentKeepKVCache(batch * self.Hkv, prompt_len, self.rep, hd, hd, cfg,
                                                      max_new_tokens, torch.float32, device, track)
         self.register_buffer("w_v", torch.eye(hd, device=device).expand(self.rep, hd, hd).contiguous())
 
@@ -294,12 +294,12 @@ class SharedCache(nn.Module):
         return self.inner.nbytes()
 
     def layout(self, q, k, v):
-        """(Q, K) as the inner cache takes them: groups in the batch, queries [0 | q], entries [v | k]."""
+        """(Q, kv) as the inner cache takes them: groups in the batch, queries [0 | q], entries [v | k]."""
         B, T, H, hd = q.shape
-        Q = q.view(B, T, self.G, self.rep, hd).transpose(1, 2).reshape(B * self.G, T, self.rep, hd)
+        Q = q.view(B, T, self.Hkv, self.rep, hd).transpose(1, 2).reshape(B * self.Hkv, T, self.rep, hd)
         Q = torch.cat([torch.zeros_like(Q), Q], -1)                                  # [0 | q]
-        K = torch.cat([v, k], -1).transpose(1, 2).reshape(B * self.G, T, 2 * hd)     # [v | k]
-        return Q, K
+        kv = torch.cat([v, k], -1).transpose(1, 2).reshape(B * self.Hkv, T, 2 * hd)  # [v | k]
+        return Q, kv
 
     def compress(self, laid_out, input_pos, scale):
         """The prefill's compression alone, from `layout`'s output (kept by a caller across caches)."""
@@ -307,8 +307,8 @@ class SharedCache(nn.Module):
 
     def attend(self, q, k, v, input_pos, scale):
         B, T, H, hd = q.shape
-        out = self.inner.attend_shared(*self.layout(q, k, v), self.w_v, input_pos, scale)  # [B*G, T, rep, hd]
-        return out.view(B, self.G, T, self.rep, hd).transpose(1, 2).reshape(B, T, H, hd)
+        out = self.inner.attend_shared(*self.layout(q, k, v), self.w_v, input_pos, scale)  # [B*Hkv, T, rep, hd]
+        return out.view(B, self.Hkv, T, self.rep, hd).transpose(1, 2).reshape(B, T, H, hd)
 
 
 GQA_MODES = ("shared", "expanded")
@@ -336,5 +336,5 @@ def cache_stats(caches) -> dict | None:
 
 
 def full_cache_bytes(args: LlamaArgs, n_tokens: int, batch: int = 1, item: int = 4) -> int:
-    """The model's own uncompressed cache: per token and layer 2 x G x hd numbers."""
+    """The model's own uncompressed cache: per token and layer 2 x Hkv x hd numbers."""
     return args.n_layers * batch * n_tokens * 2 * args.n_kv_heads * args.head_dim * item

@@ -86,9 +86,10 @@ def keys_with_logits(q, logits, scale, seed=0, noise=1.0):
                                              ([0.5, -3.0, -2.0], True),        # L < 0 < lbar: a flip
                                              ([4e-4, -4e-4, 5e-4], True)])     # |lbar| < eps: 0/0
 def test_merge_stores_the_logit_the_merged_key_has(logits, fallback):
-    """alpha = 0: ln S are one query's logits. The stored ln S_r must be the logit k_r really has
-    (L on the main path, lbar for the fall-back and convex), and for ZIP ln p_r + ln S_r must be
-    ln sum p_i S_i, the mass the parts had, in both branches (the fall-back used to store L)."""
+    """alpha = 0: ln sigma are one query's logits. The stored ln sigma_r must be the logit k_r
+    really has (L on the main path, lbar for the fall-back and convex), and for ZIP ln p_r +
+    ln sigma_r must be ln sum p_i sigma_i, the mass the parts had, in both branches (the fall-back
+    used to store L)."""
     g = torch.Generator().manual_seed(0)
     d = 8
     q = torch.randn(1, 1, d, generator=g, dtype=torch.float64)
@@ -242,11 +243,11 @@ def test_cache_bytes_at_budget_0_1():
 @pytest.mark.parametrize("dtype,meta_bytes", [(torch.float64, 8), (torch.bfloat16, 4)])
 def test_slots_nbytes_is_the_sum_of_its_slots(dtype, meta_bytes):
     B, G, N, dk, dv = 2, 3, 7, 10, 6
-    slots = CacheSlots(B, G, N, dk, dv, dtype)
+    slots = CacheSlots(B, G, N, {"k": dk, "v": dv}, dtype)
     item = torch.tensor([], dtype=dtype).element_size()
-    # keys and values, then ln p and ln S (fp32 at least), then int32 positions; `lengths` is per row
+    # keys and values, then ln p and ln sigma (fp32 at least), then int32 positions; `lengths` is per row
     assert slots.nbytes() == B * G * N * ((dk + dv) * item + 2 * meta_bytes + 4)
-    for policy, n_meta in (("h2o", 2), ("keepkv", 3)):   # + ZIP's predicted ln S when merging
+    for policy, n_meta in (("h2o", 2), ("keepkv", 3)):   # + ZIP's predicted ln sigma when merging
         cache = keepkv.KeepKVCache(B, 60, G, dk, dv, KVConfig(policy=policy, budget=0.1), dtype=dtype)
         assert cache.nbytes() == B * G * (cache.capacity + 1) * ((dk + dv) * item + n_meta * meta_bytes + 4)
     assert cache.log_score is cache.slots.log_score
@@ -255,7 +256,7 @@ def test_slots_nbytes_is_the_sum_of_its_slots(dtype, meta_bytes):
 def test_slots_write_token_fills_the_first_free_slot():
     B, G, N, dk, dv = 2, 3, 6, 5, 4
     g = torch.Generator().manual_seed(0)
-    slots = CacheSlots(B, G, N, dk, dv, torch.float64)
+    slots = CacheSlots(B, G, N, {"k": dk, "v": dv}, torch.float64)
     for t in range(4):
         # a random pattern of free slots, at least one per row
         lv = torch.randn(B, G, N, generator=g, dtype=torch.float64)
@@ -265,21 +266,21 @@ def test_slots_write_token_fills_the_first_free_slot():
         slots.log_score.copy_(torch.randn(B, G, N, generator=g, dtype=torch.float64))
         ref = {n: getattr(slots, n).clone() for n in ("k", "v", "log_votes", "log_score", "pos")}
         k, v = (torch.randn(B, G, d, generator=g, dtype=torch.float64) for d in (dk, dv))
-        slot = slots.write_token(k, v, torch.tensor(t))
+        slot = slots.write_token((k, v), torch.tensor(t))
         for b in range(B):
             for h in range(G):
                 n = next(i for i in range(N) if ref["log_votes"][b, h, i] == NEG)
                 assert slot[b, h, 0] == n
                 ref["k"][b, h, n], ref["v"][b, h, n] = k[b, h], v[b, h]
-                ref["log_votes"][b, h, n], ref["pos"][b, h, n] = 0.0, t       # one vote; ln S untouched
+                ref["log_votes"][b, h, n], ref["pos"][b, h, n] = 0.0, t       # one vote; ln sigma untouched
         for name, want in ref.items():
             assert torch.equal(getattr(slots, name), want), name
     # nothing ever leaves: the first free slot is the position, and the in-order write agrees
-    a, b = CacheSlots(B, G, N, dk, dv), CacheSlots(B, G, N, dk, dv)
+    a, b = (CacheSlots(B, G, N, {"k": dk, "v": dv}) for _ in range(2))
     for t in range(N):
         k, v = torch.randn(B, G, dk, generator=g), torch.randn(B, G, dv, generator=g)
-        assert (a.write_token(k, v, torch.tensor(t)) == t).all()
-        assert (b.write_token(k, v, torch.tensor(t), in_order=True) == t).all()
+        assert (a.write_token((k, v), torch.tensor(t)) == t).all()
+        assert (b.write_token((k, v), torch.tensor(t), in_order=True) == t).all()
     for name in ("k", "v", "log_votes", "log_score", "pos"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert a.live().all()
@@ -289,10 +290,11 @@ def test_slots_write_token_fills_the_first_free_slot():
 
 def test_slots_rows_round_trip_and_free():
     B, G, N = 1, 2, 5
-    slots = CacheSlots(B, G, N, 3, 2, torch.float64, pred=True)
-    slots.write_prefix(*(torch.randn(B, G, N, d, dtype=torch.float64) for d in (3, 2)),
-                       torch.zeros(B, G, N, dtype=torch.float64), torch.randn(B, G, N, dtype=torch.float64),
-                       torch.arange(N, dtype=torch.int32).expand(B, G, N), torch.randn(B, G, N, dtype=torch.float64))
+    slots = CacheSlots(B, G, N, {"k": 3, "v": 2}, torch.float64, pred=True)
+    r = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
+    slots.write_prefix(k=r(B, G, N, 3), v=r(B, G, N, 2), log_votes=torch.zeros(B, G, N, dtype=torch.float64),
+                       log_score=r(B, G, N), pos=torch.arange(N, dtype=torch.int32).expand(B, G, N),
+                       log_pred=r(B, G, N))
     idx = torch.tensor([[[3], [1]]])
     rows = slots.rows(idx)
     for x, row in zip((slots.k, slots.v, slots.log_votes, slots.log_pred), rows):

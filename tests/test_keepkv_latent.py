@@ -18,7 +18,7 @@ def _logits(Q, kv, scale):
 
 
 def _scene(seed, n_kept=6, n_leave=3, B=2):
-    """Kept and leaving latent entries whose ln S are the logits of a query Q (alpha = 0)."""
+    """Kept and leaving latent entries whose ln sigma are the logits of a query Q (alpha = 0)."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     Q, scale = r(B, H, C + DR) * 2, 0.7
@@ -54,7 +54,7 @@ def test_merge_latent_keeps_every_heads_mass_and_solves_the_least_squares():
                 assert not touched[b, j] and torch.equal(kv_r[b, j], kept[0][b, j])
                 continue
             W = sum(w for _, w in rows)                                                  # [H]
-            # mass, exact per head: p_hr exp(l_h(K_r)) = W_h, and the stored prediction agrees
+            # mass, exact per head: p_hr exp(l_h(kv_r)) = W_h, and the stored prediction agrees
             mass = (ln_p_r[b, :, j] + _logits(Q[b:b + 1], kv_r[b:b + 1, j:j + 1], scale)[0, :, 0]).exp()
             torch.testing.assert_close(mass, W, rtol=1e-10, atol=0)
             torch.testing.assert_close((ln_p_r[b, :, j] + ln_s_r[b, :, j]).exp(), W, rtol=1e-10, atol=0)
@@ -231,7 +231,7 @@ def test_latent_merge_of_the_dominant_entry_perturbs_least(tiny64):
 def test_bytes_and_break_even():
     k2 = get_args("kimi-k2")
     be = kl.break_even(k2)
-    # a KeepKV slot: per head ln p, the selection's score and ZIP's ln S (fp32), an int32 position
+    # a KeepKV slot: per head ln p, the selection's score and ZIP's ln sigma (fp32), an int32 position
     assert be["per-head"] == pytest.approx(1152 / (40960 + 64 * 16), rel=1e-12)   # ~2.7%, as REFERENCE 3b
     assert be["latent"] == pytest.approx(1152 / (1152 + 768 + 4), rel=1e-12)
     model = build_model(get_args("tiny", n_layers=2), seed=0)
@@ -276,6 +276,41 @@ def test_latent_budget_invariants(tiny64, case):
                 model(tokens[:, t:t + 1], torch.tensor([t]), caches)
             for c in caches:
                 assert (c.live().sum(-1) == C).all()
-                pos = c.pos.masked_fill(~c.live(), -1)
+                pos = c.slots.pos.masked_fill(~c.live(), -1)
                 for must in range(t + 1 - recent, t + 1):
                     assert (pos == must).any(-1).all(), f"position {must} missing at step {t}"
+
+
+
+def test_shared_slots_write_read_and_free_one_slot_in_every_head():
+    """keepkv.CacheSlots(shared=True), the latent cache's storage: one entry [B, S, *] per slot,
+    votes and scores per head [B, H, S]; a slot index [B, M] addresses that slot in every head."""
+    B, S, width = 2, 5, 3
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    slots = keepkv.CacheSlots(B, H, S, {"kv": width}, torch.float64, pred=True, shared=True)
+    assert slots.kv.shape == (B, S, width) and slots.pos.shape == (B, S) and slots.log_votes.shape == (B, H, S)
+    assert slots.nbytes() == B * S * (width * 8 + 3 * H * 8 + 4)
+    for t in range(S):   # each token takes the first free slot, with one vote in every head
+        kv = r(B, width)
+        assert (slots.write_token((kv,), torch.tensor(t)) == t).all()
+        assert torch.equal(slots.kv[:, t], kv) and (slots.pos[:, t] == t).all() and (slots.log_votes[..., t] == 0).all()
+    assert slots.live().shape == (B, S) and slots.live().all()
+    slots.log_score.copy_(r(B, H, S))
+    slots.log_pred.copy_(r(B, H, S))
+    idx, names = torch.tensor([[3], [1]]), (*slots.merged, "log_score")             # idx [B, 1]
+    rows = slots.rows(idx, names)
+    assert [tuple(x.shape) for x in rows] == [(B, 1, width), (B, H, 1), (B, H, 1), (B, H, 1)]
+    assert torch.equal(rows[0][:, 0], slots.kv[[0, 1], [3, 1]])
+    assert torch.equal(rows[3][0, :, 0], slots.log_score[0, :, 3]) and torch.equal(rows[3][1, :, 0], slots.log_score[1, :, 1])
+    before = [getattr(slots, n).clone() for n in names]
+    slots.put_rows(idx, [x + 1 for x in rows], names)
+    for name, x0 in zip(names, before):
+        x1 = getattr(slots, name)
+        changed = x1 != x0 if name != "kv" else (x1 != x0).all(-1)[:, None]        # [B, H or 1, S]
+        want = torch.zeros_like(changed)
+        want[0, :, 3] = want[1, :, 1] = True
+        assert torch.equal(changed, want), name
+    slots.free(idx, torch.tensor([[True], [False]]))                                 # row 1's slot stays
+    assert slots.live()[0].tolist() == [True, True, True, False, True] and slots.live()[1].all()
+    assert (slots.log_votes[0, :, 3] == -math.inf).all() and (slots.log_votes[1] > -math.inf).all()
