@@ -5,7 +5,7 @@ Sources: the Kimi K2 report (arXiv 2507.20534) for the configuration; DeepSeek-V
 2405.04434) for MLA's low-rank keys and values and their absorption; YaRN (arXiv 2309.00071).
 
 Read top to bottom:
-  1. ModelArgs + PRESETS: every number of the architecture (DeepSeek-V3 field names).
+  1. ModelArgs, imported from config.py (every number of the architecture, the presets).
   2. RMSNorm and RoPE (on Dr dims of each head only, with YaRN for long contexts).
   3. MLA, Multi-head Latent Attention: keys and values are rebuilt from a small latent c, so a
      decode cache can hold C+Dr numbers per token and layer instead of H(Dn+Dr+Dv).
