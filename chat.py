@@ -2,7 +2,7 @@
 loop that plays them, and the evaluation.
 
 posttrain.py teaches a pretrained checkpoint to follow this file's format (SFT) and then to get its
-answers right (RL). Everything the model sees and everything that scores it is here, in four parts
+answers right (RL). Everything the model sees and everything that scores it is here, in five parts
 (the programs it writes run in executor.py):
 
 1. The chat format (Kimi K2's role tokens). A conversation is a list of turns, each rendered as
@@ -44,6 +44,9 @@ answers right (RL). Everything the model sees and everything that scores it is h
 4. Evaluation: pass@1 = the share of held-out tasks (distinct; fixed seed) whose greedy reply is
    correct, per kind, with tool calls run by the executor, as in RL. Each evaluation keeps which
    tasks it got right, so two checkpoints compare task by task (`flips`).
+
+5. The toy judge: the model grading a reply ("Correct?" -> yes/no), for posttrain.py's optional
+   self-critique (posttrain.py's docstring, item 4).
 """
 import hashlib
 import math
@@ -458,3 +461,42 @@ def eval_line(name: str, res: dict) -> str:
     n = res.get("n", {})
     return f"{name}: pass@1 " + " ".join(f"{k} {v:.3f}" + (f" (of {n[k]})" if k in n else "")
                                          for k, v in res.items() if k not in ("n", "correct", "tasks"))
+
+
+# ----------------------------------------------------------------------------- 5. the toy judge (posttrain.py's self-critique)
+
+
+def judge_prompt(task: Task, reply: str) -> str:
+    return f"{task.prompt}\nAnswer: {reply}\nCorrect?"
+
+
+def judge_demonstration(task: Task, rng) -> list[dict]:
+    """A graded reply of a verifiable task (right or wrong half the time each), for SFT: teaches the
+    critic on tasks whose grade is known, the calibration K2 keeps up with its verifiable rewards."""
+    right = rng.random() < 0.5
+    reply = task.answer if right else _wrong_reply(task, rng)
+    return [{"role": "user", "content": judge_prompt(task, reply)},
+            {"role": "assistant", "content": "yes" if right else "no"}]
+
+
+def _wrong_reply(task: Task, rng) -> str:
+    if task.kind in ("add", "fn"):
+        return task.answer[:-1] + str((int(task.answer[-1]) + rng.randint(1, 9)) % 10)
+    parts = task.answer.split(" ") if task.kind == "reverse" else list(task.answer)
+    rng.shuffle(parts)
+    wrong = (" " if task.kind == "reverse" else "").join(parts)
+    return wrong if wrong != task.answer else task.answer + task.answer[-1]
+
+
+@torch.no_grad()
+def critic_yes(model, c: Chat, eps: list[Episode]) -> list[float]:
+    """P("yes") / (P("yes") + P("no")) of the model as judge of each episode's final reply."""
+    yes, no = c.text("yes")[0], c.text("no")[0]
+    rows = [c.prompt([{"role": "user", "content": judge_prompt(e.task, e.reply)}]) for e in eps]
+    model.eval()
+    out = []
+    for row in rows:  # (one forward each: the rows differ in length; this is a toy)
+        logits = model(torch.tensor([row], device=model.embed.weight.device))[0, -1]
+        out.append(torch.softmax(logits[[yes, no]], -1)[0].item())
+    model.train()
+    return out

@@ -62,7 +62,7 @@ import checkpoint
 import data
 import executor
 import muonclip
-from chat import CachedRunner, Chat, Episode, Task, eval_line, flips, flips_line, pass_at_1, rollout
+from chat import CachedRunner, Chat, Episode, eval_line, flips, flips_line, pass_at_1, rollout
 from checkpoint import load_checkpoint, load_pretrained, save_checkpoint, save_when_due
 from config import check_flags
 from parallel import Dist, pick_device
@@ -166,46 +166,7 @@ def stdlib_val_loss(model, tokens, seq_len: int = 256, batches: int = 4) -> floa
     return sum(losses) / len(losses)
 
 
-# ----------------------------------------------------------------------------- 4. toy self-critique
-
-
-def judge_prompt(task: Task, reply: str) -> str:
-    return f"{task.prompt}\nAnswer: {reply}\nCorrect?"
-
-
-def judge_demonstration(task: Task, rng) -> list[dict]:
-    """A graded reply of a verifiable task (right or wrong half the time each), for SFT: teaches the
-    critic on tasks whose grade is known, the calibration K2 keeps up with its verifiable rewards."""
-    right = rng.random() < 0.5
-    reply = task.answer if right else _wrong_reply(task, rng)
-    return [{"role": "user", "content": judge_prompt(task, reply)},
-            {"role": "assistant", "content": "yes" if right else "no"}]
-
-
-def _wrong_reply(task: Task, rng) -> str:
-    if task.kind in ("add", "fn"):
-        return task.answer[:-1] + str((int(task.answer[-1]) + rng.randint(1, 9)) % 10)
-    parts = task.answer.split(" ") if task.kind == "reverse" else list(task.answer)
-    rng.shuffle(parts)
-    wrong = (" " if task.kind == "reverse" else "").join(parts)
-    return wrong if wrong != task.answer else task.answer + task.answer[-1]
-
-
-@torch.no_grad()
-def critic_yes(model, c: Chat, eps: list[Episode]) -> list[float]:
-    """P("yes") / (P("yes") + P("no")) of the model as judge of each episode's final reply."""
-    yes, no = c.text("yes")[0], c.text("no")[0]
-    rows = [c.prompt([{"role": "user", "content": judge_prompt(e.task, e.reply)}]) for e in eps]
-    model.eval()
-    out = []
-    for row in rows:  # (one forward each: the rows differ in length; this is a toy)
-        logits = model(torch.tensor([row], device=model.embed.weight.device))[0, -1]
-        out.append(torch.softmax(logits[[yes, no]], -1)[0].item())
-    model.train()
-    return out
-
-
-# ----------------------------------------------------------------------------- 5. loops, checkpoints, CLI
+# ----------------------------------------------------------------------------- 4. loops, checkpoints, CLI
 
 
 class RunState:
@@ -244,7 +205,7 @@ class RunState:
 def sft_step(model, c: Chat, args, step: int, corpus: dict, ptx) -> dict:
     rng = random.Random(args.seed * 1_000_003 + step)
     tasks = [chat.make_task(k, rng, "train", corpus) for k in draw_order(rng, args.tasks, args.batch_size)]
-    convos = [judge_demonstration(t, rng) if rng.random() < args.judge_frac else chat.demonstration(t, rng)
+    convos = [chat.judge_demonstration(t, rng) if rng.random() < args.judge_frac else chat.demonstration(t, rng)
               for t in tasks]
     batches = sft_batches(c, convos, model.args.max_seq_len, args.micro_batches)
     n_masked = sum(int(m.sum()) for _, _, m in batches)
@@ -282,7 +243,7 @@ def rl_step(model, c: Chat, args, step: int, corpus: dict, ptx, runner, optimize
     state.observe([e.task.kind for e in eps], scores)
     r = torch.tensor(scores, device=args.device)
     if args.critic_coef:  # toy: the model's own grade, centred, added to the checker's reward
-        grades = critic_yes(model, c, eps)
+        grades = chat.critic_yes(model, c, eps)
         r = r + args.critic_coef * (torch.tensor(grades, device=args.device) - 0.5)
     adv = advantages(r, args.group_size)
     # A group whose replies all scored the same (all right, all wrong) has advantage 0: at pi = pi_old
@@ -343,6 +304,16 @@ def load_ptx(args, c: Chat):
     return ds
 
 
+def evaluate(model, c: Chat, args, corpus: dict, ds, runner=None) -> dict:
+    """Held-out pass@1 per kind (chat.pass_at_1, task by task) and the stdlib val loss."""
+    res = pass_at_1(model, c, args.tasks, args.eval_n, corpus, runner=runner)
+    return {**res, "val_loss": round(stdlib_val_loss(model, ds.val), 4)}
+
+
+def _point(step: int, res: dict) -> dict:  # an evaluation on the curves: its numbers, not its tasks
+    return {"step": step, **{k: v for k, v in res.items() if k != "correct"}}
+
+
 def run(args):
     t0 = time.time()
     model, c = load_start(args)
@@ -353,8 +324,7 @@ def run(args):
     if args.stage == "rl" or args.eval_n:  # these run model-written code: say what contains it here
         log(executor.describe())
     if args.stage == "eval":
-        res = pass_at_1(model, c, kinds, args.eval_n, corpus)
-        res["val_loss"] = round(stdlib_val_loss(model, ds.val), 4)
+        res = evaluate(model, c, args, corpus, ds)
         log(eval_line(args.out_dir, res))
         return res
     model.set_record_max_logits(True)  # QK-Clip, as in pretraining
@@ -374,8 +344,7 @@ def run(args):
                 report[key] = [r for r in report.get(key, []) if r["step"] <= step]
         log(f"resumed {args.out_dir} at step {step}")
     elif args.eval_n and args.stage == "sft":
-        report["before"] = {**pass_at_1(model, c, kinds, args.eval_n, corpus, runner=runner),
-                            "val_loss": round(stdlib_val_loss(model, ds.val), 4)}
+        report["before"] = evaluate(model, c, args, corpus, ds, runner)
         log(eval_line("before SFT", report["before"]))
     os.makedirs(args.out_dir, exist_ok=True)
     data.atomic_write(report_path, json.dumps(report, indent=1).encode())
@@ -408,8 +377,8 @@ def run(args):
         step += 1
         report.setdefault("curve", []).append({"step": step, **{k: round(v, 4) for k, v in rec.items()}})
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:  # (the last: below)
-            res = pass_at_1(model, c, kinds, args.eval_n, corpus, runner=runner)
-            report.setdefault("evals", []).append({"step": step, **{k: v for k, v in res.items() if k != "correct"}})
+            res = evaluate(model, c, args, corpus, ds, runner)
+            report.setdefault("evals", []).append(_point(step, res))
             log(eval_line(f"{args.stage} step {step}", res))
         if step % args.log_every == 0 or step == args.steps:
             eta = (time.time() - t_loop) / (step - first) * (args.steps - step)
@@ -423,16 +392,15 @@ def run(args):
             return report
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.eval_n:
-        report["after"] = {**pass_at_1(model, c, kinds, args.eval_n, corpus, runner=runner),
-                           "val_loss": round(stdlib_val_loss(model, ds.val), 4)}
+        report["after"] = evaluate(model, c, args, corpus, ds, runner)
         log(eval_line(f"after {args.stage.upper()}", report["after"]))
         start = _start_eval(args, report)
         if start is not None and not any(e["step"] == 0 for e in report.get("evals", [])):
-            report.setdefault("evals", []).insert(0, {"step": 0, **{k: v for k, v in start[1].items() if k != "correct"}})
+            report.setdefault("evals", []).insert(0, _point(0, start[1]))
         if start is not None and (f := flips(start[1], report["after"])) is not None:
             report["flips"] = {"vs": start[0], **f}
             log(flips_line(f"after {args.stage.upper()} vs {start[0]}", f))
-        report.setdefault("evals", []).append({"step": step, **{k: v for k, v in report["after"].items() if k != "correct"}})
+        report.setdefault("evals", []).append(_point(step, report["after"]))
     report.update(steps=step, minutes=round((time.time() - t0) / 60, 2), executor_runs=runner.runs)
     if sampled[0]:
         report.update(replies=sampled[0], replies_per_s=round(sampled[0] / sampled[1], 2))

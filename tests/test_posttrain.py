@@ -219,7 +219,7 @@ def test_toy_critic_labels_agree_with_the_checker():
     seen = set()
     for i in range(60):
         task = chat.make_task(chat.KINDS[i % len(chat.KINDS)], rng, "train", corpus)
-        convo = posttrain.judge_demonstration(task, rng)
+        convo = chat.judge_demonstration(task, rng)
         reply = convo[0]["content"].split("\nAnswer: ")[1].rsplit("\nCorrect?", 1)[0]
         grade = convo[1]["content"]
         assert grade == ("yes" if chat.score(task, reply) == 1.0 else "no"), (task, reply, grade)
