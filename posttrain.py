@@ -29,7 +29,9 @@ chat.py holds what the model sees and what grades it: the chat format, the tasks
      - PTX: the pretraining loss on stdlib windows, mixed in with weight --ptx-coef, so the model
        keeps what pretraining taught it (the eval reports the stdlib val loss to show it);
      - temperature decay: sampling starts hot for exploration and cools linearly;
-     - prioritized sampling (k1.5): task kinds are drawn with weight 1 - their recent pass rate.
+     - prioritized sampling (k1.5, --prioritize 1): task kinds drawn with weight 1 - their recent
+       pass rate. Off by default: here the kinds the model already passes drift without practice
+       and lose more than the practised kinds gain (RESULTS.md, "what mattered").
    Groups whose K rewards are all equal have advantage 0 and are left out; each step's lr is scaled
    by the share of replies in groups that carry a signal (--live-lr). Muon's update has the same
    size whatever the gradient's: without the scaling a batch with one informative group moves the
@@ -454,9 +456,9 @@ def plot_curves(report: dict, path: str) -> bool:
     return True
 
 
-STAGE_DEFAULTS = {  # (each fits 10 minutes on 2 CPU cores with the tiny preset, evaluations included)
+STAGE_DEFAULTS = {  # (SFT fits 10 minutes on 2 CPU cores with the tiny preset, RL 15, evaluations included)
     "sft": dict(init_from="out", out_dir="out/sft", steps=300, batch_size=32, lr=2e-3, ptx_coef=1.0),
-    "rl": dict(init_from="out/sft", out_dir="out/rl", steps=60, batch_size=8, lr=3e-4, ptx_coef=0.1),
+    "rl": dict(init_from="out/sft", out_dir="out/rl", steps=150, batch_size=8, lr=1e-4, ptx_coef=0.1),
     "eval": dict(init_from=None, out_dir="out/rl", steps=0, batch_size=1, lr=0.0, ptx_coef=0.0),
 }
 
@@ -502,8 +504,9 @@ def parse_args(argv=None):
         g.add_argument("--group-size", type=int, default=8, help="K: replies sampled per prompt")
         g.add_argument("--tau", type=float, default=1.0, help="the k1.5 loss's regulariser towards pi_old")
         g.add_argument("--inner-steps", type=int, default=2, help="optimizer steps per sampled batch")
-        g.add_argument("--prioritize", type=int, default=1, choices=(0, 1),
-                       help="1: draw task kinds with weight 1 - their recent pass rate (k1.5's prioritized sampling)")
+        g.add_argument("--prioritize", type=int, default=0, choices=(0, 1),
+                       help="1: draw task kinds with weight 1 - their recent pass rate (k1.5's prioritized "
+                            "sampling); 0 (default): kinds take turns, so the ones already passed keep practice")
         g.add_argument("--live-lr", type=int, default=1, choices=(0, 1),
                        help="1: scale each step's lr by the share of groups whose rewards differ")
         s.add_argument("--ptx-coef", type=float, help="weight of the pretraining (PTX) loss mixed into each step")
