@@ -9,6 +9,7 @@
     python bench.py testbed   builds (once) the long-context model `bench.py kv` uses; loss by position
     python bench.py kernels   Triton kernels vs their torch references (GPU; interpreter on CPU)
     python bench.py dist      tokens/s with 1 and 2 processes (FSDP2), optimizer and communication share
+    python bench.py rl        RL sampling: replies/s with the executor's runs one by one vs side by side
 
 Each lives in benchmarks/<name>.py, which adds its own subcommand and flags (add_parser) and says
 what it measures; `bench.py dist-worker` is one rank of `bench.py dist`, launched by it, and
@@ -25,12 +26,13 @@ import benchmarks.kernel_speed
 import benchmarks.kv
 import benchmarks.optim
 import benchmarks.optim_claims
+import benchmarks.rl_speed
 import benchmarks.testbed
 import benchmarks.train_speed
 
 # in the order `--help` lists them; benchmarks.dist adds both dist and dist-worker
 MODULES = (benchmarks.train_speed, benchmarks.optim, benchmarks.optim_claims, benchmarks.kv, benchmarks.testbed,
-           benchmarks.kernel_speed, benchmarks.dist)
+           benchmarks.kernel_speed, benchmarks.dist, benchmarks.rl_speed)
 
 
 def main(argv=None):

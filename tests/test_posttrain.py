@@ -2,6 +2,7 @@
 mask against a hand computation, the rewards on known good and bad answers, the k1.5 objective
 against a hand-computed example, and a short SFT + RL run with resume (the executor's containment:
 tests/test_executor.py)."""
+import json
 import os
 import random
 
@@ -393,3 +394,14 @@ def test_rl_on_a_base_checkpoint_says_run_sft_first(trained_checkpoint, corpus_d
     with pytest.raises(SystemExit):
         posttrain.cli(flags("rl", trained_checkpoint, tmp_path, corpus_dir, cache_dir))
     assert "run `python posttrain.py sft` on it first" in capsys.readouterr().err
+
+
+def test_bench_rl_compares_the_same_replies(sft_run, tmp_path, monkeypatch, capsys):
+    """bench.py rl: both arms sample the same replies (it raises otherwise) and the JSON has both."""
+    import bench
+    sft, _ = sft_run
+    monkeypatch.chdir(tmp_path)
+    bench.main(["rl", "--ckpt", str(sft), "--rounds", "2", "--prompts", "4", "--group", "2", "--workers", "2"])
+    rows = json.load(open(tmp_path / "out" / "bench" / "rl.json"))["rows"]
+    assert [r["executor runs"] for r in rows] == ["one by one", "side by side (2 threads)"]
+    assert all(r["replies"] == 2 * 4 * 2 for r in rows)
