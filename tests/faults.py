@@ -203,22 +203,13 @@ def fork_points(prepare, action, report_dir):
             name = f"{k:03d}-{when}"
             target = prepare(name)
             report = os.path.join(report_dir, f"{name}.json")
-            _flush()
-            pid = os.fork()
-            if pid == 0:
-                code = 1
-                try:
-                    FAULTS.armed, FAULTS.report = (k, when), report
-                    action(target)
-                    with open(report, "w") as f:
-                        json.dump({"ops": FAULTS.ops}, f)
-                    code = NOT_REACHED
-                except BaseException:
-                    traceback.print_exc()
-                finally:
-                    _flush()
-                    os._exit(code)
-            _, status = os.waitpid(pid, 0)
+            def child():
+                FAULTS.armed, FAULTS.report = (k, when), report
+                action(target)
+                with open(report, "w") as f:
+                    json.dump({"ops": FAULTS.ops}, f)
+
+            status = _run_forked(child, NOT_REACHED)
             if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
                 with open(report) as f:
                     faults.append({**json.load(f), "dir": str(target)})
@@ -377,21 +368,27 @@ def mode_enospc(spec, argv):
         json.dump(results, f, indent=1)
 
 
-def _forked(fn) -> int:
-    """fn() in a forked child; its exit status (0: it returned)."""
+def _run_forked(fn, returned: int = 0) -> int:
+    """fn() in a forked child, which exits with `returned` if fn returns and 1 if it raises (or is
+    killed); the child's raw wait status."""
     _flush()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             fn()
-            code = 0
+            code = returned
         except BaseException:
             traceback.print_exc()
         finally:
             _flush()
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    return os.waitpid(pid, 0)[1]
+
+
+def _forked(fn) -> int:
+    """fn() in a forked child; its exit status (0: it returned)."""
+    status = _run_forked(fn)
     return os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
 
 
