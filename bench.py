@@ -4,6 +4,7 @@
     python bench.py optim     AdamW vs MuonClip at equal tokens; the QK-Clip demonstration
     python bench.py optim-match   tokens (and step seconds) MuonClip needs to reach AdamW's loss
     python bench.py optim-clip    QK-Clip's cost: val loss with and without the clip, paired by seed
+    python bench.py quickstart    train.py settings at equal wall time (real runs, --time-budget), by val bpb
     python bench.py kv        KeepKV and baselines on the latent cache at equal bytes; decode speed, memory
     python bench.py kv --model smollm2   the same policies on SmolLM2-135M (a model that uses its context)
     python bench.py testbed   builds (once) the long-context model `bench.py kv` uses; loss by position
@@ -26,13 +27,14 @@ import benchmarks.kernel_speed
 import benchmarks.kv
 import benchmarks.optim
 import benchmarks.optim_claims
+import benchmarks.quickstart
 import benchmarks.rl_speed
 import benchmarks.testbed
 import benchmarks.train_speed
 
 # in the order `--help` lists them; benchmarks.dist adds both dist and dist-worker
-MODULES = (benchmarks.train_speed, benchmarks.optim, benchmarks.optim_claims, benchmarks.kv, benchmarks.testbed,
-           benchmarks.kernel_speed, benchmarks.dist, benchmarks.rl_speed)
+MODULES = (benchmarks.train_speed, benchmarks.optim, benchmarks.optim_claims, benchmarks.quickstart, benchmarks.kv,
+           benchmarks.testbed, benchmarks.kernel_speed, benchmarks.dist, benchmarks.rl_speed)
 
 
 def main(argv=None):

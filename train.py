@@ -1,8 +1,9 @@
 """Train a Kimi K2 model: `python train.py` trains the tiny preset on the Python stdlib, on CPU.
 
 The loop, top to bottom: parse flags -> load tokens -> build the model (on the meta device) ->
-(resume) -> for each step: lr from the WSD schedule, gradient accumulation over micro-batches,
-clip, optimizer step, QK-Clip, router-bias update, one log line -> periodic eval and checkpoints.
+(resume) -> for each step: gradient accumulation over micro-batches, lr from the WSD schedule
+(over --max-steps, or over the steps that fit in --time-budget), clip, optimizer step, QK-Clip,
+router-bias update, one log line -> periodic eval and checkpoints.
 This file in that order: the schedule, one step, the validation loss, then `train()` (setup, then
 the loop); the flags come last.
 
@@ -45,6 +46,18 @@ def lr_multiplier(step: int, max_steps: int, warmup: int, decay_frac: float, min
         return 1.0
     t = (step - decay_start) / max(1, max_steps - decay_start)
     return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def planned_steps(step: int, elapsed: float, budget: float, cap: int) -> int:
+    """--time-budget: the run's length in steps, planned again at every step from the wall clock:
+    this step, then as many more as fit in the seconds left at the mean step time so far (`elapsed`
+    counts this step's forward and backward, so even step 0 has a measurement), at most `cap`.
+    The lr follows lr_multiplier over the plan, as if --max-steps were the plan: the schedule keeps
+    its shape, stretches or shrinks with the machine's speed, and ends when the time does (a plan
+    of step + 1 makes this step the last). The simpler lr from the elapsed fraction of the budget
+    would need a separate rule for the last step and for warmup (in steps); this needs neither."""
+    per_step = elapsed / (step + 1)
+    return min(cap, step + 1 + max(0, int((budget - elapsed) / per_step)))
 
 
 # peak learning rates from the sweep in `python bench.py optim` (tiny preset)
@@ -175,48 +188,57 @@ def train(args, d: Dist, device):
     baselines = data.compression_baselines(val_bytes)
     log(f"val: {len(val_bytes):,} bytes; gzip -9 {baselines['gzip-9']:.3f} bpb, xz -9 {baselines['xz-9']:.3f} bpb")
 
-    # the loop
-    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.max_steps // 20)
+    # the loop; with --time-budget its clock starts here: the setup above and the final eval and save
+    # (at the last step) are not counted, and max_steps is re-planned at every step
+    max_steps = args.max_steps
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     stop_requested = []
     signal.signal(signal.SIGINT, lambda *_: stop_requested.append(True))  # finish the step, then save
-    t_start, steps_timed, last_good_step = time.time(), 0, step
+    t_loop = t_start = time.time()  # t_start: for the ETA, restarted after the first step
+    steps_timed, last_good_step = 0, step
     # metrics.jsonl, cut back to the checkpoint's step: a resumed run logs the steps after it again
     with checkpoint.MetricsLog(args.out_dir, step, d.main) as metrics:
         def save():
             save_checkpoint(args.out_dir, model, optimizer, step, sampler, args, ds.enc, d)
             metrics.commit()
-        while step < args.max_steps:
+        while step < max_steps:
             t0 = time.time()
-            mult = lr_multiplier(step, args.max_steps, warmup, args.decay_frac, args.min_lr_frac)
-            for g, base in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = base * mult
-            lr = optimizer.param_groups[0]["lr"]
             x, y = sampler.get_batch(step)  # this rank's rows of the global batch
             loss, stop = forward_backward(model, x, y, args, device, autocast, d, bool(stop_requested))
             if not math.isfinite(loss):
                 log(f"step {step + 1}: loss is {loss}; stopping. The last good checkpoint "
                     f"(step {last_good_step}) in {args.out_dir} is kept; try a lower --lr.")
                 sys.exit(1)
+            if args.time_budget is not None:  # on the slowest rank's clock, so that all ranks plan alike
+                elapsed = d.all_reduce(torch.tensor(time.time() - t_loop, device=device), dist.ReduceOp.MAX)
+                max_steps = planned_steps(step, elapsed.item(), args.time_budget, args.max_steps)
+            warmup = args.warmup_steps if args.warmup_steps is not None else max(1, max_steps // 20)
+            mult = lr_multiplier(step, max_steps, warmup, args.decay_frac, args.min_lr_frac)
+            for g, base in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = base * mult
+            lr = optimizer.param_groups[0]["lr"]
             clip_stats, t_opt = optimizer_step(model, optimizer, args, d)
             sampler.position = step + 1
             step += 1
 
-            dt = time.time() - t0
+            t_end = time.time()
+            dt = t_end - t0
             if step > 1 or args.resume:  # the first step includes compilation: not in the averages
                 steps_timed += 1
             else:
                 t_start = time.time()
-            eta = (time.time() - t_start) / max(1, steps_timed) * (args.max_steps - step)
+            eta = (time.time() - t_start) / max(1, steps_timed) * (max_steps - step)
             val = None
-            if step % args.eval_every == 0 or step == args.max_steps:
-                val = validation_loss(model, ds, val_bytes, step == args.max_steps, args, device, autocast, d)
-            rec, line = step_report(step, loss, lr, dt, t_opt, clip_stats, optimizer, val, eta, args)
+            if step % args.eval_every == 0 or step == max_steps:
+                val = validation_loss(model, ds, val_bytes, step == max_steps, args, device, autocast, d)
+            rec, line = step_report(step, max_steps, loss, lr, dt, t_opt, clip_stats, optimizer, val, eta, args)
+            if args.time_budget is not None:  # the budget spent at this step's end (evals included)
+                rec["elapsed_s"] = round(t_end - t_loop, 3)
             if step % args.log_every == 0 or val:
                 log(line, flush=True)
             metrics.write(rec)
             last_good_step = step
-            if save_when_due(args.out_dir, step, args.max_steps, args.save_every, stop or step == args.stop_at,
+            if save_when_due(args.out_dir, step, max_steps, args.save_every, stop or step == args.stop_at,
                              save, log):
                 return None
 
@@ -228,13 +250,14 @@ def train(args, d: Dist, device):
     return final
 
 
-def step_report(step, loss, lr, dt, t_opt, clip_stats, optimizer, val, eta, args) -> tuple[dict, str]:
-    """A step's record for metrics.jsonl and its log line, from the same numbers. clip_stats:
-    QK-Clip's (MuonClip only); val: validation_loss's, on eval steps; eta: seconds left."""
+def step_report(step, max_steps, loss, lr, dt, t_opt, clip_stats, optimizer, val, eta, args) -> tuple[dict, str]:
+    """A step's record for metrics.jsonl and its log line, from the same numbers. max_steps: the
+    run's length (--time-budget: the plan); clip_stats: QK-Clip's (MuonClip only); val:
+    validation_loss's, on eval steps; eta: seconds left."""
     tokens = args.batch_size * args.seq_len
     rec = {"step": step, "loss": loss, "lr": lr, "ms": round(dt * 1000, 1), "opt_ms": round(t_opt * 1000, 1),
            "tok_s": round(tokens / dt)}
-    line = (f"step {step:5d}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:6.0f} ms | "
+    line = (f"step {step:5d}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:6.0f} ms | "
             f"{tokens / dt:7.0f} tok/s | ETA {_fmt_time(eta)}")
     if clip_stats:
         rec.update(max_logit=round(clip_stats["max_logit"], 3), heads_clipped=clip_stats["heads_clipped"],
@@ -269,12 +292,15 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--out-dir", default="out")
     p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds of training (setup and the final eval not counted): the steps that fit, "
+                        "planned as the run goes (planned_steps); --max-steps still caps them")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step (global)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=None, help="peak lr (default: per optimizer)")
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of max-steps")
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of max-steps (or of the plan)")
     p.add_argument("--decay-frac", type=float, default=0.3, help="final fraction of steps with cosine decay")
     p.add_argument("--min-lr-frac", type=float, default=0.1, help="lr at the end, as a fraction of the peak")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm; 0 = off")
@@ -335,7 +361,10 @@ def check_args(args) -> None:  # (testbed.py checks its stages' flags with it to
                                 "eval_batches": 1, "save_every": 1, "log_every": 1, "stop_at": 1, "warmup_steps": 0,
                                 "copy_rows": 0, "copy_steps": 0, "seed": 0, "weight_decay": 0, "grad_clip": 0,
                                 "decay_frac": 0, "min_lr_frac": 0},
-                fractions=("decay_frac", "min_lr_frac"))
+                positive=("time_budget",), fractions=("decay_frac", "min_lr_frac"))
+    if args.time_budget is not None and args.resume:
+        raise ValueError("--resume cannot continue a --time-budget run: its schedule followed the first "
+                         "run's clock; resume with --max-steps, or start the run again")
     if args.lr is not None and not 0 < args.lr < math.inf:
         raise ValueError(f"--lr must be a positive number, got {args.lr}; omit it for the optimizer's default")
     if args.tokenizer is None and not 257 <= args.vocab_size <= 2**20:

@@ -171,6 +171,9 @@ CASES = [
     ("train.py", "--save-every 0", "--save-every must be at least 1, got 0", None, EARLY),
     ("train.py", "--log-every 0", "--log-every must be at least 1, got 0", None, EARLY),
     ("train.py", "--stop-at 0", "--stop-at must be at least 1, got 0", None, EARLY),
+    ("train.py", "--time-budget 0", "--time-budget must be a positive number, got 0.0", None, EARLY),
+    ("train.py", "--time-budget inf", "--time-budget must be a positive number, got inf", None, EARLY),
+    ("train.py", "--time-budget 60 --resume", "--resume cannot continue a --time-budget run", None, EARLY),
     ("train.py", "--copy-rows 9", "--copy-rows 9 exceeds --batch-size 8", None, EARLY),
     ("train.py", "--seed -1", "--seed must be at least 0, got -1", None, EARLY),
     ("train.py", "--dist-timeout 0", "--dist-timeout must be a positive number of seconds", None, EARLY),
@@ -325,6 +328,16 @@ CASES = [
     ("bench.py", "optim-clip --tau 0", "--tau must be a positive number, got 0.0", None, EARLY),
     ("bench.py", "optim-clip --seeds 0 -1", "--seeds must be at least 0, got -1", None, EARLY),
     ("bench.py", "optim-clip --train-flags=--bogus", "unrecognized arguments: --bogus", None, EARLY),
+    # bench.py quickstart
+    ("bench.py", "quickstart --budget 0", "--budget must be a positive number, got 0.0", None, EARLY),
+    ("bench.py", "quickstart --seeds 0", "--seeds must be at least 1, got 0", None, EARLY),
+    ("bench.py", "quickstart --threads 0", "--threads must be at least 1, got 0", None, EARLY),
+    ("bench.py", "quickstart --candidates baseline,nope", "--candidates: unknown candidate(s) ['nope']", None, EARLY),
+    ("bench.py", "quickstart --candidates lr-5e-3 --train-flags='--lr 1e-3'", "--train-flags sets --lr, which "
+     "candidate lr-5e-3 sets too", None, EARLY),
+    ("bench.py", "quickstart --train-flags='--seed 3'", "--train-flags may not set --seed", None, EARLY),
+    ("bench.py", "quickstart --train-flags='--dim 0'", "candidate baseline (with --train-flags): --dim must be at "
+     "least 1, got 0", None, EARLY),
     # bench.py kv
     ("bench.py", "kv --kv-budgets 0", "--kv-budgets: kv budget must be in (0, 1]", None, EARLY),
     ("bench.py", "kv --kv-budgets 2", "--kv-budgets: kv budget must be in (0, 1]", None, EARLY),

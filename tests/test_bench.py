@@ -19,8 +19,8 @@ KERNEL_CHECKS = {"attn_out", "attn_max_logits", "attn_dq", "attn_dk", "attn_dv",
                  "decode_out", "decode_logits", "sym_matmul"}
 
 
-@pytest.mark.parametrize("name", ["train", "optim", "optim-match", "optim-clip", "kv", "testbed", "kernels", "dist",
-                                  "dist-worker"])
+@pytest.mark.parametrize("name", ["train", "optim", "optim-match", "optim-clip", "quickstart", "kv", "testbed",
+                                  "kernels", "dist", "dist-worker"])
 def test_every_benchmark_has_its_subcommand(name, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main([name, "--help"])
