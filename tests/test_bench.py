@@ -20,7 +20,7 @@ KERNEL_CHECKS = {"attn_out", "attn_max_logits", "attn_dq", "attn_dk", "attn_dv",
 
 
 @pytest.mark.parametrize("name", ["train", "optim", "optim-match", "optim-clip", "quickstart", "kv", "testbed",
-                                  "kernels", "dist", "dist-worker"])
+                                  "kernels", "dist", "dist-worker", "rl"])
 def test_every_benchmark_has_its_subcommand(name, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main([name, "--help"])
