@@ -372,15 +372,16 @@ def rollout(model, c: Chat, tasks: list[Task], temperature: float, gen, runner, 
         bodies = generate(model, [eps[i].ids for i in active], [eps[i].task.budget - eps[i].used for i in active],
                           temperature, gen, c.end)
         active_next, parsed = [], [c.parse(body) for body in bodies]
-        if hasattr(runner, "prefetch"):  # this round's tool calls (the loop below makes), side by side
-            runner.prefetch([call for i, body, (_, call, done) in zip(active, bodies, parsed)
-                             if done and call is not None and eps[i].calls < max_calls
-                             and eps[i].used + len(body) < eps[i].task.budget])
-        for i, body, (content, call, done) in zip(active, bodies, parsed):
+        # a turn that ended in a tool call gets the tool's reply if calls and budget are left
+        runs = [done and call is not None and eps[i].calls < max_calls and eps[i].used + len(body) < eps[i].task.budget
+                for i, body, (_, call, done) in zip(active, bodies, parsed)]
+        if hasattr(runner, "prefetch"):  # this round's tool calls, side by side
+            runner.prefetch([p[1] for p, run in zip(parsed, runs) if run])
+        for i, body, (content, call, done), run in zip(active, bodies, parsed, runs):
             e = eps[i]
             e.ids += body
             e.mask += [1] * len(body)
-            if done and call is not None and e.calls < max_calls and e.used < e.task.budget:
+            if run:
                 e.calls += 1
                 tool = c.header("tool") + c.text(runner(call).reply()[:120]) + [c.end] + c.header("assistant")
                 e.ids += tool
