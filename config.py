@@ -7,9 +7,14 @@ to its symbol and gives its tiny and kimi-k2 sizes). Three roads lead to one, an
   get_args(preset, **overrides)   a preset, with train.py's flags (--dim 128 ...) on top
   ModelArgs.from_config           the config.json of a folder train.py wrote (checkpoint.py)
   hf.config_to_args               the config.json of a Hugging Face folder (hf.py)
-Command-line numbers that are not model fields (steps, batch sizes, rates) pass `check_flags`.
+train.py's flags reach a ModelArgs through add_model_flags and args_from_flags. Command-line numbers
+that are not model fields (steps, batch sizes, rates) pass `check_flags`; `parser` and `run_cli`
+give every script the same one-line errors.
 """
+import argparse
 import math
+import os
+import sys
 from dataclasses import dataclass, fields
 
 
@@ -155,6 +160,33 @@ def get_args(preset: str = "tiny", name=lambda k: k, **overrides) -> ModelArgs:
     return ModelArgs(**{**PRESETS[preset], **overrides}).check(name=name)
 
 
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """Every ModelArgs field as a flag (--dim 128 --n-layers 2 ...), None meaning the preset's value;
+    read back by args_from_flags. Not vocab_size (always the tokenizer's) and not yarn (its own flag:
+    kimi-k2 and deepseek-v3 are the released inference configs, YaRN on, but K2 pretrained with plain
+    RoPE at 4k and was extended later, and a training run does the same)."""
+    g = p.add_argument_group("model overrides (default: the preset's value)")
+    for f in fields(ModelArgs):
+        if f.name not in ("vocab_size", "yarn"):
+            g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
+    g.add_argument("--yarn", action="store_true",
+                   help="YaRN RoPE (context extension); default: plain RoPE, whatever the preset says")
+
+
+def args_from_flags(a, vocab_size: int) -> ModelArgs:
+    """--preset with the flags of add_model_flags on top, checked, an error naming the flag; and
+    --seq-len within the model's max_seq_len."""
+    overrides = {f.name: getattr(a, f.name) for f in fields(ModelArgs)
+                 if f.name != "vocab_size" and getattr(a, f.name) is not None}
+    margs = get_args(a.preset, name=lambda k: "--" + k.replace("_", "-"), vocab_size=vocab_size, **overrides)
+    if a.seq_len > margs.max_seq_len:
+        raise ValueError(f"--seq-len {a.seq_len} exceeds the model's max_seq_len "
+                         f"{margs.max_seq_len}; pass --max-seq-len {a.seq_len} or a shorter --seq-len")
+    return margs
+
+
+# ----------------------------------------------------------------------------- command lines
+
 def check_flags(a, at_least: dict | None = None, positive=(), fractions=(), most: dict | None = None):
     """Bad input on a command line, before any work. Each flag, by attribute name (None is skipped,
     a list is checked item by item): at least its minimum and at most 2**63 - 1 or finite
@@ -182,3 +214,22 @@ def check_flags(a, at_least: dict | None = None, positive=(), fractions=(), most
         for v in items(k):
             if v > 1:
                 raise ValueError(f"{flag(k)} is a fraction: it must be at most 1, got {v}")
+
+
+def parser(prog: str, description: str, **kw) -> argparse.ArgumentParser:
+    """The ArgumentParser of a script, whose errors are one line that points at --help (no usage block)."""
+    p = argparse.ArgumentParser(prog=prog, description=description, **kw)
+    p.error = lambda message: p.exit(2, f"error: {message} (see: python {p.prog} --help)\n")
+    return p
+
+
+def run_cli(main, argv=None):
+    """main(argv), with bad input (a ValueError or FileNotFoundError, whose message names the fix)
+    as one line on stderr and exit status 2, not a traceback; under torchrun a rank other than 0
+    says which it is."""
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError) as e:
+        rank = os.environ.get("RANK")
+        print(f"error{f' (rank {rank})' if rank not in (None, '0') else ''}: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -29,13 +29,12 @@ import hf
 import keepkv
 import keepkv_latent
 from checkpoint import load_pretrained
+from config import parser
 from parallel import pick_device
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = lambda message: p.exit(2, f"error: {message} (see: python {p.prog} --help)\n")  # no usage block
+    p = parser("generate.py", __doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", "--out-dir", "--out", dest="out", default="out",
                    help="the checkpoint to sample from: a folder written by train.py or posttrain.py, or a "
                         "Hugging Face folder (DeepSeek-V3 layout); --out-dir, train.py's name for it, also works")

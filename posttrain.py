@@ -52,7 +52,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from types import SimpleNamespace
 
@@ -66,7 +65,7 @@ import executor
 import muonclip
 from chat import CachedRunner, Chat, Episode, eval_line, flips, flips_line, pass_at_1, rollout
 from checkpoint import load_checkpoint, load_pretrained, save_checkpoint, save_when_due
-from config import check_flags
+from config import check_flags, parser, run_cli
 from parallel import Dist, pick_device
 from train import lr_multiplier, optimizer_step
 
@@ -464,8 +463,7 @@ STAGE_DEFAULTS = {  # (SFT fits 10 minutes on 2 CPU cores with the tiny preset, 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="posttrain.py", description=__doc__.split("\n")[0])
-    p.error = lambda message: p.exit(2, f"error: {message} (see: python {p.prog} --help)\n")  # no usage block
+    p = parser("posttrain.py", __doc__.split("\n")[0])
     sub = p.add_subparsers(dest="stage", required=True, metavar="{sft,rl,eval}")
     for stage, defaults in STAGE_DEFAULTS.items():
         s = sub.add_parser(stage, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -567,12 +565,8 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    """`python posttrain.py ...`: main(), with bad input as one line on stderr and exit status 2."""
-    try:
-        return main(argv)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    """`python posttrain.py ...`: main() with bad input as one line and exit status 2 (config.run_cli)."""
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import fields
 
 import torch
 import torch.distributed as dist
@@ -30,7 +29,7 @@ import checkpoint
 import data
 import muonclip
 from checkpoint import init_weights_from, load_checkpoint, save_checkpoint, save_when_due
-from config import PRESETS, ModelArgs, check_flags, get_args
+from config import PRESETS, add_model_flags, args_from_flags, check_flags, parser, run_cli
 from model import count_params
 from parallel import Dist, distributed, global_router_loads, make_model, rank_rows
 
@@ -49,13 +48,10 @@ def lr_multiplier(step: int, max_steps: int, warmup: int, decay_frac: float, min
 
 
 def planned_steps(step: int, elapsed: float, budget: float, cap: int) -> int:
-    """--time-budget: the run's length in steps, planned again at every step from the wall clock:
-    this step, then as many more as fit in the seconds left at the mean step time so far (`elapsed`
-    counts this step's forward and backward, so even step 0 has a measurement), at most `cap`.
-    The lr follows lr_multiplier over the plan, as if --max-steps were the plan: the schedule keeps
-    its shape, stretches or shrinks with the machine's speed, and ends when the time does (a plan
-    of step + 1 makes this step the last). The simpler lr from the elapsed fraction of the budget
-    would need a separate rule for the last step and for warmup (in steps); this needs neither."""
+    """--time-budget: the run's length in steps, planned again at every step: this step, then as many
+    more as fit in the seconds left at the mean step time so far, at most `cap`. The lr follows
+    lr_multiplier over the plan, so the schedule keeps its shape whatever the machine's speed, and
+    needs no special case for warmup or the last step (a plan of step + 1 makes this step the last)."""
     per_step = elapsed / (step + 1)
     return min(cap, step + 1 + max(0, int((budget - elapsed) / per_step)))
 
@@ -163,7 +159,7 @@ def train(args, d: Dist, device):
     # early, before the model is built, if val is shorter than one window
     val_ys = [y for _, y in data.eval_batches(ds.val, args.batch_size // args.grad_accum, args.seq_len, 10**9)]
 
-    margs = model_args_from(args, ds.vocab_size)
+    margs = args_from_flags(args, ds.vocab_size)
     model = make_model(margs, d, device, args.seed, use_compile)
     total, active = count_params(model)
     log(f"model: {args.preset} preset, {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), "
@@ -194,20 +190,22 @@ def train(args, d: Dist, device):
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     stop_requested = []
     signal.signal(signal.SIGINT, lambda *_: stop_requested.append(True))  # finish the step, then save
-    t_loop = t_start = time.time()  # t_start: for the ETA, restarted after the first step
-    steps_timed, last_good_step = 0, step
+    t_loop = t_start = time.time()  # t_start, first: the ETA's clock, restarted after a first step
+    first = saved = step
     # metrics.jsonl, cut back to the checkpoint's step: a resumed run logs the steps after it again
     with checkpoint.MetricsLog(args.out_dir, step, d.main) as metrics:
         def save():
+            nonlocal saved
             save_checkpoint(args.out_dir, model, optimizer, step, sampler, args, ds.enc, d)
             metrics.commit()
+            saved = step
         while step < max_steps:
             t0 = time.time()
             x, y = sampler.get_batch(step)  # this rank's rows of the global batch
             loss, stop = forward_backward(model, x, y, args, device, autocast, d, bool(stop_requested))
             if not math.isfinite(loss):
-                log(f"step {step + 1}: loss is {loss}; stopping. The last good checkpoint "
-                    f"(step {last_good_step}) in {args.out_dir} is kept; try a lower --lr.")
+                log(f"step {step + 1}: loss is {loss}; stopping. " + (f"The last good checkpoint (step "
+                    f"{saved}) in {args.out_dir} is kept" if saved else "No checkpoint was saved") + "; try a lower --lr.")
                 sys.exit(1)
             if args.time_budget is not None:  # on the slowest rank's clock, so that all ranks plan alike
                 elapsed = d.all_reduce(torch.tensor(time.time() - t_loop, device=device), dist.ReduceOp.MAX)
@@ -223,11 +221,9 @@ def train(args, d: Dist, device):
 
             t_end = time.time()
             dt = t_end - t0
-            if step > 1 or args.resume:  # the first step includes compilation: not in the averages
-                steps_timed += 1
-            else:
-                t_start = time.time()
-            eta = (time.time() - t_start) / max(1, steps_timed) * (max_steps - step)
+            if step == 1:  # the first step includes compilation: not in the ETA
+                t_start, first = t_end, step
+            eta = (t_end - t_start) / max(1, step - first) * (max_steps - step)
             val = None
             if step % args.eval_every == 0 or step == max_steps:
                 val = validation_loss(model, ds, val_bytes, step == max_steps, args, device, autocast, d)
@@ -237,7 +233,6 @@ def train(args, d: Dist, device):
             if step % args.log_every == 0 or val:
                 log(line, flush=True)
             metrics.write(rec)
-            last_good_step = step
             if save_when_due(args.out_dir, step, max_steps, args.save_every, stop or step == args.stop_at,
                              save, log):
                 return None
@@ -286,15 +281,12 @@ def main(argv=None):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.error = lambda message: p.exit(2, f"error: {message} (see: python {p.prog} --help)\n")  # no usage block
+    p = parser("train.py", __doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--out-dir", default="out")
     p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds of training (setup and the final eval not counted): the steps that fit, "
-                        "planned as the run goes (planned_steps); --max-steps still caps them")
+                   help="seconds of training: as many steps as fit (planned_steps), at most --max-steps")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step (global)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     p.add_argument("--seq-len", type=int, default=256)
@@ -314,10 +306,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each block (default: on for CUDA, off for CPU; see bench.py train)")
-    p.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"],
-                   help="process group under torchrun (auto: nccl on CUDA, gloo on CPU)")
-    p.add_argument("--dist-timeout", type=float, default=600,
-                   help="seconds a collective may wait for the other ranks before failing")
+    p.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"], help="auto: nccl on CUDA")
+    p.add_argument("--dist-timeout", type=float, default=600, help="seconds a collective may wait for a rank")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--copy-rows", type=int, default=0,
                    help="rows per batch replaced by a synthetic copy task (data.copy_task_row) ...")
@@ -331,27 +321,8 @@ def parse_args(argv=None):
     p.add_argument("--stop-at", type=int, default=None,
                    help="save and stop after this step (as if interrupted; the schedule still spans --max-steps)")
     p.add_argument("--log-every", type=int, default=1)
-    # every ModelArgs field can be overridden: --dim 128 --n-layers 2 ...
-    g = p.add_argument_group("model overrides (default: the preset's value)")
-    for f in fields(ModelArgs):
-        if f.name not in ("vocab_size", "yarn"):  # vocab: always the tokenizer's; yarn: below
-            g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
-    # not the preset's: kimi-k2 and deepseek-v3 are the released inference configs, YaRN on, but
-    # K2 pretrained with plain RoPE at 4k and was extended later; a training run does the same
-    g.add_argument("--yarn", action="store_true",
-                   help="YaRN RoPE (context extension); default: plain RoPE, whatever the preset says")
+    add_model_flags(p)  # every ModelArgs field: --dim 128 --n-layers 2 ...
     return p.parse_args(argv)
-
-
-def model_args_from(args, vocab_size: int) -> ModelArgs:
-    """The preset, the overrides, checked (ModelArgs.check; an error names the flag)."""
-    overrides = {f.name: getattr(args, f.name) for f in fields(ModelArgs)
-                 if f.name != "vocab_size" and getattr(args, f.name) is not None}
-    margs = get_args(args.preset, name=lambda k: "--" + k.replace("_", "-"), vocab_size=vocab_size, **overrides)
-    if args.seq_len > margs.max_seq_len:
-        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len "
-                         f"{margs.max_seq_len}; pass --max-seq-len {args.seq_len} or a shorter --seq-len")
-    return margs
 
 
 def check_args(args) -> None:  # (testbed.py checks its stages' flags with it too)
@@ -361,16 +332,12 @@ def check_args(args) -> None:  # (testbed.py checks its stages' flags with it to
                                 "eval_batches": 1, "save_every": 1, "log_every": 1, "stop_at": 1, "warmup_steps": 0,
                                 "copy_rows": 0, "copy_steps": 0, "seed": 0, "weight_decay": 0, "grad_clip": 0,
                                 "decay_frac": 0, "min_lr_frac": 0},
-                positive=("time_budget",), fractions=("decay_frac", "min_lr_frac"))
+                positive=("time_budget", "lr", "dist_timeout"), fractions=("decay_frac", "min_lr_frac"))
     if args.time_budget is not None and args.resume:
         raise ValueError("--resume cannot continue a --time-budget run: its schedule followed the first "
                          "run's clock; resume with --max-steps, or start the run again")
-    if args.lr is not None and not 0 < args.lr < math.inf:
-        raise ValueError(f"--lr must be a positive number, got {args.lr}; omit it for the optimizer's default")
     if args.tokenizer is None and not 257 <= args.vocab_size <= 2**20:
         raise ValueError(f"--vocab-size must be between 257 (256 bytes + EOT) and 2**20, got {args.vocab_size}")
-    if not 0 < args.dist_timeout < math.inf:
-        raise ValueError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
     if not args.no_qk_clip:
         muonclip.check_tau(args.qk_clip_tau)
     if args.batch_size % args.grad_accum:
@@ -378,21 +345,15 @@ def check_args(args) -> None:  # (testbed.py checks its stages' flags with it to
     if args.copy_rows > args.batch_size:
         raise ValueError(f"--copy-rows {args.copy_rows} exceeds --batch-size {args.batch_size}; "
                          f"at most every row of a batch can be a copy-task row")
-    model_args_from(args, args.vocab_size)
+    args_from_flags(args, args.vocab_size)
     checkpoint.check_folder(args.out_dir, "--out-dir")
     if args.cache_dir is not None:
         checkpoint.check_folder(args.cache_dir, "--cache-dir")
 
 
 def cli(argv=None):
-    """`python train.py`: main(), with bad input (a ValueError or FileNotFoundError, whose message
-    names the fix) as one line on stderr and exit status 2, not a traceback."""
-    try:
-        return main(argv)
-    except (ValueError, FileNotFoundError) as e:
-        rank = os.environ.get("RANK")
-        print(f"error{f' (rank {rank})' if rank not in (None, '0') else ''}: {e}", file=sys.stderr)
-        sys.exit(2)
+    """`python train.py`: main() with bad input as one line and exit status 2 (config.run_cli)."""
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ class BlockingCollectives:
 def dist_worker(a):
     """One rank of `bench.py dist` (launched by it, under torchrun or alone): timed train.py steps
     on random tokens, then the same steps with collectives made blocking and timed."""
+    import config
     import parallel
     import train
     _check(a)
@@ -65,7 +66,7 @@ def dist_worker(a):
                              "--seq-len", str(a.seq_len), "--grad-clip", "1.0"])
     d, device = parallel.setup_distributed(args)
     use_compile = device.type == "cuda"
-    margs = train.model_args_from(args, 8192)
+    margs = config.args_from_flags(args, 8192)
     model = parallel.make_model(margs, d, device, args.seed, use_compile)
     optimizer = train.build_optimizer(model, args)
     model.set_record_max_logits(True)

@@ -94,6 +94,7 @@ def bench_optim_share(a):
     import numpy as np
     import torch
 
+    import config
     import parallel
     import train
     check_flags(a, at_least={"batch_size": 1, "seq_len": 1, "seed": 0, "share_rounds": 1, "share_steps": 1})
@@ -101,7 +102,7 @@ def bench_optim_share(a):
     args = train.parse_args(["--preset", a.preset, "--batch-size", str(a.batch_size),
                              "--seq-len", str(a.seq_len), "--seed", str(a.seed), "--no-compile"])
     d, device = parallel.setup_distributed(args)
-    model = parallel.make_model(train.model_args_from(args, 8192), d, device, args.seed, False)
+    model = parallel.make_model(config.args_from_flags(args, 8192), d, device, args.seed, False)
     optimizer = train.build_optimizer(model, args)  # MuonClip at train.py's default lr
     model.set_record_max_logits(True)               # as train.py does for QK-Clip
     x, y = torch.from_numpy(np.random.default_rng(a.seed).integers(0, 8192, (2, a.batch_size, a.seq_len)))

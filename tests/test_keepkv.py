@@ -208,16 +208,16 @@ BUDGET_CASES = [dict(policy=p) for p in keepkv.POLICIES if p != "full"] + \
 
 @pytest.mark.parametrize("case", BUDGET_CASES, ids=lambda c: "-".join(map(str, c.values())))
 def test_budget_invariants(case):
-    """Every policy at one budget holds the same C live entries after the prefill and after each
-    decode step (snapkv included: it holds C rather than grow), with its recent part all there."""
+    """Every policy at one budget holds the same Sk live entries after the prefill and after each
+    decode step (snapkv included: it holds Sk rather than grow), with its recent part all there."""
     model = tiny_model()
     P, n_new, cfg = 60, 6, KVConfig(budget=0.3, snap_window=8, threshold=0.0, **case)
-    C = keepkv.capacity(P, cfg)
-    assert C == 18 and keepkv.capacity(P, cfg, n_new) == C
+    Sk = keepkv.capacity(P, cfg)
+    assert Sk == 18 and keepkv.capacity(P, cfg, n_new) == Sk
     tokens = torch.randint(0, 300, (2, P + n_new), generator=torch.Generator().manual_seed(0))
     caches = keepkv.make_caches(model, 2, P, cfg, n_new)
     sel = kvselect.selection(cfg)
-    recent = {"h2o": int(C * cfg.recent), "snapkv": cfg.snap_window, "streaming": C - cfg.n_sink}[sel]
+    recent = {"h2o": int(Sk * cfg.recent), "snapkv": cfg.snap_window, "streaming": Sk - cfg.n_sink}[sel]
     sinks = cfg.n_sink if sel == "streaming" else 0
     with torch.no_grad():
         model(tokens[:, :P], torch.arange(P), caches)
@@ -226,7 +226,7 @@ def test_budget_invariants(case):
                 model(tokens[:, t:t + 1], torch.tensor([t]), caches)
             for c in caches:
                 live = c.live()
-                assert (live.sum(-1) == C).all()                     # compressed to C, then held there
+                assert (live.sum(-1) == Sk).all()                     # compressed to Sk, then held there
                 pos = c.pos.masked_fill(~live, -1)
                 for must in list(range(sinks)) + list(range(t + 1 - recent, t + 1)):
                     assert (pos == must).any(-1).all(), f"position {must} missing at step {t}"
@@ -289,12 +289,12 @@ def test_slots_write_token_fills_the_first_free_slot():
 
 
 def test_slots_rows_round_trip_and_free():
-    B, G, N = 1, 2, 5
-    slots = CacheSlots(B, G, N, {"k": 3, "v": 2}, torch.float64, pred=True)
+    B, Hk, S = 1, 2, 5
+    slots = CacheSlots(B, Hk, S, {"k": 3, "v": 2}, torch.float64, pred=True)
     r = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
-    slots.write_prefix(k=r(B, G, N, 3), v=r(B, G, N, 2), log_votes=torch.zeros(B, G, N, dtype=torch.float64),
-                       log_score=r(B, G, N), pos=torch.arange(N, dtype=torch.int32).expand(B, G, N),
-                       log_pred=r(B, G, N))
+    slots.write_prefix(k=r(B, Hk, S, 3), v=r(B, Hk, S, 2), log_votes=torch.zeros(B, Hk, S, dtype=torch.float64),
+                       log_score=r(B, Hk, S), pos=torch.arange(S, dtype=torch.int32).expand(B, Hk, S),
+                       log_pred=r(B, Hk, S))
     idx = torch.tensor([[[3], [1]]])
     rows = slots.rows(idx)
     for x, row in zip((slots.k, slots.v, slots.log_votes, slots.log_pred), rows):
@@ -303,7 +303,7 @@ def test_slots_rows_round_trip_and_free():
     slots.put_rows(idx, [r + 1 for r in rows])
     after = [slots.k, slots.v, slots.log_votes, slots.log_pred]
     for x0, x1 in zip(before, after):
-        changed = (x0 != x1).reshape(B, G, N, -1).any(-1)
+        changed = (x0 != x1).reshape(B, Hk, S, -1).any(-1)
         assert changed[0, 0].tolist() == [False, False, False, True, False]
         assert changed[0, 1].tolist() == [False, True, False, False, False]
     slots.free(idx, torch.tensor([[[True], [False]]]))
@@ -317,23 +317,23 @@ def test_selection_matches_a_slow_reference(case):
     cfg = KVConfig(n_sink=2, snap_window=5, **case)
     sel = kvselect.selection(cfg)
     g = torch.Generator().manual_seed(2)
-    B, G, T, C = 2, 3, 20, 8
-    pos = torch.arange(T, dtype=torch.int32).expand(B, G, T)
-    ls = torch.randn(B, G, T, generator=g)
-    live = torch.rand(B, G, T, generator=g) < 0.7
+    B, Hk, T, Sk = 2, 3, 20, 8
+    pos = torch.arange(T, dtype=torch.int32).expand(B, Hk, T)
+    ls = torch.randn(B, Hk, T, generator=g)
+    live = torch.rand(B, Hk, T, generator=g) < 0.7
 
     def hold(b, h, i):
         return float(i) if sel == "streaming" else ls[b, h, i]
 
-    keep, leave = keepkv.split_prompt(cfg, ls, pos, T - 1, C)
-    out = keepkv.leaving_slot(cfg, ls, pos, live, T - 1, capacity=C)
-    recent = {"h2o": int(C * cfg.recent), "snapkv": 5, "streaming": 1}[sel]   # h2o: a share of C
+    keep, leave = keepkv.split_prompt(cfg, ls, pos, T - 1, Sk)
+    out = keepkv.leaving_slot(cfg, ls, pos, live, T - 1, capacity=Sk)
+    recent = {"h2o": int(Sk * cfg.recent), "snapkv": 5, "streaming": 1}[sel]   # h2o: a share of Sk
     sinks = 2 if sel == "streaming" else 0
     for b in range(B):
-        for h in range(G):
+        for h in range(Hk):
             pinned = [i for i in range(T) if i < sinks or i > T - 1 - recent]
             rest = sorted((i for i in range(T) if i not in pinned), key=lambda i: -hold(b, h, i))
-            assert keep[b, h].tolist() == sorted(pinned + rest[:C - len(pinned)])
+            assert keep[b, h].tolist() == sorted(pinned + rest[:Sk - len(pinned)])
             assert sorted(keep[b, h].tolist() + leave[b, h].tolist()) == list(range(T))
             cand = [i for i in range(T) if live[b, h, i] and i not in pinned]
             assert out[b, h, 0] == min(cand, key=lambda i: hold(b, h, i))
@@ -415,16 +415,16 @@ def live_positions(cache, b, h):
 
 
 def test_h2o_half_recent_half_heavy_matches_a_slow_simulation():
-    """H2O as its paper has it: the most recent C // 2 and the C - C // 2 largest accumulated
+    """H2O as its paper has it: the most recent Sk // 2 and the Sk - Sk // 2 largest accumulated
     attentions among the rest (every prompt query's softmax, summed), no sinks; then each decoded
-    token's attention adds on, and the lightest entry outside the recent C // 2 leaves."""
+    token's attention adds on, and the lightest entry outside the recent Sk // 2 leaves."""
     B, H, D, P, n = 2, 2, 8, 30, 6
     q, k, v = random_qkv(B, P + n, H, D, seed=5)
     scale = D ** -0.5
     cfg = KVConfig(policy="h2o", budget=0.4)
-    C = keepkv.capacity(P, cfg)
-    R = C // 2
-    assert (C, R) == (12, 6)
+    Sk = keepkv.capacity(P, cfg)
+    n_recent = Sk // 2
+    assert (Sk, n_recent) == (12, 6)
     cache = keepkv.KeepKVCache(B, P, H, D, D, cfg, n, torch.float64)
     cache.attend(q[:, :P], k[:, :P], v[:, :P], torch.arange(P), scale)
     sims = {}
@@ -434,8 +434,8 @@ def test_h2o_half_recent_half_heavy_matches_a_slow_simulation():
             for i in range(P):
                 for j, a in slow_softmax_row(q[b, i, h], k[b, :, h], scale, list(range(i + 1))).items():
                     acc[j] += a
-            heavy = sorted(range(P - R), key=lambda j: -acc[j])[:C - R]
-            assert live_positions(cache, b, h) == sorted(heavy + list(range(P - R, P)))
+            heavy = sorted(range(P - n_recent), key=lambda j: -acc[j])[:Sk - n_recent]
+            assert live_positions(cache, b, h) == sorted(heavy + list(range(P - n_recent, P)))
             sims[b, h] = {j: acc[j] for j in live_positions(cache, b, h)}
     for t in range(P, P + n):
         cache.attend(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], torch.tensor([t]), scale)
@@ -443,69 +443,69 @@ def test_h2o_half_recent_half_heavy_matches_a_slow_simulation():
             acc[t] = 0.0
             for j, a in slow_softmax_row(q[b, t, h], k[b, :, h], scale, sorted(acc)).items():
                 acc[j] += a
-            del acc[min((j for j in acc if j <= t - R), key=lambda j: acc[j])]
+            del acc[min((j for j in acc if j <= t - n_recent), key=lambda j: acc[j])]
             assert live_positions(cache, b, h) == sorted(acc), f"step {t}"
 
 
-@pytest.mark.parametrize("budget", [0.6, 0.25])  # C = 48 > snap_window = 32; C = 20 < 32
+@pytest.mark.parametrize("budget", [0.6, 0.25])  # Sk = 48 > snap_window = 32; Sk = 20 < 32
 def test_snapkv_prefill_matches_a_slow_reference(budget):
     """SnapKV as its code has it: the last 32 prompt queries' softmax attention summed on each key
-    before them, average-pooled over 5 keys (zero padding counted), the top C - 32 kept with the
-    whole window (C < 32: the last C)."""
+    before them, average-pooled over 5 keys (zero padding counted), the top Sk - 32 kept with the
+    whole window (Sk < 32: the last Sk)."""
     B, H, D, P = 1, 2, 8, 80
     q, k, v = random_qkv(B, P, H, D, seed=6)
     scale = D ** -0.5
     cfg = KVConfig(policy="snapkv", budget=budget)
-    C, W = keepkv.capacity(P, cfg), cfg.snap_window
+    Sk, Tw = keepkv.capacity(P, cfg), cfg.snap_window
     cache = keepkv.KeepKVCache(B, P, H, D, D, cfg, 0, torch.float64)
     cache.attend(q, k, v, torch.arange(P), scale)
     for b in range(B):
         for h in range(H):
-            votes = [0.0] * (P - W)
-            for i in range(P - W, P):
+            votes = [0.0] * (P - Tw)
+            for i in range(P - Tw, P):
                 for j, a in slow_softmax_row(q[b, i, h], k[b, :, h], scale, list(range(i + 1))).items():
-                    if j < P - W:
+                    if j < P - Tw:
                         votes[j] += a
-            pooled = [sum(votes[u] for u in range(j - 2, j + 3) if 0 <= u < P - W) / 5 for j in range(P - W)]
-            top = sorted(range(P - W), key=lambda j: -pooled[j])[:max(0, C - W)]
-            want = sorted(top + list(range(P - min(W, C), P)))
+            pooled = [sum(votes[u] for u in range(j - 2, j + 3) if 0 <= u < P - Tw) / 5 for j in range(P - Tw)]
+            top = sorted(range(P - Tw), key=lambda j: -pooled[j])[:max(0, Sk - Tw)]
+            want = sorted(top + list(range(P - min(Tw, Sk), P)))
             assert live_positions(cache, b, h) == want
-            assert torch.equal(cache.k[b, h, :C], k[b, want, h])
-            assert torch.equal(cache.v[b, h, :C], v[b, want, h])
+            assert torch.equal(cache.k[b, h, :Sk], k[b, want, h])
+            assert torch.equal(cache.v[b, h, :Sk], v[b, want, h])
 
 
 def test_snapkv_holds_capacity_after_its_prefill():
-    """SnapKV here holds C: after its prefill (the kept set of the test above), each decoded token's
+    """SnapKV here holds Sk: after its prefill (the kept set of the test above), each decoded token's
     attention adds on to the scores (the pooled votes for the keys before the window, the window's
-    own attention for its keys) and the lightest entry outside the last min(32, C) positions leaves."""
+    own attention for its keys) and the lightest entry outside the last min(32, Sk) positions leaves."""
     B, H, D, P, n = 1, 2, 8, 80, 5
     q, k, v = random_qkv(B, P + n, H, D, seed=7)
     scale = D ** -0.5
     cfg = KVConfig(policy="snapkv", budget=0.5)
-    C, W = keepkv.capacity(P, cfg), cfg.snap_window
+    Sk, Tw = keepkv.capacity(P, cfg), cfg.snap_window
     cache = keepkv.KeepKVCache(B, P, H, D, D, cfg, n, torch.float64)
-    assert cache.capacity == keepkv.capacity(P, cfg, n) == C == cache.k.shape[2] - 1 and C > W
+    assert cache.capacity == keepkv.capacity(P, cfg, n) == Sk == cache.k.shape[2] - 1 and Sk > Tw
     cache.attend(q[:, :P], k[:, :P], v[:, :P], torch.arange(P), scale)
     sims = {}
     for b in range(B):
         for h in range(H):
             votes = [0.0] * P
-            for i in range(P - W, P):
+            for i in range(P - Tw, P):
                 for j, a in slow_softmax_row(q[b, i, h], k[b, :, h], scale, list(range(i + 1))).items():
                     votes[j] += a
-            score = {j: sum(votes[u] for u in range(j - 2, j + 3) if 0 <= u < P - W) / 5 if j < P - W
+            score = {j: sum(votes[u] for u in range(j - 2, j + 3) if 0 <= u < P - Tw) / 5 if j < P - Tw
                      else votes[j] for j in range(P)}
-            top = sorted(range(P - W), key=lambda j: -score[j])[:C - W]
-            assert live_positions(cache, b, h) == sorted(top + list(range(P - W, P)))
+            top = sorted(range(P - Tw), key=lambda j: -score[j])[:Sk - Tw]
+            assert live_positions(cache, b, h) == sorted(top + list(range(P - Tw, P)))
             sims[b, h] = {j: score[j] for j in live_positions(cache, b, h)}
     for t in range(P, P + n):
         cache.attend(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], torch.tensor([t]), scale)
-        assert (cache.live().sum(-1) == C).all()
+        assert (cache.live().sum(-1) == Sk).all()
         for (b, h), acc in sims.items():
             acc[t] = 0.0
             for j, a in slow_softmax_row(q[b, t, h], k[b, :, h], scale, sorted(acc)).items():
                 acc[j] += a
-            del acc[min((j for j in acc if j <= t - W), key=lambda j: acc[j])]
+            del acc[min((j for j in acc if j <= t - Tw), key=lambda j: acc[j])]
             assert live_positions(cache, b, h) == sorted(acc), f"step {t}"
 
 

@@ -262,12 +262,12 @@ def test_latent_merging_off_is_its_selection_exactly(tiny64, select):
 @pytest.mark.parametrize("case", [dict(policy=p) for p in ("keepkv", "convex", "h2o", "snapkv", "streaming")] +
                          [dict(policy="keepkv", merge_at="both", votes=False)], ids=str)
 def test_latent_budget_invariants(tiny64, case):
-    """Every latent policy at one budget holds the same C live entries after the prefill and after
+    """Every latent policy at one budget holds the same Sk live entries after the prefill and after
     each decode step, and its recent part is all there."""
     model, tokens = tiny64
     P, cfg = 48, keepkv.KVConfig(budget=0.25, snap_window=8, threshold=0.0, **case)
-    C = keepkv.capacity(P, cfg)
-    recent = int(kvselect.recent_count(cfg, C))
+    Sk = keepkv.capacity(P, cfg)
+    recent = int(kvselect.recent_count(cfg, Sk))
     caches = kl.make_caches(model, 2, P, cfg, tokens.shape[1] - P)
     with torch.no_grad():
         model(tokens[:, :P], torch.arange(P), caches)
@@ -275,7 +275,7 @@ def test_latent_budget_invariants(tiny64, case):
             if t >= P:
                 model(tokens[:, t:t + 1], torch.tensor([t]), caches)
             for c in caches:
-                assert (c.live().sum(-1) == C).all()
+                assert (c.live().sum(-1) == Sk).all()
                 pos = c.slots.pos.masked_fill(~c.live(), -1)
                 for must in range(t + 1 - recent, t + 1):
                     assert (pos == must).any(-1).all(), f"position {must} missing at step {t}"

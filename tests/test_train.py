@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import config
 import train
 from conftest import ROOT, metrics as losses, train_flags
 from model import build_model, get_args
@@ -68,8 +69,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(corpus_dir, cache_dir, tmp_pat
                              "--lr", "1e12", "--warmup-steps", "1", "--grad-clip", "0", "--save-every", "1"))
     assert r.returncode == 1 and ("loss is nan" in r.stdout or "loss is inf" in r.stdout), r.stdout
     assert "\noptimizer: AdamW lr 1e12, betas 0.9/0.95, wd 0.1\n" in r.stdout  # the startup line
-    assert "last good checkpoint" in r.stdout
     state = json.load(open(tmp_path / "train_state.json"))
+    assert f"The last good checkpoint (step {state['step']})" in r.stdout  # the step saved last, not the last step
     assert math.isfinite(losses(tmp_path)[state["step"]]["loss"])
 
 
@@ -79,7 +80,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(corpus_dir, cache_dir, tmp_pat
 def test_training_runs_plain_rope_unless_yarn():
     """The kimi-k2 preset is the released inference config (YaRN on); train.py trains with plain
     RoPE unless --yarn, whatever the preset, as K2 pretrained at 4k."""
-    margs = lambda *flags: train.model_args_from(train.parse_args(["--seq-len", "64", *flags]), 300)
+    margs = lambda *flags: config.args_from_flags(train.parse_args(["--seq-len", "64", *flags]), 300)
     assert get_args("kimi-k2").yarn and get_args("deepseek-v3").yarn
     assert not margs().yarn and not margs("--preset", "kimi-k2").yarn
     assert margs("--preset", "kimi-k2", "--yarn").yarn and margs("--yarn").yarn
