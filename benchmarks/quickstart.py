@@ -39,6 +39,7 @@ CANDIDATES = {
     "batch-4": ["--batch-size", "4"],                 # twice the steps, half the tokens each
     "seq-128": ["--seq-len", "128", "--batch-size", "16"],  # same tokens a step, cheaper attention
     "batch-16": ["--batch-size", "16"],               # twice the tokens a step, half the steps
+    "seq-64": ["--seq-len", "64", "--batch-size", "32"],    # shorter still, same tokens a step
     # model shape, still the K2 layout: MLA with its latent, sigmoid-routed MoE + shared expert
     "layers-2": ["--n-layers", "2"],                  # half the blocks (one dense, one MoE)
     "dim-128": ["--dim", "128"],                      # a narrower stream, and a cheaper 8192-way head
