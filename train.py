@@ -204,8 +204,9 @@ def train(args, d: Dist, device):
             x, y = sampler.get_batch(step)  # this rank's rows of the global batch
             loss, stop = forward_backward(model, x, y, args, device, autocast, d, bool(stop_requested))
             if not math.isfinite(loss):
-                log(f"step {step + 1}: loss is {loss}; stopping. " + (f"The last good checkpoint (step "
-                    f"{saved}) in {args.out_dir} is kept" if saved else "No checkpoint was saved") + "; try a lower --lr.")
+                kept = f"The last good checkpoint (step {saved}) in {args.out_dir} is kept" if saved else \
+                    "No checkpoint was saved"
+                log(f"step {step + 1}: loss is {loss}; stopping. {kept}; try a lower --lr.")
                 sys.exit(1)
             if args.time_budget is not None:  # on the slowest rank's clock, so that all ranks plan alike
                 elapsed = d.all_reduce(torch.tensor(time.time() - t_loop, device=device), dist.ReduceOp.MAX)
@@ -332,10 +333,14 @@ def check_args(args) -> None:  # (testbed.py checks its stages' flags with it to
                                 "eval_batches": 1, "save_every": 1, "log_every": 1, "stop_at": 1, "warmup_steps": 0,
                                 "copy_rows": 0, "copy_steps": 0, "seed": 0, "weight_decay": 0, "grad_clip": 0,
                                 "decay_frac": 0, "min_lr_frac": 0},
-                positive=("time_budget", "lr", "dist_timeout"), fractions=("decay_frac", "min_lr_frac"))
+                positive=("time_budget",), fractions=("decay_frac", "min_lr_frac"))
     if args.time_budget is not None and args.resume:
         raise ValueError("--resume cannot continue a --time-budget run: its schedule followed the first "
                          "run's clock; resume with --max-steps, or start the run again")
+    if args.lr is not None and not 0 < args.lr < math.inf:
+        raise ValueError(f"--lr must be a positive number, got {args.lr}; omit it for the optimizer's default")
+    if not 0 < args.dist_timeout < math.inf:
+        raise ValueError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
     if args.tokenizer is None and not 257 <= args.vocab_size <= 2**20:
         raise ValueError(f"--vocab-size must be between 257 (256 bytes + EOT) and 2**20, got {args.vocab_size}")
     if not args.no_qk_clip:
