@@ -120,8 +120,10 @@ def init_weights_from(model: Transformer, folder: str, margs: ModelArgs, d: Dist
 
 # ----------------------------------------------------------------------------- train state
 
-RUN_KEYS = ("batch_size", "seq_len", "optimizer", "seed", "grad_accum", "copy_rows", "copy_steps")  # must match to resume
-RUN_DEFAULTS = {"copy_rows": 0, "copy_steps": 0}  # what a checkpoint that predates a key ran with
+RUN_KEYS = ("batch_size", "seq_len", "optimizer", "seed", "grad_accum", "copy_rows", "copy_steps",
+            "short_seq_len", "short_seq_frac")  # must match to resume
+# what a checkpoint that predates a key ran with
+RUN_DEFAULTS = {"copy_rows": 0, "copy_steps": 0, "short_seq_len": None, "short_seq_frac": 0.0}
 
 
 def optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:

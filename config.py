@@ -121,7 +121,10 @@ AT_LEAST_0 = {"n_dense_layers", "n_shared_experts", "q_lora_rank", "bias_update_
 
 
 PRESETS = {
-    # CPU default: trains in minutes on 2 cores. Small heads, 8 experts, top-2.
+    # tiny at half the depth (one dense layer, one MoE layer): `python train.py`'s 3-minute model,
+    # which `bench.py quickstart` chose (RESULTS.md, "The quickstart search").
+    "nano": dict(n_layers=2),
+    # CPU-sized: trains in minutes on 2 cores. Small heads, 8 experts, top-2. The benchmarks' model.
     "tiny": dict(),
     # A laptop/GPU-sized model with the K2 proportions shrunk (64 experts, top-6).
     "small": dict(dim=768, inter_dim=2048, moe_inter_dim=256, n_layers=12, n_heads=12,

@@ -492,18 +492,26 @@ class BatchSampler:
         self.tokens, self.batch_size, self.seq_len = np.asarray(tokens), batch_size, seq_len
         self.seed, self.rank, self.world_size, self.position = seed, rank, world_size, 0
 
-    def get_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y) for this rank at `step`; y is x shifted left by one token."""
+    def get_batch(self, step: int, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) for this rank at `step`; y is x shifted left by one token.
+
+        seq_len: this step's window, a divisor of the sampler's (default: the sampler's). Shorter
+        windows come as proportionally more rows, so that every step holds batch_size * seq_len
+        tokens (train.py's --short-seq-len)."""
+        T = self.seq_len if seq_len is None else seq_len
+        if not 1 <= T <= self.seq_len or self.seq_len % T:
+            raise ValueError(f"a step's window must divide the sampler's seq_len {self.seq_len}, got {T}")
+        n_rows = self.batch_size * (self.seq_len // T)
         rng = np.random.default_rng([self.seed, step])  # seeded by the pair, not a running stream
-        n_starts = len(self.tokens) - self.seq_len  # last valid start leaves room for seq_len+1
-        starts = rng.integers(0, n_starts, size=self.batch_size)
-        per_rank = self.batch_size // self.world_size
+        n_starts = len(self.tokens) - T  # last valid start leaves room for T+1
+        starts = rng.integers(0, n_starts, size=n_rows)
+        per_rank = n_rows // self.world_size
         rows = range(self.rank * per_rank, (self.rank + 1) * per_rank)
-        x, y = _windows(self.tokens, starts[rows.start:rows.stop], self.seq_len)
+        x, y = _windows(self.tokens, starts[rows.start:rows.stop], T)
         n_copy = self.copy_rows if step < self.copy_steps else 0
         for i, row in enumerate(rows):
-            if row >= self.batch_size - n_copy:  # its own stream, so every rank draws the same row
-                x[i], y[i] = copy_task_row(self.tokens, self.seq_len, np.random.default_rng([self.seed, step, row]))
+            if row >= n_rows - n_copy:  # its own stream, so every rank draws the same row
+                x[i], y[i] = copy_task_row(self.tokens, T, np.random.default_rng([self.seed, step, row]))
         return x, y
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

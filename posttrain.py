@@ -331,7 +331,8 @@ def run(args):
     model.set_record_max_logits(True)  # QK-Clip, as in pretraining
     optimizer = muonclip.build_optimizer(model, args.optimizer, args.lr, args.weight_decay, 100.0)
     run_keys = SimpleNamespace(batch_size=args.batch_size, seq_len=model.args.max_seq_len, optimizer=args.optimizer,
-                               seed=args.seed, grad_accum=1, copy_rows=0, copy_steps=0, grad_clip=1.0)
+                               seed=args.seed, grad_accum=1, copy_rows=0, copy_steps=0, short_seq_len=None,
+                               short_seq_frac=0.0, grad_clip=1.0)
     state, d, step = RunState(args.stage, args.seed, kinds), Dist(), 0
     runner = CachedRunner()  # (one per process: the count in posttrain.json covers this process's runs)
     report_path = os.path.join(args.out_dir, "posttrain.json")

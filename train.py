@@ -1,4 +1,4 @@
-"""Train a Kimi K2 model: `python train.py` trains the tiny preset on the Python stdlib, on CPU.
+"""Train a Kimi K2 model: `python train.py` trains the nano preset on the Python stdlib, on CPU.
 
 The loop, top to bottom: parse flags -> load tokens -> build the model (on the meta device) ->
 (resume) -> for each step: gradient accumulation over micro-batches, lr from the WSD schedule
@@ -54,6 +54,18 @@ def planned_steps(step: int, elapsed: float, budget: float, cap: int) -> int:
     needs no special case for warmup or the last step (a plan of step + 1 makes this step the last)."""
     per_step = elapsed / (step + 1)
     return min(cap, step + 1 + max(0, int((budget - elapsed) / per_step)))
+
+
+def window(step: int, max_steps: int, args) -> int:
+    """Sequence-length warmup (Li et al. 2022, arXiv:2108.06084): the first --short-seq-frac of the
+    steps train on --short-seq-len windows, the rest on --seq-len ones, at the same tokens per step.
+    Short windows are cheaper and give more independent rows per batch; the long end teaches the
+    positions that generate.py and posttrain.py use. Eval always scores --seq-len windows."""
+    return short_window(args) if step < int(args.short_seq_frac * max_steps) else args.seq_len
+
+
+def short_window(args) -> int:
+    return args.short_seq_len if args.short_seq_len is not None else max(1, args.seq_len // 4)
 
 
 # peak learning rates from the sweep in `python bench.py optim` (tiny preset)
@@ -201,7 +213,7 @@ def train(args, d: Dist, device):
             saved = step
         while step < max_steps:
             t0 = time.time()
-            x, y = sampler.get_batch(step)  # this rank's rows of the global batch
+            x, y = sampler.get_batch(step, window(step, max_steps, args))  # this rank's rows of the global batch
             loss, stop = forward_backward(model, x, y, args, device, autocast, d, bool(stop_requested))
             if not math.isfinite(loss):
                 kept = f"The last good checkpoint (step {saved}) in {args.out_dir} is kept" if saved else \
@@ -283,14 +295,17 @@ def main(argv=None):
 
 def parse_args(argv=None):
     p = parser("train.py", __doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)}")
+    p.add_argument("--preset", default="nano", help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--out-dir", default="out")
-    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--max-steps", type=int, default=450)
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds of training: as many steps as fit (planned_steps), at most --max-steps")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step (global)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (and per eval window)")
+    p.add_argument("--short-seq-len", type=int, default=None, help="window of the first --short-seq-frac "
+                   "of the steps, at the same tokens per step (a divisor of --seq-len; default: a quarter of it)")
+    p.add_argument("--short-seq-frac", type=float, default=0.75, help="0 = every step at --seq-len")
     p.add_argument("--lr", type=float, default=None, help="peak lr (default: per optimizer)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of max-steps (or of the plan)")
@@ -302,7 +317,7 @@ def parse_args(argv=None):
     p.add_argument("--no-qk-clip", action="store_true", help="plain Muon, no QK-Clip")
     p.add_argument("--data", default=None, help="text file or folder (default: the Python stdlib)")
     p.add_argument("--tokenizer", default=None, help="a cached tiktoken encoding name (default: train a BPE)")
-    p.add_argument("--vocab-size", type=int, default=8192, help="size of the trained BPE")
+    p.add_argument("--vocab-size", type=int, default=4096, help="size of the trained BPE")
     p.add_argument("--cache-dir", default=None, help="tokenizer/token cache (default: .cache beside data.py)")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -332,8 +347,11 @@ def check_args(args) -> None:  # (testbed.py checks its stages' flags with it to
     check_flags(args, at_least={"max_steps": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 1, "eval_every": 1,
                                 "eval_batches": 1, "save_every": 1, "log_every": 1, "stop_at": 1, "warmup_steps": 0,
                                 "copy_rows": 0, "copy_steps": 0, "seed": 0, "weight_decay": 0, "grad_clip": 0,
-                                "decay_frac": 0, "min_lr_frac": 0},
-                positive=("time_budget",), fractions=("decay_frac", "min_lr_frac"))
+                                "decay_frac": 0, "min_lr_frac": 0, "short_seq_len": 1, "short_seq_frac": 0},
+                positive=("time_budget",), fractions=("decay_frac", "min_lr_frac", "short_seq_frac"))
+    if args.short_seq_frac > 0 and args.seq_len % short_window(args):
+        raise ValueError(f"--short-seq-len {short_window(args)} must divide --seq-len {args.seq_len}, so that "
+                         f"short steps hold the same tokens; pass one that does, or --short-seq-frac 0")
     if args.time_budget is not None and args.resume:
         raise ValueError("--resume cannot continue a --time-budget run: its schedule followed the first "
                          "run's clock; resume with --max-steps, or start the run again")

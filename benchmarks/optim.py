@@ -25,9 +25,12 @@ def _train_run(flags: list[str], out_dir: str) -> list[dict]:
 
 def run_flags(a, steps: int, seed: int) -> list[str]:
     """The train.py flags every benchmark run here shares: a.preset, a.batch_size, a.seq_len, `steps`
-    steps evaluated once at the end (on the whole val split), no periodic saves, no compile."""
+    steps evaluated once at the end (on the whole val split), no periodic saves, no compile, and
+    the settings its results were measured with before the quickstart's defaults changed: every
+    step at --seq-len (no sequence-length warmup) and the 8192-token BPE."""
     return ["--preset", a.preset, "--max-steps", str(steps), "--batch-size", str(a.batch_size),
-            "--seq-len", str(a.seq_len), "--seed", str(seed), "--eval-every", str(steps),
+            "--seq-len", str(a.seq_len), "--short-seq-frac", "0", "--vocab-size", "8192", "--seed", str(seed),
+            "--eval-every", str(steps),
             "--log-every", str(max(1, steps // 4)), "--save-every", str(10**9), "--no-compile"]
 
 

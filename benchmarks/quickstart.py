@@ -1,8 +1,8 @@
 """bench.py quickstart: which train.py settings end lowest in the quickstart's wall time (issue 29).
 
-The quickstart is `python train.py`: the tiny preset on the stdlib, about 3 minutes on 2 cores,
-with defaults that were never tuned for that time. Each candidate here is a few train.py flags on
-top of those defaults (CANDIDATES; "baseline" is the defaults themselves), run as a real
+The quickstart is `python train.py`: the nano preset on the stdlib, about 3 minutes on 2 cores,
+with defaults this search chose (RESULTS.md, "The quickstart search"). Each candidate here is a
+few train.py flags on top of those defaults (CANDIDATES; "baseline" is the defaults), run as a real
 `python train.py` process with --time-budget: every candidate gets the same seconds of training
 and spends them as its model, batch and lr allow (a smaller model steps faster and sees more
 tokens). The score is the run's final val bits/byte, over the whole val split: the same stdlib
@@ -32,16 +32,20 @@ CANDIDATES = {
     # lr and the WSD schedule
     "lr-5e-3": ["--lr", "5e-3"],                      # optim-match's best MuonClip lr at these sizes
     "lr-8e-3": ["--lr", "8e-3"],                      # beyond it: is the optimum higher for a short run?
-    "warmup-5": ["--warmup-steps", "5"],              # default: 5% of the steps (15 of 300)
+    "warmup-5": ["--warmup-steps", "5"],              # default: 5% of the steps
     "decay-0.5": ["--decay-frac", "0.5"],             # a longer cooldown (default: the last 30%)
     "min-lr-0": ["--min-lr-frac", "0"],               # decay to zero (default: to 10% of the peak)
-    # batch and context
+    # batch and context (default: 8 x 256 tokens a step, the first 75% of steps as 32 x 64)
+    "no-short": ["--short-seq-frac", "0"],            # every step at 256-token windows
+    "short-0.5": ["--short-seq-frac", "0.5"],         # switch to 256 at half the run
+    "short-0.9": ["--short-seq-frac", "0.9"],         # switch late
+    "short-1.0": ["--short-seq-frac", "1"],           # 64-token windows throughout (eval still at 256)
+    "short-32": ["--short-seq-len", "32"],            # shorter windows still, 64 rows a step
+    "seq-128": ["--seq-len", "128", "--batch-size", "16"],  # half the context at the same tokens a step
     "batch-4": ["--batch-size", "4"],                 # twice the steps, half the tokens each
-    "seq-128": ["--seq-len", "128", "--batch-size", "16"],  # same tokens a step, cheaper attention
     "batch-16": ["--batch-size", "16"],               # twice the tokens a step, half the steps
-    "seq-64": ["--seq-len", "64", "--batch-size", "32"],    # shorter still, same tokens a step
     # model shape, still the K2 layout: MLA with its latent, sigmoid-routed MoE + shared expert
-    "layers-2": ["--n-layers", "2"],                  # half the blocks (one dense, one MoE)
+    "layers-4": ["--n-layers", "4"],                  # the tiny preset's depth (one dense, three MoE)
     "dim-128": ["--dim", "128"],                      # a narrower stream, and a cheaper 8192-way head
     "heads-2": ["--n-heads", "2"],                    # half the attention width
     "experts-4": ["--n-routed-experts", "4"],         # fewer experts, each trained on more tokens

@@ -95,6 +95,12 @@ def default_recipe(device) -> dict:
     return RECIPES["cuda" if str(device).startswith("cuda") else "cpu"]
 
 
+# train.py's defaults when the testbed was built, before the quickstart's changed (every step at full
+# context; the 8192-token BPE). First, so that the flags may override them, and outside the hashed
+# flags, so that testbeds built before keep their folders.
+BUILT_WITH = ["--short-seq-frac", "0", "--vocab-size", "8192"]
+
+
 def train_flags(steps=DEFAULT_STEPS, batch=DEFAULT_BATCH, context=CONTEXT, data_path=None,
                 seed=1337, model_flags="", copy_steps=COPY_STEPS) -> list[str]:
     """train.py's flags for the testbed's main stage: everything the weights depend on (the hash
@@ -165,7 +171,7 @@ def _train_stage(train, flags, folder, cache_dir, log):
            "--log-every", str(max(1, steps // 30))] + (["--cache-dir", cache_dir] if cache_dir else [])
     if state is not None:
         log(f"testbed: resuming {folder} from step {state.get('step')}")
-    final = train.main(flags + run + (["--resume"] if state is not None else []))
+    final = train.main(BUILT_WITH + flags + run + (["--resume"] if state is not None else []))
     state = _read_json(os.path.join(folder, "train_state.json"))
     if final is None or state is None or state.get("step") != steps:  # stopped early (Ctrl-C, --stop-at)
         raise RuntimeError(f"testbed training in {folder} stopped before its last step; run again "
@@ -322,7 +328,7 @@ def bench_testbed(a, log=print):
     import train
     for stage in filter(None, (copy_stage_flags(flags), flags)):  # --tb-model-flags too, before any file is written
         try:
-            train.check_args(train.parse_args(stage))
+            train.check_args(train.parse_args(BUILT_WITH + stage))  # as _train_stage runs it
         except ValueError as e:
             raise ValueError(f"the testbed's train.py flags (--tb-* and --tb-model-flags): {e}") from None
     folder = build_testbed(flags, a.tb_root, a.tb_cache_dir, log)

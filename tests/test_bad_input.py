@@ -160,6 +160,9 @@ CASES = [
     ("train.py", "--weight-decay -0.1", "--weight-decay must be at least 0, got -0.1", None, EARLY),
     ("train.py", "--warmup-steps -1", "--warmup-steps must be at least 0, got -1", None, EARLY),
     ("train.py", "--decay-frac 1.5", "--decay-frac is a fraction: it must be at most 1, got 1.5", None, EARLY),
+    ("train.py", "--short-seq-frac 1.5", "--short-seq-frac is a fraction: it must be at most 1, got 1.5", None, EARLY),
+    ("train.py", "--short-seq-len 12", "--short-seq-len 12 must divide --seq-len 32, so that short steps hold "
+     "the same tokens; pass one that does, or --short-seq-frac 0", None, EARLY),
     ("train.py", "--min-lr-frac -0.1", "--min-lr-frac must be at least 0, got -0.1", None, EARLY),
     ("train.py", "--grad-clip -1", "--grad-clip must be at least 0, got -1.0", None, EARLY),
     ("train.py", "--qk-clip-tau 0", "use --no-qk-clip to turn the clip off", None, EARLY),
@@ -178,7 +181,7 @@ CASES = [
     ("train.py", "--seed -1", "--seed must be at least 0, got -1", None, EARLY),
     ("train.py", "--dist-timeout 0", "--dist-timeout must be a positive number of seconds", None, EARLY),
     ("train.py", "--vocab-size 100", "--vocab-size must be between 257 (256 bytes + EOT) and 2**20", None, EARLY),
-    ("train.py", "--preset huge", "unknown preset 'huge'; choose one of tiny, small, kimi-k2, deepseek-v3",
+    ("train.py", "--preset huge", "unknown preset 'huge'; choose one of nano, tiny, small, kimi-k2, deepseek-v3",
      None, EARLY),
     ("train.py", "--optimizer sgd", "argument --optimizer: invalid choice: 'sgd' (choose from", None, EARLY),
     ("train.py", "--device nope", "--device 'nope' is not a device; use auto, cpu, cuda", None, EARLY),

@@ -193,6 +193,24 @@ def test_ranks_slice_the_same_global_batch(ds):
         data.BatchSampler(ds.train, 6, 16, world_size=4)
 
 
+def test_short_windows_hold_the_tokens_of_a_step(ds):
+    """get_batch(step, T) (train.py's --short-seq-len): T-token windows at starts drawn from (seed,
+    step), seq_len / T times the rows, so a step holds the same tokens; ranks slice one global batch."""
+    sampler = data.BatchSampler(ds.train, 4, 32, seed=3)
+    x, y = sampler.get_batch(5, 8)
+    assert x.shape == y.shape == (16, 8)
+    tokens = torch.as_tensor(ds.train.astype(np.int64))
+    starts = np.random.default_rng([3, 5]).integers(0, len(ds.train) - 8, size=16)
+    for row, s in enumerate(starts):
+        assert torch.equal(x[row], tokens[s:s + 8]) and torch.equal(y[row], tokens[s + 1:s + 9])
+    halves = [data.BatchSampler(ds.train, 4, 32, seed=3, rank=r, world_size=2).get_batch(5, 8) for r in range(2)]
+    assert torch.equal(torch.cat([h[1] for h in halves]), y)
+    assert torch.equal(sampler.get_batch(5, 32)[0], sampler.get_batch(5)[0])  # the full window by default
+    for bad in (12, 64, 0):
+        with pytest.raises(ValueError, match="must divide the sampler's seq_len 32"):
+            sampler.get_batch(0, bad)
+
+
 def test_copy_task_rows(ds):
     """copy_task_row: every scored target is predictable by induction: some n back (a segment
     length) both it and the token before it occurred, in that order. About half the row is scored

@@ -273,7 +273,7 @@ def test_latent_norms_keep_eps_1e6():
 
 
 def test_bad_preset_and_field():
-    with pytest.raises(ValueError, match="unknown preset 'huge'.*tiny, small, kimi-k2, deepseek-v3"):
+    with pytest.raises(ValueError, match="unknown preset 'huge'.*nano, tiny, small, kimi-k2, deepseek-v3"):
         get_args("huge")
     with pytest.raises(ValueError, match="unknown model field"):
         get_args("tiny", n_expertz=3)

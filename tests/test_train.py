@@ -31,6 +31,18 @@ def test_wsd_schedule():
     assert m(100) == pytest.approx(0.1)
 
 
+def test_sequence_length_warmup():
+    """train.window: the first --short-seq-frac of the steps (of the plan, under --time-budget) get
+    --short-seq-len windows (default: a quarter of --seq-len), the rest --seq-len ones."""
+    a = train.parse_args(["--seq-len", "256", "--short-seq-frac", "0.75"])
+    assert [train.window(s, 100, a) for s in (0, 74, 75, 99)] == [64, 64, 256, 256]
+    assert [train.window(s, 40, a) for s in (29, 30)] == [64, 256]  # a shorter plan switches sooner
+    a.short_seq_len = 128
+    assert train.window(0, 100, a) == 128
+    a.short_seq_frac = 0.0
+    assert train.window(0, 100, a) == 256
+
+
 def test_cli_run_loss_falls(corpus_dir, cache_dir, tmp_path):
     r = run_cli(*train_flags(corpus_dir, cache_dir, tmp_path, "--max-steps", "40", "--eval-every", "20",
                              "--lr", "1e-2"))
