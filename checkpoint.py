@@ -123,7 +123,7 @@ def init_weights_from(model: Transformer, folder: str, margs: ModelArgs, d: Dist
 RUN_KEYS = ("batch_size", "seq_len", "optimizer", "seed", "grad_accum", "copy_rows", "copy_steps",
             "short_seq_len", "short_seq_frac")  # must match to resume
 # what a checkpoint that predates a key ran with
-RUN_DEFAULTS = {"copy_rows": 0, "copy_steps": 0, "short_seq_len": None, "short_seq_frac": 0.0}
+RUN_DEFAULTS = {"copy_rows": 0, "copy_steps": 0, "short_seq_frac": 0.0}
 
 
 def optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
@@ -332,6 +332,8 @@ def load_checkpoint(out_dir, model, optimizer, sampler, args, margs, d: Dist) ->
             raise ValueError(f"--resume: checkpoint model field {k}={saved.get(k)!r} but this run has "
                              f"{k}={v!r}; use the same preset/overrides or a new --out-dir")
     for k in RUN_KEYS:
+        if k == "short_seq_len" and args.short_seq_frac == 0:
+            continue  # no short windows (as before the key existed): their length is moot
         if config["run"].get(k, RUN_DEFAULTS.get(k)) != getattr(args, k):
             raise ValueError(f"--resume: checkpoint was trained with --{k.replace('_', '-')} "
                              f"{config['run'].get(k)!r}, this run has {getattr(args, k)!r}")

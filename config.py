@@ -1,4 +1,4 @@
-"""The K2 layout's numbers: ModelArgs, the presets from tiny to kimi-k2, and the one check every
+"""The K2 layout's numbers: ModelArgs, the presets from nano to kimi-k2, and the one check every
 loader uses.
 
 A model is built from a ModelArgs (DeepSeek-V3's field names; model.py's docstring maps each field

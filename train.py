@@ -1,9 +1,10 @@
 """Train a Kimi K2 model: `python train.py` trains the nano preset on the Python stdlib, on CPU.
 
 The loop, top to bottom: parse flags -> load tokens -> build the model (on the meta device) ->
-(resume) -> for each step: gradient accumulation over micro-batches, lr from the WSD schedule
-(over --max-steps, or over the steps that fit in --time-budget), clip, optimizer step, QK-Clip,
-router-bias update, one log line -> periodic eval and checkpoints.
+(resume) -> for each step: the batch (short windows first: sequence-length warmup), gradient
+accumulation over micro-batches, lr from the WSD schedule (over --max-steps, or over the steps
+that fit in --time-budget), clip, optimizer step, QK-Clip, router-bias update, one log line ->
+periodic eval and checkpoints.
 This file in that order: the schedule, one step, the validation loss, then `train()` (setup, then
 the loop); the flags come last.
 
@@ -61,11 +62,7 @@ def window(step: int, max_steps: int, args) -> int:
     steps train on --short-seq-len windows, the rest on --seq-len ones, at the same tokens per step.
     Short windows are cheaper and give more independent rows per batch; the long end teaches the
     positions that generate.py and posttrain.py use. Eval always scores --seq-len windows."""
-    return short_window(args) if step < int(args.short_seq_frac * max_steps) else args.seq_len
-
-
-def short_window(args) -> int:
-    return args.short_seq_len if args.short_seq_len is not None else max(1, args.seq_len // 4)
+    return args.short_seq_len if step < int(args.short_seq_frac * max_steps) else args.seq_len
 
 
 # peak learning rates from the sweep in `python bench.py optim` (tiny preset)
@@ -338,7 +335,10 @@ def parse_args(argv=None):
                    help="save and stop after this step (as if interrupted; the schedule still spans --max-steps)")
     p.add_argument("--log-every", type=int, default=1)
     add_model_flags(p)  # every ModelArgs field: --dim 128 --n-layers 2 ...
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.short_seq_len is None:
+        args.short_seq_len = max(1, args.seq_len // 4)
+    return args
 
 
 def check_args(args) -> None:  # (testbed.py checks its stages' flags with it too)
@@ -349,8 +349,8 @@ def check_args(args) -> None:  # (testbed.py checks its stages' flags with it to
                                 "copy_rows": 0, "copy_steps": 0, "seed": 0, "weight_decay": 0, "grad_clip": 0,
                                 "decay_frac": 0, "min_lr_frac": 0, "short_seq_len": 1, "short_seq_frac": 0},
                 positive=("time_budget",), fractions=("decay_frac", "min_lr_frac", "short_seq_frac"))
-    if args.short_seq_frac > 0 and args.seq_len % short_window(args):
-        raise ValueError(f"--short-seq-len {short_window(args)} must divide --seq-len {args.seq_len}, so that "
+    if args.short_seq_frac > 0 and args.seq_len % args.short_seq_len:
+        raise ValueError(f"--short-seq-len {args.short_seq_len} must divide --seq-len {args.seq_len}, so that "
                          f"short steps hold the same tokens; pass one that does, or --short-seq-frac 0")
     if args.time_budget is not None and args.resume:
         raise ValueError("--resume cannot continue a --time-budget run: its schedule followed the first "

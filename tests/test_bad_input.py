@@ -316,6 +316,9 @@ CASES = [
     ("bench.py", "train --preset nope", "unknown preset 'nope'", None, EARLY),
     ("bench.py", "train --modes fast", "--modes 'fast': unknown mode(s) ['fast']", None, EARLY),
     ("bench.py", "train --seq-len 100000", "exceeds the tiny preset's max_seq_len 256", None, EARLY),
+    ("bench.py", "train --setups tiny/8192", "--setups item 'tiny/8192' is not PRESET/VOCAB/BATCHxSEQ", None, EARLY),
+    ("bench.py", "train --setups nope/8192/8x64", "unknown preset 'nope'", None, EARLY),
+    ("bench.py", "train --setups nano/0/8x64", "vocab, batch and seq_len must be at least 1, got 0, 8, 64", None, EARLY),
     # bench.py optim
     ("bench.py", "optim --steps 0", "--steps must be at least 1, got 0", None, EARLY),
     ("bench.py", "optim --muon-lrs 1e-3 -1", "--muon-lrs must be a positive number, got -1.0", None, EARLY),

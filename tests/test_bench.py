@@ -3,6 +3,7 @@ re-invoke (bench.py dist-worker, the kernel checks' child process) are valid, an
 that `bench.py kernels` prints and saves on a CPU pass. The benchmarks themselves are run by hand.
 
 TRITON_INTERPRET=1 is set before triton or kernels.py is imported, as in tests/test_kernels.py."""
+import json
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the imports of triton / kernels
@@ -12,6 +13,8 @@ import torch
 
 import bench
 import benchmarks.dist
+from benchmarks.common import train_flops_per_token
+from model import get_args
 from benchmarks.kernel_speed import _kernel_errors_in_child, kernel_errors
 from test_kernels import interpreter, needs_triton  # noqa: F401 (interpreter: a fixture)
 
@@ -44,3 +47,17 @@ def test_kernel_errors_in_child():  # bench_kernels on a CPU runs them in a fres
     errs = _kernel_errors_in_child("float32")
     assert set(errs) == KERNEL_CHECKS
     assert all(err < 1e-5 for err in errs.values()), errs
+
+
+def test_train_speed_setups_side_by_side(tmp_path, monkeypatch, one_thread):
+    """bench.py train --setups: one row per (setup, mode) in one run, each with the FLOPs of its own
+    shape (train_flops_per_token) over the one matmul rate measured first."""
+    monkeypatch.chdir(tmp_path)  # out/bench/ lands here
+    bench.main(["train", "--setups", "nano/512/2x16,tiny/512/4x8", "--modes", "eager", "--steps", "1",
+                "--warmup", "0"])
+    out = json.load(open(tmp_path / "out" / "bench" / "train.json"))
+    assert [r["setup"] for r in out["rows"]] == ["nano/512/2x16", "tiny/512/4x8"]
+    for r, (preset, seq) in zip(out["rows"], [("nano", 16), ("tiny", 8)]):
+        flops = train_flops_per_token(get_args(preset, vocab_size=512), seq)
+        assert r["mflop_per_token"] == pytest.approx(flops / 1e6)
+        assert r["frac_of_matmul_rate"] == pytest.approx(r["tok_s"] * flops / out["matmul_flops"])
