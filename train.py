@@ -336,8 +336,8 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=1)
     add_model_flags(p)  # every ModelArgs field: --dim 128 --n-layers 2 ...
     args = p.parse_args(argv)
-    if args.short_seq_len is None:
-        args.short_seq_len = max(1, args.seq_len // 4)
+    if args.short_seq_len is None:  # a quarter; no short windows where 4 does not divide --seq-len
+        args.short_seq_len = args.seq_len // 4 if args.seq_len % 4 == 0 else args.seq_len
     return args
 
 

@@ -36,6 +36,7 @@ def test_sequence_length_warmup():
     --short-seq-len windows (default: a quarter of --seq-len), the rest --seq-len ones."""
     a = train.parse_args(["--seq-len", "256", "--short-seq-frac", "0.75"])
     assert a.short_seq_len == 64 and train.parse_args(["--seq-len", "32"]).short_seq_len == 8
+    assert train.parse_args(["--seq-len", "30"]).short_seq_len == 30  # 4 does not divide it: no short windows
     assert [train.window(s, 100, a) for s in (0, 74, 75, 99)] == [64, 64, 256, 256]
     assert [train.window(s, 40, a) for s in (29, 30)] == [64, 256]  # a shorter plan switches sooner
     a.short_seq_len = 128
