@@ -334,9 +334,10 @@ def load_checkpoint(out_dir, model, optimizer, sampler, args, margs, d: Dist) ->
     for k in RUN_KEYS:
         if k == "short_seq_len" and args.short_seq_frac == 0:
             continue  # no short windows (as before the key existed): their length is moot
-        if config["run"].get(k, RUN_DEFAULTS.get(k)) != getattr(args, k):
+        ran = config["run"].get(k, RUN_DEFAULTS.get(k))
+        if ran != getattr(args, k):
             raise ValueError(f"--resume: checkpoint was trained with --{k.replace('_', '-')} "
-                             f"{config['run'].get(k)!r}, this run has {getattr(args, k)!r}")
+                             f"{ran!r}, this run has {getattr(args, k)!r}")
     if config["step"] != state["step"] or not os.path.isdir(train_dir):
         raise ValueError(f"--resume: checkpoint in {out_dir!r} is incomplete (weights at step "
                          f"{config['step']}, state at step {state['step']}); it was interrupted while saving")

@@ -121,6 +121,9 @@ def test_resume_with_different_config_names_the_field(corpus_dir, cache_dir, tra
     with pytest.raises(ValueError, match="--seq-len 32.*16"):
         train.main(train_flags(corpus_dir, cache_dir, trained_checkpoint, "--optimizer", "adamw",
                                "--seq-len", "16", "--resume", "--max-steps", "31"))
+    with pytest.raises(ValueError, match="--short-seq-frac 0.75, this run has 0.5"):
+        train.main(train_flags(corpus_dir, cache_dir, trained_checkpoint, "--short-seq-frac", "0.5",
+                               "--resume", "--max-steps", "31"))
 
 
 def test_corrupt_or_foreign_checkpoint_files_are_one_clear_error(trained_checkpoint, corpus_dir,
