@@ -1,7 +1,8 @@
 """bench.py train: tokens/s of one training step (AdamW, random tokens) on the tiny preset (or on
 the --setups given, side by side), eager vs every block compiled, and the FLOP/s that makes, as a
-fraction of this machine's own 2048^3 GEMM rate (and, on a GPU, of its bf16 peak: MFU). The claim it checks: whether torch.compile pays
-for the model on this device, which sets train.py's --compile default (on for CUDA, off for CPU)."""
+fraction of this machine's own 2048^3 GEMM rate (and, on a GPU, of its bf16 peak: MFU). The claim
+it checks: whether torch.compile pays for the model on this device, which sets train.py's
+--compile default (on for CUDA, off for CPU)."""
 import time
 
 import torch
