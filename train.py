@@ -301,7 +301,8 @@ def parse_args(argv=None):
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window (and per eval window)")
     p.add_argument("--short-seq-len", type=int, default=None, help="window of the first --short-seq-frac "
-                   "of the steps, at the same tokens per step (a divisor of --seq-len; default: a quarter of it)")
+                   "of the steps, at the same tokens per step (a divisor of --seq-len; default: a quarter of it "
+                   "where 4 divides it, else --seq-len: no short windows)")
     p.add_argument("--short-seq-frac", type=float, default=0.75, help="0 = every step at --seq-len")
     p.add_argument("--lr", type=float, default=None, help="peak lr (default: per optimizer)")
     p.add_argument("--weight-decay", type=float, default=0.1)

@@ -33,7 +33,7 @@ def test_wsd_schedule():
 
 def test_sequence_length_warmup():
     """train.window: the first --short-seq-frac of the steps (of the plan, under --time-budget) get
-    --short-seq-len windows (default: a quarter of --seq-len), the rest --seq-len ones."""
+    --short-seq-len windows (default: a quarter of --seq-len where 4 divides it), the rest --seq-len ones."""
     a = train.parse_args(["--seq-len", "256", "--short-seq-frac", "0.75"])
     assert a.short_seq_len == 64 and train.parse_args(["--seq-len", "32"]).short_seq_len == 8
     assert train.parse_args(["--seq-len", "30"]).short_seq_len == 30  # 4 does not divide it: no short windows
