@@ -3,6 +3,7 @@ single-process Muon, checkpoints that move between rank counts, and clean failur
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -29,6 +30,24 @@ def torchrun(*args, nproc=2, timeout=300, script=os.path.join(ROOT, "train.py"))
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={nproc}", script, *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def two_ranks_without_torchrun(*args, script, timeout=120):
+    """Two ranks started by hand, as torchrun would set them up, each run to its own end. torchrun
+    kills the ranks still running once one fails: a test of how *every* rank fails needs each
+    rank left to finish (under torchrun, rank 0 was now and then killed before its last line)."""
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
 
 
 # train.py run as a script, then the names of the threads still alive as the process exits
@@ -152,12 +171,14 @@ def test_resume_with_a_different_config_fails_on_every_rank(runs, corpus_dir, ca
     one, _, _ = runs["adamw"]
     script = tmp_path / "threads_at_exit.py"
     script.write_text(THREADS_AT_EXIT)
-    r = torchrun(*train_flags(corpus_dir, cache_dir, one, *COMMON, "--optimizer", "adamw",
-                              "--n-layers", "3", "--resume"), timeout=120, script=str(script))
-    assert r.returncode != 0, r.stdout + r.stderr  # torchrun: 1 when a rank fails
-    assert "n_layers=2 but this run has n_layers=3" in r.stderr
-    assert "(rank 1)" in r.stderr  # rank 1 stops with the same message, it is not left waiting
-    assert_no_gloo_threads_at_exit(r)  # the error's traceback no longer holds the process group
+    ranks = two_ranks_without_torchrun(*train_flags(corpus_dir, cache_dir, one, *COMMON, "--optimizer",
+                                                    "adamw", "--n-layers", "3", "--resume"), script=str(script))
+    for rank, r in enumerate(ranks):  # each rank stops with the message, none is left waiting
+        assert r.returncode != 0, r.stdout + r.stderr
+        assert "n_layers=2 but this run has n_layers=3" in r.stderr, r.stderr[-2000:]
+    assert "(rank 1)" in ranks[1].stderr
+    # the error's traceback no longer holds the process group
+    assert_no_gloo_threads_at_exit(subprocess.CompletedProcess([], 1, ranks[0].stdout + ranks[1].stdout))
 
 
 @pytest.mark.parametrize("env, flags, message", [
