@@ -12,7 +12,7 @@ A training run's --out-dir after a save:
   tokenizer.json/bpe.tiktoken   the tokenizer            train_state/    optimizer tensors + RNG
   train_state.json    step, sampler position, size of each file --resume reads (written last:
                       it marks a complete checkpoint)
-  metrics.jsonl       one JSON object per logged step (MetricsLog; replayed after a resume)
+  metrics.jsonl       one JSON object per step (step_report; MetricsLog: replayed after a resume)
 Nothing is lost to a crash: every part is first written whole into checkpoint.tmp/, then moved in
 (commit_staged), the marker last; --resume finishes a commit that a crash cut short. The fault
 battery in tests/test_checkpoint.py kills a run at every filesystem call of a save, before and
@@ -485,3 +485,28 @@ def _keep_metrics_up_to(path, step) -> int:
     if keep < os.path.getsize(path):
         os.truncate(path, keep)
     return keep
+
+
+def step_report(step, max_steps, loss, lr, dt, t_opt, clip_stats, optimizer, val, eta, args) -> tuple[dict, str]:
+    """A step's record for metrics.jsonl and its log line, from the same numbers. max_steps: the
+    run's length (--time-budget: the plan); clip_stats: QK-Clip's (MuonClip only); val:
+    train.validation_loss's, on eval steps; eta: seconds left."""
+    tokens = args.batch_size * args.seq_len
+    rec = {"step": step, "loss": loss, "lr": lr, "ms": round(dt * 1000, 1), "opt_ms": round(t_opt * 1000, 1),
+           "tok_s": round(tokens / dt)}
+    line = (f"step {step:5d}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:6.0f} ms | "
+            f"{tokens / dt:7.0f} tok/s | ETA {_fmt_time(eta)}")
+    if clip_stats:
+        rec.update(max_logit=round(clip_stats["max_logit"], 3), heads_clipped=clip_stats["heads_clipped"],
+                   update_rms=optimizer.last_stats["update_rms"])
+        line += (f" | max logit {clip_stats['max_logit']:.1f} ({clip_stats['heads_clipped']} clipped)"
+                 f" | upd rms {rec['update_rms']:.1e}")
+    if val:
+        rec.update(val)
+        line += f" | val {rec['val_loss']:.4f} ({rec['val_bpb']:.3f} bpb)"
+    return rec, line
+
+
+def _fmt_time(seconds):
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"

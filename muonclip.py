@@ -488,16 +488,20 @@ class MuonClip(torch.optim.Optimizer):
         return out
 
 
-OPTIMIZERS = ("muonclip", "adamw")
+# each optimizer's peak lr when none is given: the best of the sweep in `python bench.py optim` (tiny preset)
+DEFAULT_LR = {"muonclip": 3e-3, "adamw": 3e-3}
+OPTIMIZERS = tuple(DEFAULT_LR)
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
+def build_optimizer(model: nn.Module, name: str, lr: float | None, weight_decay: float,
                     qk_clip_tau: float | None) -> torch.optim.Optimizer:
     """"muonclip" -> MuonClip. "adamw" -> the baseline torch.optim.AdamW (betas 0.9/0.95, eps
     1e-8), whose decay rule is nanoGPT's and MuonClip's: every parameter with >= 2 dims (all
     matrices, expert stacks, embedding, head) is decayed, 1-D ones (norm gains, biases) are not.
-    tau is checked for both names (it is ignored by AdamW)."""
+    lr None: DEFAULT_LR's. tau is checked for both names (it is ignored by AdamW)."""
     check_tau(qk_clip_tau)
+    if name in DEFAULT_LR and lr is None:
+        lr = DEFAULT_LR[name]
     if name == "muonclip":
         return MuonClip(model, lr=lr, weight_decay=weight_decay, qk_clip_tau=qk_clip_tau)
     if name == "adamw":

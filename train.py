@@ -12,8 +12,9 @@ Two helpers keep this file to the loop:
   parallel.py    several processes: `torchrun --nproc_per_node=N train.py` (FSDP2). Each rank
                  reads its slice of every global batch, and the loss, QK-Clip's max logits and
                  the router loads are made global, so results do not depend on the rank count.
-  checkpoint.py  what --out-dir holds (weights, tokenizer, train state, metrics.jsonl), how a save
-                 survives a crash, and how --resume continues with exactly the same losses.
+  checkpoint.py  what --out-dir holds (weights, tokenizer, train state, metrics.jsonl and each
+                 step's log line), how a save survives a crash, and how --resume continues with
+                 exactly the same losses.
 """
 import argparse
 import math
@@ -65,14 +66,10 @@ def window(step: int, max_steps: int, args) -> int:
     return args.short_seq_len if step < int(args.short_seq_frac * max_steps) else args.seq_len
 
 
-# peak learning rates from the sweep in `python bench.py optim` (tiny preset)
-DEFAULT_LR = {"adamw": 3e-3, "muonclip": 3e-3}
-
-
 def build_optimizer(model, args):
-    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    """--optimizer at --lr (default: muonclip.DEFAULT_LR's), --weight-decay, QK-Clip at --qk-clip-tau."""
     tau = None if args.no_qk_clip else args.qk_clip_tau
-    return muonclip.build_optimizer(model, args.optimizer, lr, args.weight_decay, tau)
+    return muonclip.build_optimizer(model, args.optimizer, args.lr, args.weight_decay, tau)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -164,9 +161,11 @@ def train(args, d: Dist, device):
     sampler = data.BatchSampler(ds.train, args.batch_size, args.seq_len, seed=args.seed,
                                 rank=d.rank, world_size=d.world, copy_rows=args.copy_rows,
                                 copy_steps=args.copy_steps)
-    # the val bytes the final eval scores (and gzip/xz compress), computed once; this also fails
-    # early, before the model is built, if val is shorter than one window
-    val_ys = [y for _, y in data.eval_batches(ds.val, args.batch_size // args.grad_accum, args.seq_len, 10**9)]
+    # the val bytes the final eval scores, and gzip and xz compress: computed once, and before the
+    # model is built (they fail early if val is shorter than one window)
+    val_bytes = data.window_bytes(ds.enc, [y for _, y in data.eval_batches(
+        ds.val, args.batch_size // args.grad_accum, args.seq_len, 10**9)])
+    baselines = data.compression_baselines(val_bytes)
 
     margs = args_from_flags(args, ds.vocab_size)
     model = make_model(margs, d, device, args.seed, use_compile)
@@ -189,8 +188,6 @@ def train(args, d: Dist, device):
             log(f"nothing to train: the checkpoint is at step {step} and --max-steps is "
                 f"{args.max_steps}; pass a larger --max-steps to train on")
             return None
-    val_bytes = data.window_bytes(ds.enc, val_ys)
-    baselines = data.compression_baselines(val_bytes)
     log(f"val: {len(val_bytes):,} bytes; gzip -9 {baselines['gzip-9']:.3f} bpb, xz -9 {baselines['xz-9']:.3f} bpb")
 
     # the loop; with --time-budget its clock starts here: the setup above and the final eval and save
@@ -213,8 +210,7 @@ def train(args, d: Dist, device):
             x, y = sampler.get_batch(step, window(step, max_steps, args))  # this rank's rows of the global batch
             loss, stop = forward_backward(model, x, y, args, device, autocast, d, bool(stop_requested))
             if not math.isfinite(loss):
-                kept = f"The last good checkpoint (step {saved}) in {args.out_dir} is kept" if saved else \
-                    "No checkpoint was saved"
+                kept = f"The last good checkpoint (step {saved}) in {args.out_dir} is kept" if saved else "No checkpoint was saved"
                 log(f"step {step + 1}: loss is {loss}; stopping. {kept}; try a lower --lr.")
                 sys.exit(1)
             if args.time_budget is not None:  # on the slowest rank's clock, so that all ranks plan alike
@@ -237,7 +233,7 @@ def train(args, d: Dist, device):
             val = None
             if step % args.eval_every == 0 or step == max_steps:
                 val = validation_loss(model, ds, val_bytes, step == max_steps, args, device, autocast, d)
-            rec, line = step_report(step, max_steps, loss, lr, dt, t_opt, clip_stats, optimizer, val, eta, args)
+            rec, line = checkpoint.step_report(step, max_steps, loss, lr, dt, t_opt, clip_stats, optimizer, val, eta, args)
             if args.time_budget is not None:  # the budget spent at this step's end (evals included)
                 rec["elapsed_s"] = round(t_end - t_loop, 3)
             if step % args.log_every == 0 or val:
@@ -253,31 +249,6 @@ def train(args, d: Dist, device):
     log(f"done: val loss {final['val_loss']}, {final['val_bpb']} bpb on {len(val_bytes):,} val bytes "
         f"(gzip -9 {baselines['gzip-9']:.3f}, xz -9 {baselines['xz-9']:.3f}); weights in {args.out_dir}/")
     return final
-
-
-def step_report(step, max_steps, loss, lr, dt, t_opt, clip_stats, optimizer, val, eta, args) -> tuple[dict, str]:
-    """A step's record for metrics.jsonl and its log line, from the same numbers. max_steps: the
-    run's length (--time-budget: the plan); clip_stats: QK-Clip's (MuonClip only); val:
-    validation_loss's, on eval steps; eta: seconds left."""
-    tokens = args.batch_size * args.seq_len
-    rec = {"step": step, "loss": loss, "lr": lr, "ms": round(dt * 1000, 1), "opt_ms": round(t_opt * 1000, 1),
-           "tok_s": round(tokens / dt)}
-    line = (f"step {step:5d}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:6.0f} ms | "
-            f"{tokens / dt:7.0f} tok/s | ETA {_fmt_time(eta)}")
-    if clip_stats:
-        rec.update(max_logit=round(clip_stats["max_logit"], 3), heads_clipped=clip_stats["heads_clipped"],
-                   update_rms=optimizer.last_stats["update_rms"])
-        line += (f" | max logit {clip_stats['max_logit']:.1f} ({clip_stats['heads_clipped']} clipped)"
-                 f" | upd rms {rec['update_rms']:.1e}")
-    if val:
-        rec.update(val)
-        line += f" | val {rec['val_loss']:.4f} ({rec['val_bpb']:.3f} bpb)"
-    return rec, line
-
-
-def _fmt_time(seconds):
-    m, s = divmod(int(seconds), 60)
-    return f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
 
 
 # ----------------------------------------------------------------------------- entry, flags
@@ -300,9 +271,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step (global)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window (and per eval window)")
-    p.add_argument("--short-seq-len", type=int, default=None, help="window of the first --short-seq-frac "
-                   "of the steps, at the same tokens per step (a divisor of --seq-len; default: a quarter of it "
-                   "where 4 divides it, else --seq-len: no short windows)")
+    p.add_argument("--short-seq-len", type=int, default=None, help="window of the first --short-seq-frac of the steps, "
+                   "same tokens per step (divides --seq-len; default: a quarter of it if 4 divides it, else no short windows)")
     p.add_argument("--short-seq-frac", type=float, default=0.75, help="0 = every step at --seq-len")
     p.add_argument("--lr", type=float, default=None, help="peak lr (default: per optimizer)")
     p.add_argument("--weight-decay", type=float, default=0.1)
@@ -349,15 +319,13 @@ def check_args(args) -> None:  # (testbed.py checks its stages' flags with it to
                                 "eval_batches": 1, "save_every": 1, "log_every": 1, "stop_at": 1, "warmup_steps": 0,
                                 "copy_rows": 0, "copy_steps": 0, "seed": 0, "weight_decay": 0, "grad_clip": 0,
                                 "decay_frac": 0, "min_lr_frac": 0, "short_seq_len": 1, "short_seq_frac": 0},
-                positive=("time_budget",), fractions=("decay_frac", "min_lr_frac", "short_seq_frac"))
+                positive=("time_budget", "lr"), fractions=("decay_frac", "min_lr_frac", "short_seq_frac"))
     if args.short_seq_frac > 0 and args.seq_len % args.short_seq_len:
         raise ValueError(f"--short-seq-len {args.short_seq_len} must divide --seq-len {args.seq_len}, so that "
                          f"short steps hold the same tokens; pass one that does, or --short-seq-frac 0")
     if args.time_budget is not None and args.resume:
         raise ValueError("--resume cannot continue a --time-budget run: its schedule followed the first "
                          "run's clock; resume with --max-steps, or start the run again")
-    if args.lr is not None and not 0 < args.lr < math.inf:
-        raise ValueError(f"--lr must be a positive number, got {args.lr}; omit it for the optimizer's default")
     if not 0 < args.dist_timeout < math.inf:
         raise ValueError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
     if args.tokenizer is None and not 257 <= args.vocab_size <= 2**20:
