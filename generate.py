@@ -91,7 +91,7 @@ def parse_args(argv=None):
 
 
 def sample(logits, temperature: float, gen, top_k: int = 0) -> torch.Tensor:
-    """logits [B, V] -> tokens [B]: argmax at temperature 0, else a draw from softmax(logits / T)
+    """logits [B, V] -> tokens [B]: argmax at temperature 0, else a draw from softmax(logits / temperature)
     over the top_k likeliest (0: all), with an explicit generator (reproducible per seed)."""
     if temperature == 0:
         return logits.argmax(-1)

@@ -332,18 +332,18 @@ def attention_with_max(q, k, v, scale):
 # ======================================================================================
 
 def decode_attention_reference(q, k, v, bias, lengths, scale, return_logits=False):
-    """q: [B, H, Dqk], k: [B, H, N, Dqk], v: [B, H, N, Dv], bias: [B, H, N] fp32, lengths: [B].
+    """q: [B, H, Dqk], k: [B, H, S, Dqk], v: [B, H, S, Dv], bias: [B, H, S] fp32, lengths: [B].
     out = softmax(q.k * scale + bias) v over the slots n < lengths[b]; a sequence with no usable
-    slot (length 0, or every bias -inf) gets zeros. logits [B, H, N] fp32: q.k * scale without the
+    slot (length 0, or every bias -inf) gets zeros. logits [B, H, S] fp32: q.k * scale without the
     bias, -inf at the slots n >= lengths[b]. Slots past the length are never read (may hold NaN)."""
-    N = k.shape[2]
-    valid = (torch.arange(N, device=k.device) < lengths[:, None].to(k.device))[:, None, :]  # [B, 1, N]
+    S = k.shape[2]
+    valid = (torch.arange(S, device=k.device) < lengths[:, None].to(k.device))[:, None, :]  # [B, 1, S]
     logits = torch.einsum("bhd,bhnd->bhn", q.float(), k.float()) * scale
     logits = logits.masked_fill(~valid, float("-inf"))
     s = (logits + bias).masked_fill(~valid, float("-inf"))
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)              # all masked: avoid -inf - -inf
-    w = torch.exp(s - m)                                                 # [B, H, N]
+    w = torch.exp(s - m)                                                 # [B, H, S]
     denom = w.sum(-1, keepdim=True)
     vf = v.float().masked_fill(~valid[..., None], 0.0)
     out = (torch.einsum("bhn,bhnd->bhd", w, vf) / torch.where(denom > 0, denom, 1.0)).to(q.dtype)
@@ -352,7 +352,7 @@ def decode_attention_reference(q, k, v, bias, lengths, scale, return_logits=Fals
 
 @triton.jit
 def _decode_split_kernel(Q, K, V, BIAS, LENGTHS, LOGITS, PART_M, PART_L, PART_ACC,
-                         H, N, DQK, DV, scale, CHUNK, N_SPLITS,
+                         H, S, DQK, DV, scale, CHUNK, N_SPLITS,
                          BLOCK_N: tl.constexpr, DQK_P: tl.constexpr, DV_P: tl.constexpr,
                          RETURN_LOGITS: tl.constexpr):
     # One program: keys [split * CHUNK, split * CHUNK + CHUNK) of one (batch, head). One query, so
@@ -360,10 +360,10 @@ def _decode_split_kernel(Q, K, V, BIAS, LENGTHS, LOGITS, PART_M, PART_L, PART_AC
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     lo = split * CHUNK
-    hi = tl.minimum(tl.minimum(lo + CHUNK, N), tl.load(LENGTHS + bh // H))  # slots >= length: never read
+    hi = tl.minimum(tl.minimum(lo + CHUNK, S), tl.load(LENGTHS + bh // H))  # slots >= length: never read
     offs_dqk, offs_dv = tl.arange(0, DQK_P), tl.arange(0, DV_P)
     q = tl.load(Q + bh * DQK + offs_dqk, mask=offs_dqk < DQK, other=0.0).to(tl.float32)
-    K, V = K + bh * N * DQK, V + bh * N * DV
+    K, V = K + bh * S * DQK, V + bh * S * DV
     m_i = tl.full([], float("-inf"), tl.float32)
     l_i = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([DV_P], tl.float32)
@@ -372,8 +372,8 @@ def _decode_split_kernel(Q, K, V, BIAS, LENGTHS, LOGITS, PART_M, PART_L, PART_AC
         k = _load_tile(K, offs_n, hi, offs_dqk, DQK).to(tl.float32)
         logit = tl.sum(k * q[None, :], 1) * scale                         # [BLOCK_N]
         if RETURN_LOGITS:
-            tl.store(LOGITS + bh * N + offs_n, logit, mask=offs_n < hi)
-        s = logit + tl.load(BIAS + bh * N + offs_n, mask=offs_n < hi, other=0.0)
+            tl.store(LOGITS + bh * S + offs_n, logit, mask=offs_n < hi)
+        s = logit + tl.load(BIAS + bh * S + offs_n, mask=offs_n < hi, other=0.0)
         s = tl.where(offs_n < hi, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exps 0, not NaN
@@ -409,11 +409,11 @@ def decode_attention(q, k, v, bias, lengths, scale, return_logits=False, chunk=N
     """Triton flash-decoding; same contract as decode_attention_reference. `chunk` = keys per
     program (a multiple of the key block); by default enough programs to fill the GPU."""
     _check(q.dim() == 3 and k.dim() == 4 and k.shape[:2] == q.shape[:2] and k.shape[3] == q.shape[2],
-           f"q must be [B, H, Dqk] and k [B, H, N, Dqk], got {tuple(q.shape)}, {tuple(k.shape)}")
-    B, H, N, Dqk = k.shape
-    _check(v.dim() == 4 and v.shape[:3] == k.shape[:3], f"v must be [B, H, N, Dv], got {tuple(v.shape)}")
-    _check(bias.shape == (B, H, N) and bias.dtype == torch.float32,
-           f"bias must be [B, H, N] fp32, got {tuple(bias.shape)} {bias.dtype}")
+           f"q must be [B, H, Dqk] and k [B, H, S, Dqk], got {tuple(q.shape)}, {tuple(k.shape)}")
+    B, H, S, Dqk = k.shape
+    _check(v.dim() == 4 and v.shape[:3] == k.shape[:3], f"v must be [B, H, S, Dv], got {tuple(v.shape)}")
+    _check(bias.shape == (B, H, S) and bias.dtype == torch.float32,
+           f"bias must be [B, H, S] fp32, got {tuple(bias.shape)} {bias.dtype}")
     _check(lengths.shape == (B,) and not lengths.is_floating_point(),
            f"lengths must be [B] integers, got {tuple(lengths.shape)} {lengths.dtype}")
     _check(q.dtype in (torch.float32, torch.bfloat16) and q.dtype == k.dtype == v.dtype,
@@ -426,17 +426,17 @@ def decode_attention(q, k, v, bias, lengths, scale, return_logits=False, chunk=N
     block_n = 64 if q.is_cuda else 16
     if chunk is None:  # about four programs per SM, never fewer keys than one block per program
         programs = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-        splits = max(1, min(triton.cdiv(programs, B * H), triton.cdiv(N, block_n)))
-        chunk = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
+        splits = max(1, min(triton.cdiv(programs, B * H), triton.cdiv(S, block_n)))
+        chunk = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
     _check(chunk > 0 and chunk % block_n == 0, f"chunk must be a positive multiple of {block_n}: {chunk}")
-    n_splits = triton.cdiv(N, chunk)
+    n_splits = triton.cdiv(S, chunk)
     part_m = torch.empty(B * H * n_splits, device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(B * H * n_splits, Dv, device=q.device, dtype=torch.float32)
-    logits = torch.full((B, H, N), float("-inf"), device=q.device) if return_logits else part_m  # dummy
+    logits = torch.full((B, H, S), float("-inf"), device=q.device) if return_logits else part_m  # dummy
     _decode_split_kernel[(B * H, n_splits)](
         q, k, v, bias, lengths.to(torch.int32), logits, part_m, part_l, part_acc,
-        H, N, Dqk, Dv, scale, chunk, n_splits,
+        H, S, Dqk, Dv, scale, chunk, n_splits,
         BLOCK_N=block_n, DQK_P=_pow2(Dqk), DV_P=_pow2(Dv), RETURN_LOGITS=return_logits)
     out = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
     _decode_combine_kernel[(B * H,)](part_m, part_l, part_acc, out, Dv, n_splits,

@@ -14,16 +14,16 @@ chat.py holds what the model sees and what grades it: the chat format, the tasks
    tokens only, so the model learns to answer, not to write questions. MuonClip, as K2 does. Unlike
    K2's SFT, the PTX loss of RL (below) is mixed in here too: K2's SFT data is broad, ours is five
    narrow tasks, which alone wreck the pretraining loss (RESULTS.md has the measurement).
-2. RL. Per step, G prompts, K replies to each, sampled from the current policy, which is pi_old
+2. RL. Per step, --batch-size prompts, k replies to each (--group-size), sampled from the current policy, which is pi_old
    for this step. Rewards r in {0, 1} from the checker. The loss (Kimi k1.5, used by K2):
-       L(theta) = mean over prompts x of  1/K sum_i ( r_i - rbar(x) - tau log(pi_theta(y_i|x) / pi_old(y_i|x)) )^2
-   rbar(x), the mean reward of x's K replies, is the baseline: no value network. The squared form
+       L(theta) = mean over prompts x of  1/k sum_i ( r_i - rbar(x) - tau log(pi_theta(y_i|x) / pi_old(y_i|x)) )^2
+   rbar(x), the mean reward of x's k replies, is the baseline: no value network. The squared form
    pulls tau * log-ratio towards the advantage r_i - rbar: a reply above its group's mean gains
    probability, one below loses it, and by at most about |r_i - rbar| / tau nats, a trust region.
-   At theta = theta_old its gradient is -2 tau/K sum_i (r_i - rbar) grad log pi(y_i|x): REINFORCE
+   At theta = theta_old its gradient is -2 tau/k sum_i (r_i - rbar) grad log pi(y_i|x): REINFORCE
    with a baseline. The squared term matters from the second inner step on (--inner-steps), when
    pi_theta has moved. log pi is the sum over the tokens the model wrote, at this step's temperature
-   (the policy sampled from is softmax(logits / T)). K2's additions:
+   (the policy sampled from is softmax(logits / temperature)). K2's additions:
      - budget control: each task kind has a maximum number of reply tokens (chat.BUDGET); a reply
        cut at the budget before it ends its turn gets reward -penalty instead of being scored;
      - PTX: the pretraining loss on stdlib windows, mixed in with weight --ptx-coef, so the model
@@ -32,7 +32,7 @@ chat.py holds what the model sees and what grades it: the chat format, the tasks
      - prioritized sampling (k1.5, --prioritize 1): task kinds drawn with weight 1 - their recent
        pass rate. Off by default: here the kinds the model already passes drift without practice
        and lose more than the practised kinds gain (RESULTS.md, "what mattered").
-   Groups whose K rewards are all equal have advantage 0 and are left out; each step's lr is scaled
+   Groups whose k rewards are all equal have advantage 0 and are left out; each step's lr is scaled
    by the share of replies in groups that carry a signal (--live-lr). Muon's update has the same
    size whatever the gradient's: without the scaling a batch with one informative group moves the
    model as far as one with eight, mostly along noise.
@@ -111,7 +111,7 @@ def draw_order(rng, kinds, n: int) -> list[str]:
 
 
 def advantages(rewards, group_size: int):
-    """r - rbar(x): each reward minus the mean of its group (K = group_size consecutive replies)."""
+    """r - rbar(x): each reward minus the mean of its group (k = group_size consecutive replies)."""
     r = rewards.view(-1, group_size)
     return (r - r.mean(1, keepdim=True)).flatten()
 
@@ -128,13 +128,13 @@ def k15_terms(logp, logp_old, advantage, tau: float):
 
 
 def k15_loss(logp, logp_old, rewards, group_size: int, tau: float):
-    """Kimi k1.5's policy loss over G prompts of K replies each ([G*K] tensors): the mean of the
+    """Kimi k1.5's policy loss over prompts of k replies each ([prompts * k] tensors): the mean of the
     terms. It is a sum over replies, so micro-batches of replies can backpropagate it piecewise."""
     return k15_terms(logp, logp_old, advantages(rewards, group_size), tau).mean()
 
 
 def reply_logprob(model, eps: list[Episode], temperature: float, eot: int):
-    """log pi(y|x) of each episode's model-written tokens under softmax(logits / T): [len(eps)]."""
+    """log pi(y|x) of each episode's model-written tokens under softmax(logits / temperature): [len(eps)]."""
     ids = pad([e.ids for e in eps], eot)
     mask = pad([[0] * e.prompt_len + e.mask for e in eps], 0)[:, 1:].to(ids.device)
     ids = ids.to(model.embed.weight.device)
@@ -229,15 +229,15 @@ def ptx_step(model, args, ptx, i: int) -> float:
 
 
 def rl_step(model, c: Chat, args, step: int, corpus: dict, ptx, runner, optimize, state: RunState) -> dict:
-    """One RL step: sample K replies to each of G prompts, score them, then --inner-steps updates of
+    """One RL step: sample k replies to each of --batch-size prompts, score them, then --inner-steps updates of
     the k1.5 loss (+ PTX) against the log-probabilities at sampling time."""
-    T = temperature_at(step, args.steps, args.temp_start, args.temp_end)
+    temperature = temperature_at(step, args.steps, args.temp_start, args.temp_end)
     rng = random.Random(args.seed * 1_000_003 + step)
     gen = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + step)
     kinds = state.pick_kinds(rng, args.batch_size, args.prioritize)
     tasks = [chat.make_task(k, rng, "train", corpus) for k in kinds]
     t0 = time.perf_counter()
-    eps = rollout(model, c, [t for t in tasks for _ in range(args.group_size)], T, gen, runner, args.max_calls)
+    eps = rollout(model, c, [t for t in tasks for _ in range(args.group_size)], temperature, gen, runner, args.max_calls)
     chat.prefetch_scores([e for e in eps if not e.truncated], runner)
     scores = [reward(e, runner, args.budget_penalty) for e in eps]
     t_sample = time.perf_counter() - t0
@@ -254,7 +254,7 @@ def rl_step(model, c: Chat, args, step: int, corpus: dict, ptx, runner, optimize
     # with one informative group as on one with eight, mostly along noise.
     live = informative(r, args.group_size)
     stats = {"reward": sum(scores) / len(scores), "pass": sum(s == 1 for s in scores) / len(scores),
-             "cut": sum(e.truncated for e in eps) / len(eps), "len": sum(e.used for e in eps) / len(eps), "T": T,
+             "cut": sum(e.truncated for e in eps) / len(eps), "len": sum(e.used for e in eps) / len(eps), "T": temperature,
              "live": len(live) / len(eps), "replies/s": len(eps) / t_sample}
     if not live:  # every group flat: nothing to learn from this batch
         return {**stats, "loss": 0.0, "ptx": 0.0, "calls": sum(e.calls for e in eps) / len(eps), "moved": 0.0}
@@ -263,7 +263,7 @@ def rl_step(model, c: Chat, args, step: int, corpus: dict, ptx, runner, optimize
     for inner in range(args.inner_steps):
         loss, moved = 0.0, []
         for j, ch in enumerate(chunks):  # the loss is a sum over replies: backpropagated piece by piece
-            lp = reply_logprob(model, [eps[i] for i in ch], T, c.enc.eot_token)
+            lp = reply_logprob(model, [eps[i] for i in ch], temperature, c.enc.eot_token)
             if inner == 0:  # before the first update pi_theta is pi_old: its log-probs, for free
                 logp_old[j] = lp.detach()
             part = k15_terms(lp, logp_old[j], adv[ch], args.tau).sum() / len(live)
@@ -500,7 +500,7 @@ def parse_args(argv=None):
         s.add_argument("--judge-frac", type=float, default=0.0,
                        help="SFT: share of conversations that grade a reply (the toy critic's training)")
         g = s.add_argument_group("RL")
-        g.add_argument("--group-size", type=int, default=8, help="K: replies sampled per prompt")
+        g.add_argument("--group-size", type=int, default=8, help="k: replies sampled per prompt")
         g.add_argument("--tau", type=float, default=1.0, help="the k1.5 loss's regulariser towards pi_old")
         g.add_argument("--inner-steps", type=int, default=2, help="optimizer steps per sampled batch")
         g.add_argument("--prioritize", type=int, default=0, choices=(0, 1),

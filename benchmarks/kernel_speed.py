@@ -34,7 +34,7 @@ def kernel_errors(dtype=torch.float32, shapes="small"):
     g = torch.Generator().manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     rnd = lambda *s: torch.randn(*s, generator=g).to(dev, dtype)
-    (B, H, T, Dqk, Dv), (Bd, N), sym_shape = (SHAPES[shapes][key] for key in ("attn", "decode", "sym"))
+    (B, H, T, Dqk, Dv), (Bd, S), sym_shape = (SHAPES[shapes][key] for key in ("attn", "decode", "sym"))
     q, k, v, do = rnd(B, H, T, Dqk), rnd(B, H, T, Dqk), rnd(B, H, T, Dv), rnd(B, H, T, Dv)
     res = []
     for fn in (flash_attention, attention_reference):
@@ -44,10 +44,10 @@ def kernel_errors(dtype=torch.float32, shapes="small"):
     names = ("attn_out", "attn_max_logits", "attn_dq", "attn_dk", "attn_dv")
     errs = {name: _rel_err(a, b) for name, a, b in zip(names, *res)}
     del res
-    qd, kd, vd = rnd(Bd, H, Dqk), rnd(Bd, H, N, Dqk), rnd(Bd, H, N, Dv)
-    bias = torch.randn(Bd, H, N, generator=g).to(dev)
+    qd, kd, vd = rnd(Bd, H, Dqk), rnd(Bd, H, S, Dqk), rnd(Bd, H, S, Dv)
+    bias = torch.randn(Bd, H, S, generator=g).to(dev)
     bias[:, :, ::7] = float("-inf")
-    lengths = torch.arange(Bd, 0, -1, device=dev) * N // Bd                # full, then shorter
+    lengths = torch.arange(Bd, 0, -1, device=dev) * S // Bd                # full, then shorter
     (o1, l1), (o2, l2) = (f(qd, kd, vd, bias, lengths, Dqk ** -0.5, return_logits=True)
                           for f in (decode_attention, decode_attention_reference))
     errs["decode_out"] = _rel_err(o1, o2)
@@ -84,12 +84,12 @@ def bench_kernels(out_json="out/bench/kernels.json"):
     else:
         from triton.testing import do_bench
         bf, rows = torch.bfloat16, []
-        (B, H, T, Dqk, Dv), (Bd, N), (_, n, m) = (SHAPES["k2"][key] for key in ("attn", "decode", "sym"))
+        (B, H, T, Dqk, Dv), (Bd, S), (_, n, m) = (SHAPES["k2"][key] for key in ("attn", "decode", "sym"))
         rnd = lambda *s, grad=False: torch.randn(*s, device="cuda", dtype=bf, requires_grad=grad)
         q, k, v = rnd(B, H, T, Dqk, grad=True), rnd(B, H, T, Dqk, grad=True), rnd(B, H, T, Dv, grad=True)
         do, X = rnd(B, H, T, Dv), rnd(n, m)
-        qd, kd, vd = rnd(Bd, H, Dqk), rnd(Bd, H, N, Dqk), rnd(Bd, H, N, Dv)
-        bias, lengths = torch.randn(Bd, H, N, device="cuda"), torch.full((Bd,), N, device="cuda")
+        qd, kd, vd = rnd(Bd, H, Dqk), rnd(Bd, H, S, Dqk), rnd(Bd, H, S, Dv)
+        bias, lengths = torch.randn(Bd, H, S, device="cuda"), torch.full((Bd,), S, device="cuda")
         sc = Dqk ** -0.5
         sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sc)
         grads = lambda f: (lambda: torch.autograd.grad(f(), (q, k, v), do))
@@ -98,8 +98,8 @@ def bench_kernels(out_json="out/bench/kernels.json"):
         pairs = B * H * T * T / 2                                        # causal (query, key) pairs
         flops = {"attention fwd": pairs * 2 * (Dqk + Dv),                # QK^T, PV
                  "attention fwd+bwd": pairs * 2 * (4 * Dqk + 3 * Dv),    # + QK^T again, dV, dP, dQ, dK
-                 "decode": 2 * Bd * H * N * (Dqk + Dv), "sym_matmul": 2 * n * n * m}
-        nbytes = {"decode": Bd * H * N * ((Dqk + Dv) * 2 + 4)}          # the cache and the bias, read once
+                 "decode": 2 * Bd * H * S * (Dqk + Dv), "sym_matmul": 2 * n * n * m}
+        nbytes = {"decode": Bd * H * S * ((Dqk + Dv) * 2 + 4)}          # the cache and the bias, read once
         dec = (qd, kd, vd, bias, lengths, sc)
         cases = [  # (group, name, fn); the first row of a group is the one to beat
             ("attention fwd", "sdpa (no max logit)", nograd(sdpa)),

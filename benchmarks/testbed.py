@@ -229,9 +229,9 @@ def val_tokens(enc, data_path, val_frac=0.05):
 
 @torch.no_grad()
 def position_nll(model, tokens, context, windows, batch, device="cpu", near=128, bucket=128):
-    """Per-token NLL on N fixed val windows (data.eval_batches: spread evenly), twice.
-    full [N, context]: each token sees the whole window before it.
-    cut [N, context]: each token sees at most near + bucket - 1 tokens before it: bucket by
+    """Per-token NLL on `windows` fixed val windows (data.eval_batches: spread evenly), twice.
+    full [windows, context]: each token sees the whole window before it.
+    cut [windows, context]: each token sees at most near + bucket - 1 tokens before it: bucket by
     bucket, the window's tokens from (bucket start - near) on are run alone. The first buckets,
     which see no more than that anyway, are copied from full.
     Same tokens, same model: cut - full is what the distant context is worth, token by token."""

@@ -242,43 +242,43 @@ def test_cache_bytes_at_budget_0_1():
 
 @pytest.mark.parametrize("dtype,meta_bytes", [(torch.float64, 8), (torch.bfloat16, 4)])
 def test_slots_nbytes_is_the_sum_of_its_slots(dtype, meta_bytes):
-    B, G, N, dk, dv = 2, 3, 7, 10, 6
-    slots = CacheSlots(B, G, N, {"k": dk, "v": dv}, dtype)
+    B, Hk, S, dk, dv = 2, 3, 7, 10, 6
+    slots = CacheSlots(B, Hk, S, {"k": dk, "v": dv}, dtype)
     item = torch.tensor([], dtype=dtype).element_size()
     # keys and values, then ln p and ln sigma (fp32 at least), then int32 positions; `lengths` is per row
-    assert slots.nbytes() == B * G * N * ((dk + dv) * item + 2 * meta_bytes + 4)
+    assert slots.nbytes() == B * Hk * S * ((dk + dv) * item + 2 * meta_bytes + 4)
     for policy, n_meta in (("h2o", 2), ("keepkv", 3)):   # + ZIP's predicted ln sigma when merging
-        cache = keepkv.KeepKVCache(B, 60, G, dk, dv, KVConfig(policy=policy, budget=0.1), dtype=dtype)
-        assert cache.nbytes() == B * G * (cache.capacity + 1) * ((dk + dv) * item + n_meta * meta_bytes + 4)
+        cache = keepkv.KeepKVCache(B, 60, Hk, dk, dv, KVConfig(policy=policy, budget=0.1), dtype=dtype)
+        assert cache.nbytes() == B * Hk * (cache.capacity + 1) * ((dk + dv) * item + n_meta * meta_bytes + 4)
     assert cache.log_score is cache.slots.log_score
 
 
 def test_slots_write_token_fills_the_first_free_slot():
-    B, G, N, dk, dv = 2, 3, 6, 5, 4
+    B, Hk, S, dk, dv = 2, 3, 6, 5, 4
     g = torch.Generator().manual_seed(0)
-    slots = CacheSlots(B, G, N, {"k": dk, "v": dv}, torch.float64)
+    slots = CacheSlots(B, Hk, S, {"k": dk, "v": dv}, torch.float64)
     for t in range(4):
         # a random pattern of free slots, at least one per row
-        lv = torch.randn(B, G, N, generator=g, dtype=torch.float64)
-        lv[torch.rand(B, G, N, generator=g) < 0.5] = NEG
+        lv = torch.randn(B, Hk, S, generator=g, dtype=torch.float64)
+        lv[torch.rand(B, Hk, S, generator=g) < 0.5] = NEG
         lv[..., -1] = NEG
         slots.log_votes.copy_(lv)
-        slots.log_score.copy_(torch.randn(B, G, N, generator=g, dtype=torch.float64))
+        slots.log_score.copy_(torch.randn(B, Hk, S, generator=g, dtype=torch.float64))
         ref = {n: getattr(slots, n).clone() for n in ("k", "v", "log_votes", "log_score", "pos")}
-        k, v = (torch.randn(B, G, d, generator=g, dtype=torch.float64) for d in (dk, dv))
+        k, v = (torch.randn(B, Hk, d, generator=g, dtype=torch.float64) for d in (dk, dv))
         slot = slots.write_token((k, v), torch.tensor(t))
         for b in range(B):
-            for h in range(G):
-                n = next(i for i in range(N) if ref["log_votes"][b, h, i] == NEG)
+            for h in range(Hk):
+                n = next(i for i in range(S) if ref["log_votes"][b, h, i] == NEG)
                 assert slot[b, h, 0] == n
                 ref["k"][b, h, n], ref["v"][b, h, n] = k[b, h], v[b, h]
                 ref["log_votes"][b, h, n], ref["pos"][b, h, n] = 0.0, t       # one vote; ln sigma untouched
         for name, want in ref.items():
             assert torch.equal(getattr(slots, name), want), name
     # nothing ever leaves: the first free slot is the position, and the in-order write agrees
-    a, b = (CacheSlots(B, G, N, {"k": dk, "v": dv}) for _ in range(2))
-    for t in range(N):
-        k, v = torch.randn(B, G, dk, generator=g), torch.randn(B, G, dv, generator=g)
+    a, b = (CacheSlots(B, Hk, S, {"k": dk, "v": dv}) for _ in range(2))
+    for t in range(S):
+        k, v = torch.randn(B, Hk, dk, generator=g), torch.randn(B, Hk, dv, generator=g)
         assert (a.write_token((k, v), torch.tensor(t)) == t).all()
         assert (b.write_token((k, v), torch.tensor(t), in_order=True) == t).all()
     for name in ("k", "v", "log_votes", "log_score", "pos"):
@@ -340,7 +340,7 @@ def test_selection_matches_a_slow_reference(case):
 
 
 def test_alpha0_keepkv_step_equals_the_cache_before_removal():
-    """With alpha = 0 a merged step gives what the C + 1 entries before the removal give (not the
+    """With alpha = 0 a merged step gives what the Sk + 1 entries before the removal give (not the
     full cache: earlier steps already merged); convex merging and eviction do not."""
     B, H, D, P, n = 2, 3, 8, 40, 10
     g = torch.Generator().manual_seed(3)
@@ -389,7 +389,7 @@ def test_config_errors():
     for bad in (0.0, 1.2):
         with pytest.raises(ValueError, match="recent must be in"):
             KVConfig(recent=bad)
-    for policy in ("h2o", "snapkv", "keepkv"):  # the recent part is a share of C: no silent default
+    for policy in ("h2o", "snapkv", "keepkv"):  # the recent part is a share of Sk: no silent default
         with pytest.raises(ValueError, match="needs capacity"):
             kvselect.pinned(KVConfig(policy=policy), torch.arange(5), 4)
     # what the check prevents: an even kernel pools T keys into T + 1 scores

@@ -87,15 +87,15 @@ def test_kept_grams_and_chunked_solves_change_nothing():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     g = torch.Generator().manual_seed(1)
     omega = torch.rand(2, H, 7, generator=g, dtype=torch.float64)
-    G = kl.head_grams(torch.randn(H, DV, C, generator=g, dtype=torch.float64), torch.float64)
+    grams = kl.head_grams(torch.randn(H, DV, C, generator=g, dtype=torch.float64), torch.float64)
     rhs, prior = torch.randn(2, 7, C, generator=g, dtype=torch.float64), torch.randn(2, 7, C, generator=g, dtype=torch.float64)
-    whole = kl.solve_targets(omega, G, rhs, prior)
-    chunked = kl.solve_targets(omega, G, rhs, prior, max_elems=2 * 3 * C * C)   # chunks of 3, 3, 1 targets
+    whole = kl.solve_targets(omega, grams, rhs, prior)
+    chunked = kl.solve_targets(omega, grams, rhs, prior, max_elems=2 * 3 * C * C)   # chunks of 3, 3, 1 targets
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
     # and each is the solve of its own system (slow loop)
     for b in range(2):
         for n in range(7):
-            A = sum(omega[b, h, n] * G[h] for h in range(H))
+            A = sum(omega[b, h, n] * grams[h] for h in range(H))
             lam = 1e-6 * A.diagonal().mean() + 1e-30
             x = torch.linalg.solve(A + lam * torch.eye(C, dtype=torch.float64), rhs[b, n] + lam * prior[b, n])
             torch.testing.assert_close(whole[b, n], x, rtol=1e-10, atol=1e-12)

@@ -4,7 +4,7 @@ Triton runs on CPU tensors only through its interpreter, and triton decides inte
 when triton.language and each @triton.jit function are defined, i.e. when triton and kernels.py are
 first imported. So TRITON_INTERPRET=1 is set below BEFORE either is imported. If an earlier test
 module imported them first, the Triton tests here fail with a message saying so (the cure is the
-same line in tests/conftest.py). Shapes are tiny and ragged: T and N are not multiples of the
+same line in tests/conftest.py). Shapes are tiny and ragged: T and S are not multiples of the
 interpreter's 16-wide blocks and the head dims are not powers of two.
 """
 import os
@@ -141,14 +141,14 @@ def test_attention_input_checks():
 
 # ----------------------------------------------------------------------------- decode
 
-def _decode_inputs(dtype, B=4, H=3, N=45, Dqk=48, Dv=32):
+def _decode_inputs(dtype, B=4, H=3, S=45, Dqk=48, Dv=32):
     g = torch.Generator().manual_seed(2)
-    q, k = torch.randn(B, H, Dqk, generator=g), torch.randn(B, H, N, Dqk, generator=g)
-    v = torch.randn(B, H, N, Dv, generator=g)
-    bias = torch.randn(B, H, N, generator=g).abs().log()           # ln(votes)-like, some large negative
+    q, k = torch.randn(B, H, Dqk, generator=g), torch.randn(B, H, S, Dqk, generator=g)
+    v = torch.randn(B, H, S, Dv, generator=g)
+    bias = torch.randn(B, H, S, generator=g).abs().log()           # ln(votes)-like, some large negative
     bias[:, :, 3::7] = float("-inf")                                # empty slots
     bias[3] = float("-inf")                                         # sequence 3: nothing visible
-    lengths = torch.tensor([N, 11, 0, 30])                          # full, short, empty, some
+    lengths = torch.tensor([S, 11, 0, 30])                          # full, short, empty, some
     for b, n in enumerate(lengths.tolist()):                        # past the length: garbage, never read
         k[b, :, n:] = float("nan")
         v[b, :, n:] = float("nan")
