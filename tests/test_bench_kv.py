@@ -43,10 +43,10 @@ def test_fit_budget_is_the_largest_capacity_within_the_target(small_model, cache
         if got is None:
             assert measure(floor) > target
             continue
-        C = keepkv.capacity(P, got)
-        assert C >= 12 and measure(got) <= target
-        if C < P:  # the next capacity would exceed the target
-            assert measure(keepkv.KVConfig(policy=policy, budget=(C + 1) / P)) > target
+        Sk = keepkv.capacity(P, got)
+        assert Sk >= 12 and measure(got) <= target
+        if Sk < P:  # the next capacity would exceed the target
+            assert measure(keepkv.KVConfig(policy=policy, budget=(Sk + 1) / P)) > target
         else:
             assert frac == 3.0
     # the per-head cache at 0.2 of the full latent cache cannot hold even the floor here

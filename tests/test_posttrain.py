@@ -239,8 +239,8 @@ def test_k15_loss_hand_computed():
     # group 1: rbar 0.5; (0.5 - 0.5*0.2)^2 = 0.16, (-0.5 - 0.5*(-0.1))^2 = 0.2025
     # group 2: rbar 1;   (0 - 0)^2 = 0,            (0 - 0.5*(-1))^2 = 0.25
     assert loss.item() == pytest.approx((0.16 + 0.2025 + 0 + 0.25) / 4)
-    # at theta = theta_old the gradient is REINFORCE with the group-mean baseline: -2 tau (r - rbar) / N,
-    # N = 4 replies: -2 * 0.5 * (+-0.5) / 4
+    # at theta = theta_old the gradient is REINFORCE with the group-mean baseline: -2 tau (r - rbar) / n,
+    # over n = 4 replies: -2 * 0.5 * (+-0.5) / 4
     at_old = logp_old.clone().requires_grad_(True)
     posttrain.k15_loss(at_old, logp_old, r, 2, 0.5).backward()
     assert at_old.grad.tolist() == pytest.approx([-0.125, 0.125, 0.0, 0.0])
