@@ -2,7 +2,7 @@
 
     python hf.py export out/ HF_DIR            # a nanoK2 checkpoint -> a transformers folder
     python hf.py export out/ HF_DIR --fp8      # the same, linear weights in FP8 128x128 blocks
-    python generate.py --out-dir HF_DIR        # generate.py reads such a folder directly
+    python generate.py --ckpt HF_DIR            # generate.py reads such a folder directly
 
 The released models and model.py are the same network; only the packaging differs. Three things
 separate a Hugging Face folder from a nanoK2 checkpoint, and this file is those three translations:
@@ -583,7 +583,7 @@ def main(argv=None):
         sys.exit(f"error: {err}")
     print(f"wrote {args.hf_dir}: config.json, {len(files)} safetensors file(s)"
           f"{' (FP8 blocks)' if args.fp8 else ''}; load it with "
-          f"transformers.AutoModelForCausalLM.from_pretrained({args.hf_dir!r}) or generate.py --out-dir")
+          f"transformers.AutoModelForCausalLM.from_pretrained({args.hf_dir!r}) or generate.py --ckpt")
 
 
 if __name__ == "__main__":

@@ -290,11 +290,11 @@ def run_generate(*argv):
 
 
 def test_generate_reads_a_transformers_folder(hf_folder, bpe):
-    """generate.py --out-dir on the folder: KeepKV at 10% runs; greedy from the full latent cache
+    """generate.py --ckpt on the folder: KeepKV at 10% runs; greedy from the full latent cache
     writes exactly the text transformers' own greedy decoding gives."""
     folder, ref = hf_folder
     prompt = "def wrap(text, width"
-    r = run_generate("--out-dir", folder, "--kv-budget", "0.1", "--prompt", prompt, "--max-new-tokens", "8")
+    r = run_generate("--ckpt", folder, "--kv-budget", "0.1", "--prompt", prompt, "--max-new-tokens", "8")
     assert r.returncode == 0, r.stderr
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("[generate]") and "latent KV cache keepkv (budget 0.1)" in last
