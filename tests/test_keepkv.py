@@ -414,6 +414,21 @@ def live_positions(cache, b, h):
     return sorted(cache.pos[b, h][cache.live()[b, h]].tolist())
 
 
+def decode_like_slow_h2o(cache, sims, q, k, v, P, n, n_recent, scale, Sk=None):
+    """Decode n tokens after a P-token prompt and follow H2O's rule slowly beside the cache: each new
+    token's attention adds to every kept entry's accumulated score (sims[b, h]: position -> score),
+    then the lowest-scored entry outside the last n_recent positions leaves. Same entries kept."""
+    for t in range(P, P + n):
+        cache.attend(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], torch.tensor([t]), scale)
+        assert Sk is None or (cache.live().sum(-1) == Sk).all()
+        for (b, h), acc in sims.items():
+            acc[t] = 0.0
+            for j, a in slow_softmax_row(q[b, t, h], k[b, :, h], scale, sorted(acc)).items():
+                acc[j] += a
+            del acc[min((j for j in acc if j <= t - n_recent), key=lambda j: acc[j])]
+            assert live_positions(cache, b, h) == sorted(acc), f"step {t}"
+
+
 def test_h2o_half_recent_half_heavy_matches_a_slow_simulation():
     """H2O as its paper has it: the most recent Sk // 2 and the Sk - Sk // 2 largest accumulated
     attentions among the rest (every prompt query's softmax, summed), no sinks; then each decoded
@@ -437,14 +452,7 @@ def test_h2o_half_recent_half_heavy_matches_a_slow_simulation():
             heavy = sorted(range(P - n_recent), key=lambda j: -acc[j])[:Sk - n_recent]
             assert live_positions(cache, b, h) == sorted(heavy + list(range(P - n_recent, P)))
             sims[b, h] = {j: acc[j] for j in live_positions(cache, b, h)}
-    for t in range(P, P + n):
-        cache.attend(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], torch.tensor([t]), scale)
-        for (b, h), acc in sims.items():
-            acc[t] = 0.0
-            for j, a in slow_softmax_row(q[b, t, h], k[b, :, h], scale, sorted(acc)).items():
-                acc[j] += a
-            del acc[min((j for j in acc if j <= t - n_recent), key=lambda j: acc[j])]
-            assert live_positions(cache, b, h) == sorted(acc), f"step {t}"
+    decode_like_slow_h2o(cache, sims, q, k, v, P, n, n_recent, scale)
 
 
 @pytest.mark.parametrize("budget", [0.6, 0.25])  # Sk = 48 > snap_window = 32; Sk = 20 < 32
@@ -498,15 +506,7 @@ def test_snapkv_holds_capacity_after_its_prefill():
             top = sorted(range(P - Tw), key=lambda j: -score[j])[:Sk - Tw]
             assert live_positions(cache, b, h) == sorted(top + list(range(P - Tw, P)))
             sims[b, h] = {j: score[j] for j in live_positions(cache, b, h)}
-    for t in range(P, P + n):
-        cache.attend(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], torch.tensor([t]), scale)
-        assert (cache.live().sum(-1) == Sk).all()
-        for (b, h), acc in sims.items():
-            acc[t] = 0.0
-            for j, a in slow_softmax_row(q[b, t, h], k[b, :, h], scale, sorted(acc)).items():
-                acc[j] += a
-            del acc[min((j for j in acc if j <= t - Tw), key=lambda j: acc[j])]
-            assert live_positions(cache, b, h) == sorted(acc), f"step {t}"
+    decode_like_slow_h2o(cache, sims, q, k, v, P, n, Tw, scale, Sk)
 
 
 def _decode_all(model, tokens, P, cfg, make=keepkv.make_caches):
