@@ -1,5 +1,6 @@
-"""What every benchmark shares: JSON output with the machine's description, plain-text tables, and
-the FLOP counting and GPU peaks behind the MFU figures of `bench.py train` and `bench.py dist`."""
+"""What every benchmark shares: JSON output with the machine's description, plain-text tables, the
+FLOP counting and GPU peaks behind the MFU figures of `bench.py train` and `bench.py dist`, and the
+KV benchmarks' row specs (`row_config`)."""
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import platform
 import torch
 
 from config import check_flags  # noqa: F401  (the benchmarks' flags are checked as train.py's are)
+import keepkv
 from model import Transformer, count_params, get_args
 
 
@@ -71,3 +73,24 @@ def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
+
+def row_config(spec: str, **overrides) -> keepkv.KVConfig:
+    """A table row's config from 'policy[:field=value...]', e.g. 'keepkv:merge_at=none:alpha=0'
+    (booleans: on/off, true/false, 1/0). A ValueError names an unknown field or a bad value."""
+    policy, *sets = spec.split(":")
+    kw = {}
+    for s in sets:
+        name, _, value = s.partition("=")
+        if name not in keepkv.KVConfig.__dataclass_fields__ or name == "policy":
+            raise ValueError(f"row {spec!r}: unknown KVConfig field {name!r}")
+        default = getattr(keepkv.KVConfig, name)
+        if isinstance(default, bool):
+            if value.lower() not in ("on", "off", "true", "false", "1", "0"):
+                raise ValueError(f"row {spec!r}: {name} takes on/off, got {value!r}")
+            kw[name] = value.lower() in ("on", "true", "1")
+        else:
+            try:
+                kw[name] = type(default)(value)
+            except ValueError:
+                raise ValueError(f"row {spec!r}: {name}={value!r} is not a {type(default).__name__}") from None
+    return keepkv.KVConfig(policy=policy, **{**kw, **overrides})

@@ -53,7 +53,7 @@ import data
 import keepkv
 import keepkv_latent
 from benchmarks import kv_smollm2, kv_speed, testbed
-from benchmarks.common import check_flags
+from benchmarks.common import check_flags, row_config
 from benchmarks.kv_speed import cache_bytes, make_caches
 from checkpoint import load_pretrained
 from model import get_args
@@ -110,28 +110,6 @@ def add_kv_args(p: argparse.ArgumentParser):
 
 def _floats(s):
     return [float(x) for x in s.split(",") if x]
-
-
-def row_config(spec: str, **overrides) -> keepkv.KVConfig:
-    """A table row's config from 'policy[:field=value...]', e.g. 'keepkv:merge_at=none:alpha=0'
-    (booleans: on/off, true/false, 1/0). A ValueError names an unknown field or a bad value."""
-    policy, *sets = spec.split(":")
-    kw = {}
-    for s in sets:
-        name, _, value = s.partition("=")
-        if name not in keepkv.KVConfig.__dataclass_fields__ or name == "policy":
-            raise ValueError(f"row {spec!r}: unknown KVConfig field {name!r}")
-        default = getattr(keepkv.KVConfig, name)
-        if isinstance(default, bool):
-            if value.lower() not in ("on", "off", "true", "false", "1", "0"):
-                raise ValueError(f"row {spec!r}: {name} takes on/off, got {value!r}")
-            kw[name] = value.lower() in ("on", "true", "1")
-        else:
-            try:
-                kw[name] = type(default)(value)
-            except ValueError:
-                raise ValueError(f"row {spec!r}: {name}={value!r} is not a {type(default).__name__}") from None
-    return keepkv.KVConfig(policy=policy, **{**kw, **overrides})
 
 
 def check_kv_args(args):

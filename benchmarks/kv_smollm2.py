@@ -21,8 +21,8 @@ What it measures, per (policy, budget) cell, budget = the fraction of the prompt
    does not, the model does not need what StreamingLLM drops, and the table cannot rank policies.
 Rows: --policies at every budget (KeepKV = H2O's selection + ZIP merges of its drops; "h2o" is
 that selection alone, which keepkv:merge_at=none equals bit for bit), --ablations (one KVConfig
-field changed each, benchmarks.kv.row_config syntax) at --ablation-budgets. GQA: policies run on
-the "shared" cache (one entry per KV group, its real size) and, for --expanded, on per-query-head
+field changed each, benchmarks.common.row_config syntax) at --ablation-budgets. GQA: policies run
+on the "shared" cache (one entry per KV group, its real size) and, for --expanded, on per-query-head
 copies (3x the bytes); smollm2.py says how each merges.
 Cost: the model's prefill runs once per batch of windows; each cell compresses the recorded
 per-layer queries, keys and values itself (its prefill attention is exact, so the hidden states
@@ -46,7 +46,7 @@ import data
 import keepkv
 import kvselect
 from benchmarks import smollm2
-from benchmarks.common import check_flags, print_table, write_json
+from benchmarks.common import check_flags, print_table, row_config, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEEDLE_NAME, NEEDLE_CHARS, NEEDLE_TOKENS = "API_TOKEN", "abcdefghijklmnopqrstuvwxyz0123456789", 4
@@ -88,7 +88,6 @@ def check_args(a):
         keepkv.KVConfig(budget=b)
     if not all(0 <= d <= 1 for d in _floats(a.depths, "depths")) or not _floats(a.depths, "depths"):
         raise ValueError(f"--depths {a.depths!r}: give fractions in [0, 1]")
-    from benchmarks.kv import row_config  # noqa: PLC0415  (kv.py imports this file)
     for b in _floats(a.ablation_budgets, "ablation-budgets"):
         keepkv.KVConfig(budget=b)
     for name in ("policies", "expanded", "ablations"):
@@ -235,8 +234,7 @@ def decode(model, recs, tokens, cfg, gqa):
 
 def cells(a):
     """(label, cache, config) of every run; the full cache first, the reference of the rest. Rows
-    are benchmarks.kv.row_config specs, policy[:field=value...]."""
-    from benchmarks.kv import row_config  # noqa: PLC0415  (kv.py imports this file)
+    are benchmarks.common.row_config specs, policy[:field=value...]."""
     out = [("full", "shared", keepkv.KVConfig(policy="full", budget=1.0))]
     budgets, few = _floats(a.budgets, "budgets"), _floats(a.ablation_budgets, "ablation-budgets")
     for gqa, names, bs in (("shared", a.policies, budgets), ("expanded", a.expanded, few),
