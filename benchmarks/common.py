@@ -92,5 +92,6 @@ def row_config(spec: str, **overrides) -> keepkv.KVConfig:
             try:
                 kw[name] = type(default)(value)
             except ValueError:
-                raise ValueError(f"row {spec!r}: {name}={value!r} is not a {type(default).__name__}") from None
+                kind = {int: "an integer", float: "a number"}.get(type(default), type(default).__name__)
+                raise ValueError(f"row {spec!r}: {name}={value!r} is not {kind}") from None
     return keepkv.KVConfig(policy=policy, **{**kw, **overrides})

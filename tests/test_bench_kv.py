@@ -12,6 +12,7 @@ import bench
 import keepkv
 import keepkv_latent
 from benchmarks import kv, kv_speed
+from benchmarks.common import row_config
 from model import build_model, get_args
 
 SMALL = dict(dim=32, inter_dim=64, moe_inter_dim=16, n_layers=2, n_heads=2, n_routed_experts=4,
@@ -22,6 +23,23 @@ SMALL = dict(dim=32, inter_dim=64, moe_inter_dim=16, n_layers=2, n_heads=2, n_ro
 @pytest.fixture(scope="module")
 def small_model():
     return build_model(get_args("tiny", **SMALL), "cpu", seed=0).eval()
+
+
+def test_row_config_parses_a_row_spec_field_by_field():
+    """'policy[:field=value...]' -> KVConfig: each value converted to its field's type, booleans
+    spelled several ways, overrides on top; a bad field or value is a ValueError that names it."""
+    assert row_config("h2o") == keepkv.KVConfig(policy="h2o")
+    got = row_config("keepkv:merge_at=none:alpha=0:votes=off:window=3", budget=0.2)
+    assert got == keepkv.KVConfig(policy="keepkv", merge_at="none", alpha=0.0, votes=False, window=3, budget=0.2)
+    assert isinstance(got.alpha, float) and isinstance(got.window, int)
+    assert [row_config(f"keepkv:votes={v}").votes for v in ("on", "TRUE", "1", "off", "false", "0")] == [True] * 3 + [False] * 3
+    for spec, message in [("keepkv:nope=1", "unknown KVConfig field 'nope'"),
+                          ("keepkv:policy=h2o", "unknown KVConfig field 'policy'"),
+                          ("keepkv:votes=maybe", "votes takes on/off, got 'maybe'"),
+                          ("keepkv:window=wide", "window='wide' is not an integer"),
+                          ("keepkv:alpha=big", "alpha='big' is not a number")]:
+        with pytest.raises(ValueError, match=message):
+            row_config(spec)
 
 
 @pytest.mark.parametrize("cache", ["latent", "per-head"])
