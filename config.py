@@ -12,6 +12,7 @@ that are not model fields (steps, batch sizes, rates) pass `check_flags`; `parse
 give every script the same one-line errors.
 """
 import argparse
+import copy
 import math
 import os
 import sys
@@ -217,6 +218,20 @@ def check_flags(a, at_least: dict | None = None, positive=(), fractions=(), most
         for v in items(k):
             if v > 1:
                 raise ValueError(f"{flag(k)} is a fraction: it must be at most 1, got {v}")
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every flag's default, flags without a help text included; not a None default:
+    the flag's help says what leaving it out does."""
+
+    def _format_action(self, action):
+        if action.help is None and action.default is not None and action.option_strings:
+            action = copy.copy(action)  # (argparse prints no line for a flag without help)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def parser(prog: str, description: str, **kw) -> argparse.ArgumentParser:

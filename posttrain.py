@@ -65,7 +65,7 @@ import executor
 import muonclip
 from chat import CachedRunner, Chat, Episode, eval_line, flips, flips_line, pass_at_1, rollout
 from checkpoint import load_checkpoint, load_pretrained, save_checkpoint, save_when_due
-from config import check_flags, parser, run_cli
+from config import DefaultsHelpFormatter, check_flags, parser, run_cli
 from parallel import Dist, pick_device
 from train import lr_multiplier, optimizer_step
 
@@ -467,7 +467,7 @@ def parse_args(argv=None):
     p = parser("posttrain.py", __doc__.split("\n")[0])
     sub = p.add_subparsers(dest="stage", required=True, metavar="{sft,rl,eval}")
     for stage, defaults in STAGE_DEFAULTS.items():
-        s = sub.add_parser(stage, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        s = sub.add_parser(stage, formatter_class=DefaultsHelpFormatter,
                            help={"sft": "supervised fine-tuning of a base checkpoint",
                                  "rl": "RL with verifiable rewards on an SFT checkpoint",
                                  "eval": "pass@1 of a chat checkpoint (--out-dir)"}[stage])

@@ -31,7 +31,7 @@ import checkpoint
 import data
 import muonclip
 from checkpoint import init_weights_from, load_checkpoint, save_checkpoint, save_when_due
-from config import PRESETS, add_model_flags, args_from_flags, check_flags, parser, run_cli
+from config import PRESETS, DefaultsHelpFormatter, add_model_flags, args_from_flags, check_flags, parser, run_cli
 from model import count_params
 from parallel import Dist, distributed, global_router_loads, make_model, rank_rows
 
@@ -262,7 +262,7 @@ def main(argv=None):
 
 
 def parse_args(argv=None):
-    p = parser("train.py", __doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser("train.py", __doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--preset", default="nano", help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--out-dir", default="out")
     p.add_argument("--max-steps", type=int, default=450)

@@ -45,6 +45,18 @@ def test_sequence_length_warmup():
     assert train.window(0, 100, a) == 256
 
 
+def test_help_states_every_default(capsys):
+    """--help gives each flag's default, flags without a help text too (argparse alone prints nothing
+    for them), and never "(default: None)": a None default's help says what leaving it out does."""
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--max-steps MAX_STEPS (default: 450)" in out and "--out-dir OUT_DIR (default: out)" in out
+    assert "--seq-len SEQ_LEN tokens per window (and per eval window) (default: 256)" in out
+    assert "--lr LR peak lr (default: per optimizer) --weight-decay" in out
+    assert "default: None" not in out
+
+
 def test_cli_run_loss_falls(corpus_dir, cache_dir, tmp_path):
     r = run_cli(*train_flags(corpus_dir, cache_dir, tmp_path, "--max-steps", "40", "--eval-every", "20",
                              "--lr", "1e-2"))
