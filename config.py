@@ -220,9 +220,9 @@ def check_flags(a, at_least: dict | None = None, positive=(), fractions=(), most
                 raise ValueError(f"{flag(k)} is a fraction: it must be at most 1, got {v}")
 
 
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help with every flag's default, flags without a help text included; not a None default:
-    the flag's help says what leaving it out does."""
+    the flag's help says what leaving it out does. The description keeps its own line breaks."""
 
     def _format_action(self, action):
         if action.help is None and action.default is not None and action.option_strings:

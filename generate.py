@@ -15,7 +15,6 @@ new token then enters the cache while one entry leaves. The decode step has stat
 --compile compiles it once. The text streams to stdout; a last line reports decode speed, lengths
 and the cache's bytes against the full latent cache and against the full per-head cache.
 """
-import argparse
 import codecs
 import math
 import os
@@ -29,12 +28,12 @@ import hf
 import keepkv
 import keepkv_latent
 from checkpoint import load_pretrained
-from config import parser
+from config import DefaultsHelpFormatter, parser
 from parallel import pick_device
 
 
 def parse_args(argv=None):
-    p = parser("generate.py", __doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("generate.py", __doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--ckpt", "--out-dir", "--out", dest="out", default="out",
                    help="the checkpoint to sample from: a folder written by train.py or posttrain.py, or a "
                         "Hugging Face folder (DeepSeek-V3 layout); --out-dir, train.py's name for it, also works")
@@ -47,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-policy", default="keepkv", choices=keepkv.POLICIES)
     p.add_argument("--kv-cache", default="latent", choices=["latent", "per-head"],
-                   help="which cache to decode from and compress (default: the absorbed latent)")
+                   help="which cache to decode from and compress: the absorbed latent (C+Dr per token) or per-head")
     p.add_argument("--kv-budget", type=float, default=0.1,
                    help="fraction of the prompt the cache keeps, in (0, 1]")
     p.add_argument("--kv-select", default=keepkv.KVConfig.select, choices=keepkv.SELECTIONS,

@@ -46,7 +46,6 @@ chat.py holds what the model sees and what grades it: the chat format, the tasks
    stopped run as train.py's does. Sampling seeds come from (seed, step): a resumed run samples
    what the uninterrupted one would have.
 """
-import argparse
 import json
 import math
 import os

@@ -2,7 +2,6 @@
 FLOP counting and GPU peaks behind the MFU figures of `bench.py train` and `bench.py dist`, and the
 KV benchmarks' row specs (`row_config`)."""
 import json
-import math
 import os
 import platform
 

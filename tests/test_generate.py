@@ -61,3 +61,14 @@ def test_same_seed_same_text(ckpt, capsys):
 
 
 # Bad flags, prompts and checkpoints (one clear line each): tests/test_bad_input.py
+
+
+def test_help_states_every_default(capsys):
+    """--help gives each flag's default (config.DefaultsHelpFormatter, as train.py's)."""
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--max-new-tokens MAX_NEW_TOKENS (default: 100)" in out
+    assert "--kv-budget KV_BUDGET fraction of the prompt the cache keeps, in (0, 1] (default: 0.1)" in out
+    assert "--kv-policy {keepkv,convex,h2o,snapkv,streaming,full} (default: keepkv)" in out
+    assert "default: None" not in out
