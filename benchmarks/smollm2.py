@@ -35,7 +35,6 @@ i.e. multi-head attention only, as in the Llama-2 models it reports. On a GQA mo
 form is the expanded one (per-head entries); the shared one is what a GQA server would store.
 """
 import importlib.util
-import math
 import os
 from dataclasses import dataclass
 
