@@ -31,6 +31,7 @@ import benchmarks.quickstart
 import benchmarks.rl_speed
 import benchmarks.testbed
 import benchmarks.train_speed
+from config import DefaultsHelpFormatter
 
 # in the order `--help` lists them; benchmarks.dist adds both dist and dist-worker
 MODULES = (benchmarks.train_speed, benchmarks.optim, benchmarks.optim_claims, benchmarks.quickstart, benchmarks.kv,
@@ -44,8 +45,9 @@ def main(argv=None):
     sub = p.add_subparsers(dest="what", required=True)
     for module in MODULES:
         module.add_parser(sub)
-    for parser in (p, *sub.choices.values()):  # one line, no usage block
+    for parser in (p, *sub.choices.values()):  # one line, no usage block; --help with the defaults
         parser.error = lambda message, q=parser: q.exit(2, f"error: {message} (see: python {q.prog} --help)\n")
+        parser.formatter_class = DefaultsHelpFormatter
     a = p.parse_args(argv)
     try:
         a.fn(a)

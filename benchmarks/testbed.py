@@ -302,7 +302,7 @@ def add_parser(sub):
     p.add_argument("--tb-root", default=DEFAULT_ROOT, help="cache folder; one subfolder per flags hash")
     p.add_argument("--tb-cache-dir", default=None, help="data.py's token cache (default: .cache)")
     p.add_argument("--tb-windows", type=int, default=10**6,
-                   help="val windows for the loss by position (default: all, 123 on the stdlib's val split)")
+                   help="val windows for the loss by position, at most (the stdlib's val split has 123)")
     p.add_argument("--tb-bucket", type=int, default=128, help="positions per bucket")
     p.add_argument("--tb-near", type=int, default=128,
                    help="the gain column: each bucket again, seeing only the last NEAR tokens before it")

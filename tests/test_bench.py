@@ -5,6 +5,7 @@ that `bench.py kernels` prints and saves on a CPU pass. The benchmarks themselve
 TRITON_INTERPRET=1 is set before triton or kernels.py is imported, as in tests/test_kernels.py."""
 import json
 import os
+import re
 
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the imports of triton / kernels
 
@@ -28,7 +29,13 @@ def test_every_benchmark_has_its_subcommand(name, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main([name, "--help"])
     assert e.value.code == 0
-    assert f" {name} [-h]" in capsys.readouterr().out.split("\n")[0]  # usage: PROG NAME [-h] ...
+    out = capsys.readouterr().out
+    assert f" {name} [-h]" in out.split("\n")[0]  # usage: PROG NAME [-h] ...
+    # --help states the defaults (config.DefaultsHelpFormatter), never "None", never two of them
+    entries = re.split(r"\n  (?=-)", out.split("options:")[-1])[1:]  # each flag's lines
+    assert "default: None" not in out and (len(entries) == 1 or "(default: " in out)  # (kernels: only -h)
+    for entry in entries:
+        assert entry.count("default") <= 1, entry
 
 
 def test_dist_workers_run_bench_py():  # bench.py dist launches `BENCH_PY dist-worker` per config
