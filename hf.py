@@ -49,6 +49,7 @@ from safetensors.torch import save_file
 import checkpoint
 import data
 import disk
+from config import DefaultsHelpFormatter
 from model import ModelArgs, Transformer
 
 MODEL_TYPES = ("deepseek_v3", "kimi_k2")        # the same fields; Kimi K2 ships its own name
@@ -565,7 +566,8 @@ def main(argv=None):
     p = _Parser(prog="hf.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("export", help="write a nanoK2 checkpoint as a Hugging Face (transformers) folder")
+    e = sub.add_parser("export", help="write a nanoK2 checkpoint as a Hugging Face (transformers) folder",
+                       formatter_class=DefaultsHelpFormatter)
     e.add_argument("out_dir", help="checkpoint folder written by train.py")
     e.add_argument("hf_dir", help="new folder to write")
     e.add_argument("--fp8", action="store_true", help="linear weights as float8_e4m3fn in 128x128 blocks")
