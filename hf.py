@@ -2,7 +2,7 @@
 
     python hf.py export out/ HF_DIR            # a nanoK2 checkpoint -> a transformers folder
     python hf.py export out/ HF_DIR --fp8      # the same, linear weights in FP8 128x128 blocks
-    python generate.py --ckpt HF_DIR            # generate.py reads such a folder directly
+    python generate.py --ckpt HF_DIR           # generate.py reads such a folder directly
 
 The released models and model.py are the same network; only the packaging differs. Three things
 separate a Hugging Face folder from a nanoK2 checkpoint, and this file is those three translations:

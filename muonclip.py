@@ -500,8 +500,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float | None, weight_decay:
     matrices, expert stacks, embedding, head) is decayed, 1-D ones (norm gains, biases) are not.
     lr None: DEFAULT_LR's. tau is checked for both names (it is ignored by AdamW)."""
     check_tau(qk_clip_tau)
-    if name in DEFAULT_LR and lr is None:
-        lr = DEFAULT_LR[name]
+    lr = DEFAULT_LR.get(name) if lr is None else lr
     if name == "muonclip":
         return MuonClip(model, lr=lr, weight_decay=weight_decay, qk_clip_tau=qk_clip_tau)
     if name == "adamw":

@@ -14,8 +14,9 @@ chat.py holds what the model sees and what grades it: the chat format, the tasks
    tokens only, so the model learns to answer, not to write questions. MuonClip, as K2 does. Unlike
    K2's SFT, the PTX loss of RL (below) is mixed in here too: K2's SFT data is broad, ours is five
    narrow tasks, which alone wreck the pretraining loss (RESULTS.md has the measurement).
-2. RL. Per step, --batch-size prompts, k replies to each (--group-size), sampled from the current policy, which is pi_old
-   for this step. Rewards r in {0, 1} from the checker. The loss (Kimi k1.5, used by K2):
+2. RL. Per step, --batch-size prompts and k (--group-size) replies to each, sampled from the
+   current policy, which is pi_old for this step. Rewards r in {0, 1} from the checker. The loss
+   (Kimi k1.5, used by K2):
        L(theta) = mean over prompts x of  1/k sum_i ( r_i - rbar(x) - tau log(pi_theta(y_i|x) / pi_old(y_i|x)) )^2
    rbar(x), the mean reward of x's k replies, is the baseline: no value network. The squared form
    pulls tau * log-ratio towards the advantage r_i - rbar: a reply above its group's mean gains
@@ -228,15 +229,16 @@ def ptx_step(model, args, ptx, i: int) -> float:
 
 
 def rl_step(model, c: Chat, args, step: int, corpus: dict, ptx, runner, optimize, state: RunState) -> dict:
-    """One RL step: sample k replies to each of --batch-size prompts, score them, then --inner-steps updates of
-    the k1.5 loss (+ PTX) against the log-probabilities at sampling time."""
+    """One RL step: sample k replies to each of --batch-size prompts, score them, then --inner-steps
+    updates of the k1.5 loss (+ PTX) against the log-probabilities at sampling time."""
     temperature = temperature_at(step, args.steps, args.temp_start, args.temp_end)
     rng = random.Random(args.seed * 1_000_003 + step)
     gen = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + step)
     kinds = state.pick_kinds(rng, args.batch_size, args.prioritize)
     tasks = [chat.make_task(k, rng, "train", corpus) for k in kinds]
     t0 = time.perf_counter()
-    eps = rollout(model, c, [t for t in tasks for _ in range(args.group_size)], temperature, gen, runner, args.max_calls)
+    repeated = [t for t in tasks for _ in range(args.group_size)]  # each task k times: the groups in turn
+    eps = rollout(model, c, repeated, temperature, gen, runner, args.max_calls)
     chat.prefetch_scores([e for e in eps if not e.truncated], runner)
     scores = [reward(e, runner, args.budget_penalty) for e in eps]
     t_sample = time.perf_counter() - t0
@@ -253,8 +255,8 @@ def rl_step(model, c: Chat, args, step: int, corpus: dict, ptx, runner, optimize
     # with one informative group as on one with eight, mostly along noise.
     live = informative(r, args.group_size)
     stats = {"reward": sum(scores) / len(scores), "pass": sum(s == 1 for s in scores) / len(scores),
-             "cut": sum(e.truncated for e in eps) / len(eps), "len": sum(e.used for e in eps) / len(eps), "T": temperature,
-             "live": len(live) / len(eps), "replies/s": len(eps) / t_sample}
+             "cut": sum(e.truncated for e in eps) / len(eps), "len": sum(e.used for e in eps) / len(eps),
+             "T": temperature, "live": len(live) / len(eps), "replies/s": len(eps) / t_sample}
     if not live:  # every group flat: nothing to learn from this batch
         return {**stats, "loss": 0.0, "ptx": 0.0, "calls": sum(e.calls for e in eps) / len(eps), "moved": 0.0}
     chunks = _chunks(sorted(live, key=lambda i: len(eps[i].ids)), args.micro_batches)  # little padding
